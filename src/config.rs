@@ -1,0 +1,96 @@
+//! Every limit and interval of the server, each with its documented default.
+//!
+//! The CLI (`main.rs`) fills a [`Config`]; tests build one with [`Config::default`] and change
+//! the fields they need. Nothing here reads the environment or the network.
+
+use std::time::Duration;
+
+use crate::protocol::TransportKind;
+
+/// The server's settings. `Default` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Transports offered in negotiation; the others answer 404 `transport_disabled`.
+    pub transports: Vec<TransportKind>,
+    /// Origins allowed to make cross-origin requests (`*` allows any). Same-origin requests
+    /// and requests without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Largest WebSocket frame or HTTP body carrying commands, in bytes.
+    pub max_message_bytes: usize,
+    /// Sustained commands per second per session.
+    pub rate_limit_per_sec: f64,
+    /// Commands a session may send at once before the sustained rate applies.
+    pub rate_limit_burst: f64,
+    /// How long a session with no transport attached lives.
+    pub session_ttl: Duration,
+    /// WebSocket ping interval and SSE keep-alive interval.
+    pub heartbeat: Duration,
+    /// Long-poll wait when the client gives no `wait`.
+    pub long_poll: Duration,
+    /// Upper bound on any `wait`.
+    pub max_long_poll: Duration,
+    /// Interval suggested to short-polling clients.
+    pub short_poll: Duration,
+    /// Events kept per session for resume.
+    pub replay_window: usize,
+    /// Undelivered events an attached stream may fall behind before it is closed with
+    /// `slow_consumer`. Smaller than the replay window, so the client can still resume.
+    pub outbox_capacity: usize,
+    /// Messages kept per room and sent as `history` on join.
+    pub history_len: usize,
+    /// Rooms one session may be in at once.
+    pub max_rooms_per_session: usize,
+    /// Rooms kept by the server; the least recently used empty rooms are dropped past this.
+    pub max_rooms: usize,
+    /// Sessions the server holds at once.
+    pub max_sessions: usize,
+    /// TCP connections served at once; further connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// Recent `client_id`s remembered per session to recognise retried sends.
+    pub dedup_window: usize,
+    /// tungstenite's read buffer per WebSocket (its own default is 128 KiB per connection).
+    pub ws_read_buffer: usize,
+    /// How long a graceful shutdown waits for connections to close.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            transports: TransportKind::ALL.to_vec(),
+            allowed_origins: Vec::new(),
+            max_message_bytes: 16 * 1024,
+            rate_limit_per_sec: 20.0,
+            rate_limit_burst: 40.0,
+            session_ttl: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(15),
+            long_poll: Duration::from_millis(25_000),
+            max_long_poll: Duration::from_millis(60_000),
+            short_poll: Duration::from_millis(1000),
+            replay_window: 1024,
+            outbox_capacity: 256,
+            history_len: 50,
+            max_rooms_per_session: 64,
+            max_rooms: 10_000,
+            max_sessions: 100_000,
+            max_connections: 50_000,
+            dedup_window: 64,
+            ws_read_buffer: 8 * 1024,
+            shutdown_grace: Duration::from_secs(4),
+        }
+    }
+}
+
+impl Config {
+    /// Whether a transport is enabled.
+    pub fn enabled(&self, kind: TransportKind) -> bool {
+        self.transports.contains(&kind)
+    }
+
+    /// Sets the sustained rate; the burst is twice that, as documented for `--rate-limit`.
+    pub fn with_rate_limit(mut self, per_sec: f64) -> Self {
+        self.rate_limit_per_sec = per_sec;
+        self.rate_limit_burst = per_sec * 2.0;
+        self
+    }
+}

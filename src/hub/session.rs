@@ -1,0 +1,426 @@
+//! One client's session: its seq counter and replay buffer, the transport attached to it, its
+//! rate limiter and its memory of recent `client_id`s.
+//!
+//! The replay buffer is also the outbox: an attached transport reads events after its cursor
+//! straight from it, so an event is stored once per session whatever the transport. A stream
+//! that falls `outbox_capacity` events behind is closed with `slow_consumer` while the events
+//! it missed are still in the buffer, so the client resumes without a gap. Nothing here knows
+//! about HTTP or rooms.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::protocol::{CloseReason, EncodedEvent, TransportKind};
+
+/// The last `replay_window` events of a session, numbered by seq.
+#[derive(Debug)]
+pub struct ReplayBuffer {
+    /// Seq of `events[0]`; when empty, the seq the next event will get.
+    first_seq: u64,
+    events: VecDeque<EncodedEvent>,
+    capacity: usize,
+}
+
+/// The events a resume point asks for are no longer (or never were) in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gap {
+    /// `after` is older than the oldest event kept.
+    TooOld,
+    /// `after` is newer than the newest event produced.
+    Unknown,
+}
+
+impl ReplayBuffer {
+    /// An empty buffer keeping at most `capacity` events; the first event gets seq 1.
+    pub fn new(capacity: usize) -> Self {
+        ReplayBuffer {
+            first_seq: 1,
+            events: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Seq of the newest event, 0 before the first.
+    pub fn last_seq(&self) -> u64 {
+        self.first_seq + self.events.len() as u64 - 1
+    }
+
+    /// Appends an event and returns its seq, dropping the oldest one when full.
+    pub fn push(&mut self, event: EncodedEvent) -> u64 {
+        if self.events.len() == self.capacity {
+            self.events.pop_front();
+            self.first_seq += 1;
+        }
+        self.events.push_back(event);
+        self.last_seq()
+    }
+
+    /// Checks that every event after `after` is still here.
+    pub fn check_resume(&self, after: u64) -> Result<(), Gap> {
+        if after > self.last_seq() {
+            Err(Gap::Unknown)
+        } else if after + 1 < self.first_seq {
+            Err(Gap::TooOld)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Up to `max` events with seq > `after`, oldest first.
+    pub fn after(&self, after: u64, max: usize) -> Result<Vec<(u64, EncodedEvent)>, Gap> {
+        self.check_resume(after)?;
+        let start = (after + 1 - self.first_seq) as usize;
+        Ok(self
+            .events
+            .iter()
+            .skip(start)
+            .take(max)
+            .enumerate()
+            .map(|(i, e)| (after + 1 + i as u64, e.clone()))
+            .collect())
+    }
+}
+
+/// A token bucket: `burst` commands at once, `per_sec` sustained.
+#[derive(Debug)]
+pub struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    per_sec: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(per_sec: f64, burst: f64) -> Self {
+        TokenBucket {
+            tokens: burst,
+            burst,
+            per_sec,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The echoes of a session's most recent sends, by `client_id`, so a retry is answered with
+/// the original instead of a second broadcast.
+#[derive(Debug, Default)]
+pub struct SentMessages {
+    by_client_id: HashMap<Arc<str>, (u64, EncodedEvent)>,
+    order: VecDeque<Arc<str>>,
+}
+
+impl SentMessages {
+    /// The message id and echo of an earlier send with this `client_id`.
+    pub fn get(&self, client_id: &str) -> Option<&(u64, EncodedEvent)> {
+        self.by_client_id.get(client_id)
+    }
+
+    /// Remembers a send, forgetting the oldest past `capacity`.
+    pub fn insert(&mut self, client_id: &str, id: u64, echo: EncodedEvent, capacity: usize) {
+        let key: Arc<str> = Arc::from(client_id);
+        if self.by_client_id.insert(key.clone(), (id, echo)).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.by_client_id.remove(&old);
+            }
+        }
+    }
+}
+
+/// The hub's record of the transport attached to a session.
+#[derive(Debug)]
+pub(crate) struct AttachedSlot {
+    pub(crate) id: u64,
+    pub(crate) kind: TransportKind,
+    /// Seq up to which the transport has written (it asked for more after writing it).
+    pub(crate) acked: u64,
+    pub(crate) close: watch::Sender<Option<CloseReason>>,
+}
+
+/// Mutable state of a session, behind its mutex. Never held across an `.await`.
+#[derive(Debug)]
+pub(crate) struct SessionState {
+    pub(crate) replay: ReplayBuffer,
+    pub(crate) attached: Option<AttachedSlot>,
+    /// Rooms joined, in join order.
+    pub(crate) rooms: Vec<String>,
+    /// When the last transport detached (or the session was created).
+    pub(crate) last_seen: Instant,
+    pub(crate) limiter: TokenBucket,
+    pub(crate) sent: SentMessages,
+    /// Set once the session is expired or deleted; it takes no more events or transports.
+    pub(crate) ended: bool,
+}
+
+/// A session. Shared (`Arc`) between the hub's registry, the rooms it is in and its transport.
+#[derive(Debug)]
+pub struct Session {
+    /// 128-bit random id, hex.
+    pub id: String,
+    /// User name, validated at creation.
+    pub name: String,
+    pub(crate) state: Mutex<SessionState>,
+    /// Latest seq: wakes the attached transport.
+    pub(crate) latest: watch::Sender<u64>,
+    pub(crate) outbox_capacity: u64,
+}
+
+impl Session {
+    pub(crate) fn new(id: String, name: String, config: &crate::config::Config) -> Self {
+        Session {
+            id,
+            name,
+            state: Mutex::new(SessionState {
+                replay: ReplayBuffer::new(config.replay_window),
+                attached: None,
+                rooms: Vec::new(),
+                last_seen: Instant::now(),
+                limiter: TokenBucket::new(config.rate_limit_per_sec, config.rate_limit_burst),
+                sent: SentMessages::default(),
+                ended: false,
+            }),
+            latest: watch::channel(0).0,
+            outbox_capacity: config.outbox_capacity as u64,
+        }
+    }
+
+    /// Locks the state. A panic elsewhere must not take every session down, so poisoning is
+    /// ignored: the state is updated in small steps that leave it consistent.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends an event and wakes the attached transport. Closes a stream that has fallen
+    /// too far behind. Returns the event's seq, or `None` if the session has ended.
+    pub(crate) fn push(&self, event: EncodedEvent) -> Option<u64> {
+        let seq = {
+            let mut state = self.lock();
+            if state.ended {
+                return None;
+            }
+            state.push(event, self.outbox_capacity)
+        };
+        self.wake(seq);
+        Some(seq)
+    }
+
+    /// Wakes the attached transport after events up to `seq` were pushed under the lock.
+    pub(crate) fn wake(&self, seq: u64) {
+        self.latest.send_replace(seq);
+    }
+}
+
+impl SessionState {
+    /// Appends an event (the caller wakes the transport once the lock is released). Closes a
+    /// stream that has fallen more than `outbox_capacity` events behind.
+    pub(crate) fn push(&mut self, event: EncodedEvent, outbox_capacity: u64) -> u64 {
+        let seq = self.replay.push(event);
+        let too_far = self
+            .attached
+            .as_ref()
+            .is_some_and(|slot| !slot.kind.is_poll() && seq - slot.acked > outbox_capacity);
+        if too_far {
+            self.close_attached(CloseReason::SlowConsumer);
+        }
+        seq
+    }
+
+    /// Closes the attached transport, if any, telling it why; the session counts as
+    /// unattached from now on.
+    pub(crate) fn close_attached(&mut self, reason: CloseReason) {
+        if let Some(slot) = self.attached.take() {
+            slot.close.send_replace(Some(reason));
+            self.last_seen = Instant::now();
+        }
+    }
+}
+
+/// What an attached transport gets next.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Events to write, `(seq, event)`, oldest first.
+    Events(Vec<(u64, EncodedEvent)>),
+    /// The hub closed this transport.
+    Closed(CloseReason),
+}
+
+/// A transport's hold on a session, returned by `Hub::attach`. Dropping it detaches.
+#[derive(Debug)]
+pub struct Attachment {
+    session: Arc<Session>,
+    id: u64,
+    kind: TransportKind,
+    /// Seq of the last event handed out.
+    cursor: u64,
+    latest: watch::Receiver<u64>,
+    close: watch::Receiver<Option<CloseReason>>,
+}
+
+impl Attachment {
+    pub(crate) fn new(
+        session: Arc<Session>,
+        id: u64,
+        kind: TransportKind,
+        cursor: u64,
+        close: watch::Receiver<Option<CloseReason>>,
+    ) -> Self {
+        let latest = session.latest.subscribe();
+        Attachment {
+            session,
+            id,
+            kind,
+            cursor,
+            latest,
+            close,
+        }
+    }
+
+    /// The session this transport serves.
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// Seq of the last event handed out.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// A receiver that turns `Some(reason)` when the hub closes this transport; lets a
+    /// transport notice the close while it is blocked writing.
+    pub fn close_signal(&self) -> watch::Receiver<Option<CloseReason>> {
+        self.close.clone()
+    }
+
+    /// The events after the cursor that are ready now (at most `max`), without waiting.
+    /// Calling it again means the previous batch was written.
+    pub fn ready(&mut self, max: usize) -> Delivery {
+        if let Some(reason) = *self.close.borrow() {
+            return Delivery::Closed(reason);
+        }
+        let mut state = self.session.lock();
+        match state.attached.as_mut() {
+            // The backlog present at attach time does not count against the outbox.
+            Some(slot) if slot.id == self.id => slot.acked = slot.acked.max(self.cursor),
+            // Detached by the hub; the close signal is already set or about to be read.
+            _ => return Delivery::Closed(self.close.borrow().unwrap_or(CloseReason::Superseded)),
+        }
+        match state.replay.after(self.cursor, max) {
+            Ok(events) => {
+                if let Some((seq, _)) = events.last() {
+                    self.cursor = *seq;
+                }
+                Delivery::Events(events)
+            }
+            // Only reachable if outbox_capacity >= replay_window: the client must resume.
+            Err(_) => {
+                state.close_attached(CloseReason::SlowConsumer);
+                Delivery::Closed(CloseReason::SlowConsumer)
+            }
+        }
+    }
+
+    /// Waits until there are events after the cursor (returning at most `max`) or the hub
+    /// closes this transport. Cancel-safe: nothing is handed out unless it returns.
+    pub async fn next(&mut self, max: usize) -> Delivery {
+        loop {
+            // Mark the current seq seen *before* reading the buffer, so a push racing with
+            // the read wakes `changed()` below.
+            self.latest.borrow_and_update();
+            match self.ready(max) {
+                Delivery::Events(events) if events.is_empty() => {}
+                other => return other,
+            }
+            tokio::select! {
+                biased;
+                _ = self.close.changed() => {}
+                changed = self.latest.changed() => {
+                    if changed.is_err() {
+                        return Delivery::Closed(CloseReason::Expired);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut state = self.session.lock();
+        if state
+            .attached
+            .as_ref()
+            .is_some_and(|slot| slot.id == self.id)
+        {
+            state.attached = None;
+            state.last_seen = Instant::now();
+        }
+        tracing::debug!(session = %self.session.id, transport = %self.kind, "detached");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Event;
+
+    fn event(n: u64) -> EncodedEvent {
+        Event::Reset {
+            reason: &n.to_string(),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn replay_buffer_resumes_inside_window_and_reports_gaps() {
+        let mut buffer = ReplayBuffer::new(3);
+        assert_eq!(buffer.last_seq(), 0);
+        assert_eq!(buffer.after(0, 10).unwrap().len(), 0);
+        for n in 1..=5 {
+            assert_eq!(buffer.push(event(n)), n);
+        }
+        let seqs: Vec<u64> = buffer.after(2, 10).unwrap().iter().map(|e| e.0).collect();
+        assert_eq!(seqs, vec![3, 4, 5]);
+        assert_eq!(buffer.after(3, 1).unwrap()[0].0, 4);
+        assert_eq!(buffer.after(1, 10).unwrap_err(), Gap::TooOld);
+        assert_eq!(buffer.after(6, 10).unwrap_err(), Gap::Unknown);
+        assert!(buffer.after(5, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn sent_messages_forget_the_oldest() {
+        let mut sent = SentMessages::default();
+        for n in 0..5 {
+            sent.insert(&format!("c{n}"), n, event(n), 3);
+        }
+        assert!(sent.get("c1").is_none());
+        assert_eq!(sent.get("c4").map(|e| e.0), Some(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_burst_then_rate() {
+        let mut bucket = TokenBucket::new(20.0, 40.0);
+        assert_eq!((0..50).filter(|_| bucket.try_take()).count(), 40);
+        tokio::time::advance(std::time::Duration::from_millis(500)).await;
+        assert_eq!((0..50).filter(|_| bucket.try_take()).count(), 10);
+    }
+}

@@ -1,0 +1,30 @@
+//! switchyard: one chat event stream (rooms, messages, presence, typing, history) over
+//! WebSocket, Server-Sent Events, long polling and short polling, behind one session core.
+//!
+//! A client creates a session, attaches any transport to it, and may drop that transport and
+//! resume on any other with `after=<last seq>`: every event has a per-session seq and the
+//! session keeps a replay buffer, so nothing is lost or repeated.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the wire contract: commands, events, transport names, error codes.
+//! - [`hub`]: the session core (sessions, replay buffers, rooms); knows nothing of HTTP.
+//! - [`transport`]: one module per transport adapting a session to HTTP, plus `/commands`.
+//! - [`router`]: `(method, path)` to handler; origin checks and CORS.
+//! - [`server`]: accept loop, connection cap, graceful shutdown.
+//! - [`config`]: every limit with its default; [`error`]: error code to HTTP status.
+//! - [`demo`]: the embedded demo page and browser client.
+
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod hub;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod transport;
+
+pub use config::Config;
+pub use server::run;

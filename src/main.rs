@@ -1,0 +1,141 @@
+//! The `switchyard` binary: `switchyard [serve] [flags]` runs the gateway.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use switchyard::protocol::TransportKind;
+use switchyard::Config;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A real-time chat gateway over WebSocket, SSE, long and short polling"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Transports to offer, comma-separated; the others answer 404.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "websocket,sse,long-polling,short-polling"
+    )]
+    transports: Vec<TransportKind>,
+    /// Origins allowed to call the API cross-origin, comma-separated (`*` for any).
+    /// Same-origin and non-browser clients are always allowed.
+    #[arg(long, value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Largest WebSocket frame or HTTP body carrying commands, in bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_message_bytes: usize,
+    /// Sustained commands per second per session; bursts of twice this are allowed.
+    #[arg(long, default_value_t = 20.0)]
+    rate_limit: f64,
+    /// How long a session with no transport attached lives (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    session_ttl: Duration,
+    /// WebSocket ping and SSE keep-alive interval (e.g. 15s).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+}
+
+impl ServeArgs {
+    fn config(&self) -> Result<Config, String> {
+        if !(self.rate_limit > 0.0 && self.rate_limit.is_finite()) {
+            return Err("--rate-limit must be a positive number".into());
+        }
+        if self.transports.is_empty() {
+            return Err("--transports must name at least one transport".into());
+        }
+        if self.heartbeat.is_zero() || self.session_ttl.is_zero() {
+            return Err("--heartbeat and --session-ttl must be positive".into());
+        }
+        if self.max_message_bytes < 256 {
+            return Err("--max-message-bytes must be at least 256".into());
+        }
+        let mut transports = self.transports.clone();
+        transports.sort();
+        transports.dedup();
+        Ok(Config {
+            transports,
+            allowed_origins: self.allowed_origins.clone(),
+            max_message_bytes: self.max_message_bytes,
+            session_ttl: self.session_ttl,
+            heartbeat: self.heartbeat,
+            ..Config::default()
+        }
+        .with_rate_limit(self.rate_limit))
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("can install a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => cli.serve,
+    };
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.addr);
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(args.addr);
+    println!("switchyard listening on http://{addr}/");
+    tracing::info!(%addr, transports = ?config.transports, "serving");
+    match switchyard::run(listener, config, shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

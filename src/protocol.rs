@@ -1,0 +1,550 @@
+//! The wire contract shared by every transport: commands a client sends, events it receives,
+//! transport names and error codes, and how an event is encoded once and stamped with a
+//! per-session `seq`.
+//!
+//! This module owns the JSON shapes and the validation rules of docs/protocol.md. It must not
+//! know about sessions, rooms or HTTP: the hub applies commands, transports frame events.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest room name, in characters (`A-Za-z0-9_.-`).
+pub const MAX_ROOM_LEN: usize = 64;
+/// Longest user name, in characters.
+pub const MAX_NAME_LEN: usize = 32;
+/// Longest message text, in characters.
+pub const MAX_TEXT_LEN: usize = 4000;
+/// Longest `client_id`, in characters.
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+/// Most commands accepted in one batch (one HTTP body or one WebSocket frame).
+pub const MAX_BATCH: usize = 100;
+
+/// The four ways a client can attach to its session. The names are the wire names used in
+/// negotiation, flags, docs and the demo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TransportKind {
+    /// One WebSocket carrying commands in and events out.
+    WebSocket,
+    /// A `text/event-stream` response; commands go to `POST /commands`.
+    Sse,
+    /// A poll held open until an event exists (`wait > 0`).
+    LongPolling,
+    /// A poll answered at once (`wait = 0`).
+    ShortPolling,
+}
+
+impl TransportKind {
+    /// Every transport, in the client's preferred fallback order.
+    pub const ALL: [TransportKind; 4] = [
+        TransportKind::WebSocket,
+        TransportKind::Sse,
+        TransportKind::LongPolling,
+        TransportKind::ShortPolling,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::WebSocket => "websocket",
+            TransportKind::Sse => "sse",
+            TransportKind::LongPolling => "long-polling",
+            TransportKind::ShortPolling => "short-polling",
+        }
+    }
+
+    /// Whether the client attaches for one request at a time (polling) rather than a stream.
+    pub fn is_poll(self) -> bool {
+        matches!(
+            self,
+            TransportKind::LongPolling | TransportKind::ShortPolling
+        )
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TransportKind::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown transport {s:?} (expected websocket, sse, long-polling or short-polling)")
+            })
+    }
+}
+
+/// Why the server closed a transport. Each has a WebSocket close code, and the same name is
+/// sent in SSE's final `close` event and in a held long poll's `closed` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// Another transport attached to the same session.
+    Superseded,
+    /// The client fell more than the outbox capacity behind; resume from the last seq.
+    SlowConsumer,
+    /// The server is shutting down.
+    Shutdown,
+    /// The session no longer exists (TTL expiry or `DELETE`).
+    Expired,
+    /// No pong (or any frame) within two heartbeat intervals.
+    HeartbeatTimeout,
+}
+
+impl CloseReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Superseded => "superseded",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Expired => "expired",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+        }
+    }
+
+    /// The WebSocket close code that carries this reason.
+    pub fn ws_code(self) -> u16 {
+        match self {
+            CloseReason::Superseded => 4000,
+            CloseReason::SlowConsumer => 4001,
+            CloseReason::Shutdown => 4002,
+            CloseReason::Expired => 4003,
+            CloseReason::HeartbeatTimeout => 4004,
+        }
+    }
+}
+
+/// Stable error codes. Each is documented in docs/protocol.md; the HTTP status for each is
+/// chosen in one place, `error.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed JSON, unknown command type, missing or wrong-typed field.
+    BadCommand,
+    /// A frame or body over `--max-message-bytes`.
+    TooLarge,
+    /// Room name not 1-64 of `A-Za-z0-9_.-`.
+    InvalidRoom,
+    /// User name empty, over 32 characters or containing control characters.
+    InvalidName,
+    /// Message text empty or over 4000 characters.
+    InvalidText,
+    /// `send`, `typing` or `leave` for a room the session has not joined.
+    NotInRoom,
+    /// Joining more rooms than a session may be in at once.
+    TooManyRooms,
+    /// More commands than the session's rate limit allows.
+    RateLimited,
+    /// No such session (never existed, expired or deleted).
+    UnknownSession,
+    /// `after`/`Last-Event-ID` names a seq this session never produced.
+    InvalidAfter,
+    /// A poll while another poll of the same session is held.
+    PollInProgress,
+    /// A query parameter or header that cannot be read.
+    BadRequest,
+    /// No such endpoint.
+    NotFound,
+    /// The transport is disabled on this server (`--transports`).
+    TransportDisabled,
+    /// The endpoint exists but not for this method.
+    MethodNotAllowed,
+    /// A cross-origin request from an origin not in `--allowed-origins`.
+    ForbiddenOrigin,
+    /// The server holds its maximum number of sessions.
+    ServerFull,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A fault inside the server; details are logged, never sent.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadCommand => "bad_command",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::InvalidText => "invalid_text",
+            ErrorCode::NotInRoom => "not_in_room",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::UnknownSession => "unknown_session",
+            ErrorCode::InvalidAfter => "invalid_after",
+            ErrorCode::PollInProgress => "poll_in_progress",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TransportDisabled => "transport_disabled",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::ForbiddenOrigin => "forbidden_origin",
+            ErrorCode::ServerFull => "server_full",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error as the client sees it: a stable code and a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ErrorBody {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// What went wrong, for people; may change between versions.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error with the given code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A command from a client, already validated.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Join a room (creating it), receive its history and announce presence.
+    Join {
+        /// Room name.
+        room: String,
+    },
+    /// Leave a room.
+    Leave {
+        /// Room name.
+        room: String,
+    },
+    /// Send a message to a joined room.
+    Send {
+        /// Room name.
+        room: String,
+        /// Message text, 1-4000 characters.
+        text: String,
+        /// Chosen by the client; a retry with the same id is not broadcast twice.
+        client_id: String,
+    },
+    /// Tell the other members of a joined room that this user is typing.
+    Typing {
+        /// Room name.
+        room: String,
+    },
+}
+
+const COMMAND_TYPES: [&str; 4] = ["join", "leave", "send", "typing"];
+
+impl Command {
+    /// The room every command names.
+    pub fn room(&self) -> &str {
+        match self {
+            Command::Join { room }
+            | Command::Leave { room }
+            | Command::Send { room, .. }
+            | Command::Typing { room } => room,
+        }
+    }
+
+    /// Reads one command from a JSON value and checks every field.
+    pub fn from_value(value: Value) -> Result<Command, ErrorBody> {
+        let Some(object) = value.as_object() else {
+            return Err(bad_command("a command must be a JSON object"));
+        };
+        match object.get("type") {
+            None => return Err(bad_command("command has no \"type\" field")),
+            Some(Value::String(t)) if !COMMAND_TYPES.contains(&t.as_str()) => {
+                return Err(bad_command(format!(
+                    "unknown command type {t:?} (expected join, leave, send or typing)"
+                )))
+            }
+            Some(Value::String(_)) => {}
+            Some(_) => return Err(bad_command("\"type\" must be a string")),
+        }
+        let command: Command =
+            serde_json::from_value(value).map_err(|e| bad_command(e.to_string()))?;
+        command.validate()?;
+        Ok(command)
+    }
+
+    fn validate(&self) -> Result<(), ErrorBody> {
+        validate_room(self.room())?;
+        if let Command::Send {
+            text, client_id, ..
+        } = self
+        {
+            let chars = text.chars().count();
+            if chars == 0 || chars > MAX_TEXT_LEN {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidText,
+                    format!("text must be 1-{MAX_TEXT_LEN} characters, got {chars}"),
+                ));
+            }
+            let id_chars = client_id.chars().count();
+            if id_chars == 0
+                || id_chars > MAX_CLIENT_ID_LEN
+                || client_id.chars().any(char::is_control)
+            {
+                return Err(bad_command(format!(
+                    "client_id must be 1-{MAX_CLIENT_ID_LEN} characters with no control characters"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bad_command(message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::BadCommand, message)
+}
+
+/// Parses a frame or body holding one command object or an array of them. The outer error
+/// (malformed JSON, empty or oversized batch) rejects the whole input; each inner result is
+/// one command's validation.
+pub fn parse_commands(input: &[u8]) -> Result<Vec<Result<Command, ErrorBody>>, ErrorBody> {
+    let value: Value =
+        serde_json::from_slice(input).map_err(|e| bad_command(format!("malformed JSON: {e}")))?;
+    let items = match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(bad_command("empty command batch"));
+            }
+            if items.len() > MAX_BATCH {
+                return Err(bad_command(format!(
+                    "a batch holds at most {MAX_BATCH} commands, got {}",
+                    items.len()
+                )));
+            }
+            items
+        }
+        other => vec![other],
+    };
+    Ok(items.into_iter().map(Command::from_value).collect())
+}
+
+/// Checks a room name: 1-64 of `A-Za-z0-9_.-`.
+pub fn validate_room(room: &str) -> Result<(), ErrorBody> {
+    let ok = !room.is_empty()
+        && room.len() <= MAX_ROOM_LEN
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ErrorBody::new(
+            ErrorCode::InvalidRoom,
+            format!("room names are 1-{MAX_ROOM_LEN} of A-Za-z0-9_.- (got {room:?})"),
+        ))
+    }
+}
+
+/// Checks a user name: 1-32 characters, none of them control characters.
+pub fn validate_name(name: &str) -> Result<(), ErrorBody> {
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidName,
+            format!("names are 1-{MAX_NAME_LEN} characters with no control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A chat message as stored in a room's history and carried by `message` events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Room it was sent to.
+    pub room: String,
+    /// Strictly increasing message id (server-wide, so also within each room).
+    pub id: u64,
+    /// Sender's name.
+    pub from: String,
+    /// The text, as sent.
+    pub text: String,
+    /// Server clock, integer microseconds since the Unix epoch.
+    pub ts: u64,
+    /// The sender's `client_id`.
+    pub client_id: String,
+}
+
+/// Whether a presence event announces a join or a leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceAction {
+    /// The user joined.
+    Joined,
+    /// The user left (or their session ended).
+    Left,
+}
+
+/// An event, before it is given a seq. Serialized once per broadcast.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event<'a> {
+    /// A chat message.
+    Message(&'a Message),
+    /// Someone joined or left a room.
+    Presence {
+        /// The room.
+        room: &'a str,
+        /// Who joined or left.
+        user: &'a str,
+        /// Joined or left.
+        action: PresenceAction,
+        /// Names online in the room after the change, in join order.
+        online: Vec<&'a str>,
+    },
+    /// Someone is typing.
+    Typing {
+        /// The room.
+        room: &'a str,
+        /// Who is typing.
+        user: &'a str,
+    },
+    /// The last messages of a room, sent to a session when it joins or after a reset.
+    History {
+        /// The room.
+        room: &'a str,
+        /// Oldest first.
+        messages: Vec<&'a Message>,
+    },
+    /// A command sent over the WebSocket failed.
+    Error {
+        /// Stable code.
+        code: ErrorCode,
+        /// Human-readable message.
+        message: &'a str,
+    },
+    /// The resume point was lost; the client must replace its view (fresh histories follow).
+    Reset {
+        /// Why.
+        reason: &'a str,
+    },
+}
+
+impl Event<'_> {
+    /// The `type` field, also SSE's `event:` line.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::Message(_) => "message",
+            Event::Presence { .. } => "presence",
+            Event::Typing { .. } => "typing",
+            Event::History { .. } => "history",
+            Event::Error { .. } => "error",
+            Event::Reset { .. } => "reset",
+        }
+    }
+
+    /// Serializes the event once. The result is shared by every recipient.
+    pub fn encode(&self) -> EncodedEvent {
+        let json = serde_json::to_vec(self).expect("events serialize infallibly");
+        // `{"type":...}` -> `"type":...}`: the per-session `{"seq":N,` goes in front.
+        debug_assert!(json.starts_with(b"{\"type\":"));
+        let mut body = Bytes::from(json);
+        let _ = body.split_to(1);
+        EncodedEvent {
+            type_name: self.type_name(),
+            body,
+        }
+    }
+}
+
+/// An event serialized once, without its seq: the JSON object with its opening brace cut off.
+/// Cloning it is cheap (a reference count).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedEvent {
+    /// The event's `type`.
+    pub type_name: &'static str,
+    /// `"type":...}`.
+    pub body: Bytes,
+}
+
+impl EncodedEvent {
+    /// Writes the complete JSON object for one recipient: `{"seq":N,` + the shared body.
+    pub fn write_json(&self, seq: u64, out: &mut Vec<u8>) {
+        let mut digits = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"seq\":");
+        out.extend_from_slice(digits.format(seq).as_bytes());
+        out.push(b',');
+        out.extend_from_slice(&self.body);
+    }
+
+    /// The complete JSON object for one recipient, as a string.
+    pub fn to_json(&self, seq: u64) -> String {
+        let mut out = Vec::with_capacity(self.body.len() + 24);
+        self.write_json(seq, &mut out);
+        String::from_utf8(out).expect("JSON from serde_json is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_splices_seq_in_front() {
+        let event = Event::Typing {
+            room: "lobby",
+            user: "ann",
+        };
+        let json = event.encode().to_json(42);
+        assert_eq!(
+            json,
+            r#"{"seq":42,"type":"typing","room":"lobby","user":"ann"}"#
+        );
+    }
+
+    #[test]
+    fn parse_rejects_bad_input_with_bad_command() {
+        for input in [&b"{"[..], b"[]", b"3", b"{\"room\":\"a\"}", b"{\"type\":7}"] {
+            let result = parse_commands(input).map(|mut v| v.remove(0));
+            let err = match result {
+                Err(e) | Ok(Err(e)) => e,
+                Ok(Ok(c)) => panic!("accepted {c:?}"),
+            };
+            assert_eq!(err.code, ErrorCode::BadCommand, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn validates_fields() {
+        let one = |s: &str| parse_commands(s.as_bytes()).unwrap().remove(0);
+        assert_eq!(
+            one(r#"{"type":"join","room":"bad room"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidRoom
+        );
+        assert_eq!(
+            one(r#"{"type":"send","room":"a","text":"","client_id":"c"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidText
+        );
+        assert_eq!(
+            one(r#"{"type":"send","room":"a","text":"hi"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadCommand
+        );
+        assert!(one(r#"{"type":"send","room":"a.b-c_1","text":"hi","client_id":"c"}"#).is_ok());
+        assert!(validate_name("ann").is_ok());
+        assert!(validate_name("a\u{7}").is_err());
+        assert!(validate_name(&"x".repeat(33)).is_err());
+    }
+}

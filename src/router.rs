@@ -1,0 +1,283 @@
+//! Matches `(method, path)` to a handler: the one file that knows every endpoint.
+//!
+//! It also applies the checks every endpoint shares: the origin check (same-origin and
+//! non-browser clients are allowed; cross-origin only from `--allowed-origins`), CORS
+//! preflight, disabled transports and the `405` for a known path with the wrong method.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, ALLOW, CONTENT_TYPE, HOST, ORIGIN, VARY,
+};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::demo;
+use crate::protocol::{ErrorBody, ErrorCode, TransportKind};
+use crate::server::App;
+use crate::transport::{
+    commands, error_response, full, json_response, long_poll, query_param, resume_point,
+    short_poll, sse, websocket, Body,
+};
+
+/// The endpoints, each with the methods it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint<'a> {
+    Asset(&'static demo::Asset),
+    Health,
+    Sessions,
+    Session(&'a str),
+    WebSocket(&'a str),
+    Sse(&'a str),
+    Poll(&'a str),
+    Commands(&'a str),
+}
+
+impl<'a> Endpoint<'a> {
+    fn resolve(path: &'a str) -> Option<Self> {
+        if let Some(asset) = demo::asset(path) {
+            return Some(Endpoint::Asset(asset));
+        }
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        Some(match segments.as_slice() {
+            ["healthz"] => Endpoint::Health,
+            ["v1", "sessions"] => Endpoint::Sessions,
+            ["v1", "sessions", id] if !id.is_empty() => Endpoint::Session(id),
+            ["v1", "sessions", id, "ws"] => Endpoint::WebSocket(id),
+            ["v1", "sessions", id, "sse"] => Endpoint::Sse(id),
+            ["v1", "sessions", id, "poll"] => Endpoint::Poll(id),
+            ["v1", "sessions", id, "commands"] => Endpoint::Commands(id),
+            _ => return None,
+        })
+    }
+
+    fn allowed(self) -> &'static [Method] {
+        match self {
+            Endpoint::Asset(_)
+            | Endpoint::Health
+            | Endpoint::WebSocket(_)
+            | Endpoint::Sse(_)
+            | Endpoint::Poll(_) => &[Method::GET],
+            Endpoint::Sessions | Endpoint::Commands(_) => &[Method::POST],
+            Endpoint::Session(_) => &[Method::DELETE],
+        }
+    }
+}
+
+/// Answers one request.
+pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+    let cors = match check_origin(&request, app.hub.config()) {
+        Ok(cors) => cors,
+        Err(error) => return error_response(error),
+    };
+    let mut response = match dispatch(request, &app).await {
+        Ok(response) => response,
+        Err(error) => error_response(error),
+    };
+    if let Some(origin) = cors {
+        let headers = response.headers_mut();
+        headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.append(VARY, HeaderValue::from_static("origin"));
+    }
+    response
+}
+
+async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body>, ErrorBody> {
+    let path = request.uri().path().to_owned();
+    let Some(endpoint) = Endpoint::resolve(&path) else {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!("no endpoint at {path}"),
+        ));
+    };
+    let allowed = endpoint.allowed();
+    if request.method() == Method::OPTIONS {
+        return Ok(preflight(allowed));
+    }
+    if !allowed.contains(request.method()) {
+        let mut response = error_response(ErrorBody::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{} does not answer {}", path, request.method()),
+        ));
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allowed[0].as_str()));
+        return Ok(response);
+    }
+    let hub = &app.hub;
+    let config = hub.config();
+    let query = request.uri().query().map(str::to_owned);
+    let query = query.as_deref();
+    let after = || resume_point(None, query_param(query, "after"));
+    match endpoint {
+        Endpoint::Asset(asset) => Ok(asset.response()),
+        Endpoint::Health => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"ok": true}),
+        )),
+        Endpoint::Sessions => create_session(request, app).await,
+        Endpoint::Session(id) => {
+            hub.end_session(id)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({"ended": true}),
+            ))
+        }
+        Endpoint::WebSocket(id) => {
+            enabled(config, TransportKind::WebSocket)?;
+            websocket::upgrade(hub, &app.tracker, id, after()?, request)
+        }
+        Endpoint::Sse(id) => {
+            enabled(config, TransportKind::Sse)?;
+            let last_event_id = request
+                .headers()
+                .get("last-event-id")
+                .map(|v| v.to_str().unwrap_or("invalid"));
+            let after = resume_point(last_event_id, query_param(query, "after"))?;
+            let attachment = hub.attach(id, TransportKind::Sse, after)?;
+            Ok(sse::stream(attachment, config.heartbeat))
+        }
+        Endpoint::Poll(id) => {
+            let wait = match query_param(query, "wait") {
+                None => config.long_poll,
+                Some(raw) => raw.parse::<u64>().map(Duration::from_millis).map_err(|_| {
+                    ErrorBody::new(
+                        ErrorCode::BadRequest,
+                        format!("wait must be a non-negative integer of milliseconds, got {raw:?}"),
+                    )
+                })?,
+            };
+            if wait.is_zero() {
+                enabled(config, TransportKind::ShortPolling)?;
+                short_poll::poll(hub, id, after()?)
+            } else {
+                enabled(config, TransportKind::LongPolling)?;
+                long_poll::poll(hub, id, after()?, wait.min(config.max_long_poll)).await
+            }
+        }
+        Endpoint::Commands(id) => commands::post(hub, id, request).await,
+    }
+}
+
+fn enabled(config: &Config, kind: TransportKind) -> Result<(), ErrorBody> {
+    if config.enabled(kind) {
+        Ok(())
+    } else {
+        Err(ErrorBody::new(
+            ErrorCode::TransportDisabled,
+            format!("the {kind} transport is disabled on this server"),
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateSession {
+    name: String,
+}
+
+/// The `201` reply to `POST /v1/sessions`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionCreated {
+    /// Session id.
+    pub session: String,
+    /// The user name.
+    pub name: String,
+    /// Enabled transports, in preferred order.
+    pub transports: Vec<String>,
+    /// WebSocket ping / SSE keep-alive interval.
+    pub heartbeat_ms: u64,
+    /// Default long-poll wait.
+    pub long_poll_ms: u64,
+    /// Suggested short-poll interval.
+    pub short_poll_ms: u64,
+    /// Events kept for resume.
+    pub replay_window: usize,
+    /// Largest command frame or body.
+    pub max_message_bytes: usize,
+}
+
+async fn create_session(
+    request: Request<Incoming>,
+    app: &App,
+) -> Result<Response<Body>, ErrorBody> {
+    let config = app.hub.config();
+    let body = commands::read_body(request, config.max_message_bytes).await?;
+    let create: CreateSession = serde_json::from_slice(&body).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("expected {{\"name\": string}}: {e}"),
+        )
+    })?;
+    let session = app.hub.create_session(&create.name)?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &SessionCreated {
+            session: session.id.clone(),
+            name: session.name.clone(),
+            transports: config
+                .transports
+                .iter()
+                .map(|t| t.as_str().to_owned())
+                .collect(),
+            heartbeat_ms: config.heartbeat.as_millis() as u64,
+            long_poll_ms: config.long_poll.as_millis() as u64,
+            short_poll_ms: config.short_poll.as_millis() as u64,
+            replay_window: config.replay_window,
+            max_message_bytes: config.max_message_bytes,
+        },
+    ))
+}
+
+/// Decides whether a request's origin may use the API. Returns the origin to echo in CORS
+/// headers for an allowed cross-origin request.
+fn check_origin(
+    request: &Request<Incoming>,
+    config: &Config,
+) -> Result<Option<HeaderValue>, ErrorBody> {
+    let Some(origin) = request.headers().get(ORIGIN) else {
+        return Ok(None);
+    };
+    let origin_str = origin.to_str().unwrap_or("");
+    let host = request.headers().get(HOST).and_then(|h| h.to_str().ok());
+    let same_origin = host.is_some_and(|host| {
+        origin_str
+            .split_once("://")
+            .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && rest == host)
+    });
+    if same_origin {
+        return Ok(None);
+    }
+    if config
+        .allowed_origins
+        .iter()
+        .any(|allowed| allowed == "*" || allowed == origin_str)
+    {
+        return Ok(Some(origin.clone()));
+    }
+    Err(ErrorBody::new(
+        ErrorCode::ForbiddenOrigin,
+        format!("origin {origin_str:?} is not allowed (see --allowed-origins)"),
+    ))
+}
+
+fn preflight(allowed: &[Method]) -> Response<Body> {
+    let methods: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    let mut response = Response::new(full(""));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(
+        ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_str(&methods.join(", ")).expect("method names are valid headers"),
+    );
+    headers.insert(
+        ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type, last-event-id"),
+    );
+    headers.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}

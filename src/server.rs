@@ -1,0 +1,127 @@
+//! The accept loop: a connection cap, TCP_NODELAY, one hyper HTTP/1 connection per socket
+//! (with upgrades for WebSockets) and graceful shutdown.
+//!
+//! Shutdown is a parameter of [`run`], so tests pass their own signal. On shutdown the
+//! listener closes, the hub closes every attached transport with `shutdown` (WebSocket close
+//! 4002, SSE `close` event, long poll `closed`), open HTTP connections finish their current
+//! response, and `run` returns once every connection and WebSocket task is done or the grace
+//! period is over. hyper-util's graceful helper would not see upgraded sockets, so every task
+//! is tracked here.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::router;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct App {
+    /// The session core.
+    pub hub: Hub,
+    /// Every connection and WebSocket task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// Serves on `listener` until `shutdown` completes, then shuts down gracefully.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let grace = config.shutdown_grace;
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let hub = Hub::new(config);
+    let reaper = hub.spawn_reaper();
+    let app = Arc::new(App {
+        hub,
+        tracker: TaskTracker::new(),
+    });
+    let closing = CancellationToken::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = connections.clone().acquire_owned() => permit.expect("semaphore never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let app_for_conn = app.clone();
+        let closing = closing.clone();
+        app.tracker.spawn(async move {
+            serve_connection(stream, peer, app_for_conn, closing).await;
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    tracing::info!("shutting down");
+    app.hub.shutdown();
+    closing.cancel();
+    app.tracker.close();
+    if tokio::time::timeout(grace, app.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = app.tracker.len(),
+            "connections still open after the grace period; closing them"
+        );
+    }
+    reaper.abort();
+    Ok(())
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Arc<App>,
+    closing: CancellationToken,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "set_nodelay failed");
+    }
+    let service = service_fn(move |request| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(router::route(request, app).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,69 @@
+//! `POST /v1/sessions/{id}/commands`: one command object or an array, for the one-way
+//! transports (the WebSocket may use it too).
+//!
+//! Commands are applied in order and the reply lists a result per command:
+//! `{"results":[...]}`. If any failed, the status is the first failure's and the body also
+//! carries that failure as `"error"`, so a single command reads like any other HTTP error.
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::error::status;
+use crate::hub::{CommandResult, Hub};
+use crate::protocol::{parse_commands, ErrorBody, ErrorCode};
+
+use super::{json_response, Body};
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    results: &'a [CommandResult],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a ErrorBody>,
+}
+
+/// Reads a request body of at most `limit` bytes.
+pub async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+) -> Result<bytes::Bytes, ErrorBody> {
+    let too_large = || {
+        ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!("the body is larger than {limit} bytes"),
+        )
+    };
+    if request.body().size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("could not read the body: {e}"),
+        )),
+    }
+}
+
+/// Applies the commands in a request body.
+pub async fn post(
+    hub: &Hub,
+    session_id: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ErrorBody> {
+    let session = hub.session(session_id)?;
+    let body = read_body(request, hub.config().max_message_bytes).await?;
+    let commands = parse_commands(&body)?;
+    let results = hub.execute(&session, commands);
+    let error = results.iter().find_map(|r| r.error.as_ref());
+    let code = error.map_or(StatusCode::OK, |e| status(e.code));
+    Ok(json_response(
+        code,
+        &Reply {
+            results: &results,
+            error,
+        },
+    ))
+}

@@ -1,0 +1,30 @@
+//! Long polling: `GET /v1/sessions/{id}/poll?after=N&wait=MS` is held until an event after N
+//! exists or MS pass. One poll per session at a time: a second gets 409 `poll_in_progress`.
+//! A poll the hub closes (superseded, shutdown, expired) answers `{"events":[],"closed":NAME}`.
+
+use std::time::Duration;
+
+use hyper::Response;
+
+use crate::hub::{Delivery, Hub};
+use crate::protocol::{ErrorBody, TransportKind};
+
+use super::{poll_reply, Body, MAX_BATCH};
+
+/// Holds a long poll until events, the wait, or a close.
+pub async fn poll(
+    hub: &Hub,
+    session_id: &str,
+    after: u64,
+    wait: Duration,
+) -> Result<Response<Body>, ErrorBody> {
+    let mut attachment = hub.attach(session_id, TransportKind::LongPolling, after)?;
+    let delivery = tokio::select! {
+        delivery = attachment.next(MAX_BATCH) => delivery,
+        _ = tokio::time::sleep(wait) => Delivery::Events(Vec::new()),
+    };
+    Ok(match delivery {
+        Delivery::Events(events) => poll_reply(&events, None),
+        Delivery::Closed(reason) => poll_reply(&[], Some(reason)),
+    })
+}

@@ -1,0 +1,118 @@
+//! Transports: each file adapts a hub session to one way of carrying events over HTTP.
+//!
+//! A transport attaches to a session (`Hub::attach`), writes the events it is handed in its
+//! own framing and gives commands back to the hub. It keeps no chat state of its own. This
+//! module holds what they share: the response body type, JSON replies and query parsing.
+
+pub mod commands;
+pub mod long_poll;
+pub mod short_poll;
+pub mod sse;
+pub mod websocket;
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+use crate::error::{status, HttpError};
+use crate::protocol::{CloseReason, EncodedEvent, ErrorBody, ErrorCode};
+
+/// Every response body: a full buffer or a stream (SSE).
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Most events handed to a transport per write.
+pub const MAX_BATCH: usize = 256;
+
+/// A body holding these bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).expect("replies serialize infallibly");
+    json_bytes_response(status, bytes)
+}
+
+/// A response of JSON already encoded.
+pub fn json_bytes_response(status: StatusCode, bytes: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(bytes));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The response for an error: its status and `{"error":{"code","message"}}`.
+pub fn error_response(error: ErrorBody) -> Response<Body> {
+    json_response(status(error.code), &HttpError { error })
+}
+
+/// A poll reply: `{"events":[...]}`, plus `"closed"` when the hub closed the poll.
+pub fn poll_reply(events: &[(u64, EncodedEvent)], closed: Option<CloseReason>) -> Response<Body> {
+    let mut out =
+        Vec::with_capacity(32 + events.iter().map(|(_, e)| e.body.len() + 24).sum::<usize>());
+    out.extend_from_slice(b"{\"events\":[");
+    for (i, (seq, event)) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        event.write_json(*seq, &mut out);
+    }
+    out.push(b']');
+    if let Some(reason) = closed {
+        out.extend_from_slice(b",\"closed\":\"");
+        out.extend_from_slice(reason.as_str().as_bytes());
+        out.push(b'"');
+    }
+    out.push(b'}');
+    json_bytes_response(StatusCode::OK, out)
+}
+
+/// The value of a query parameter (not percent-decoded: every parameter we read is a number).
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// Reads a resume point: `Last-Event-ID` wins over `after`; absent means from the start.
+pub fn resume_point(last_event_id: Option<&str>, after: Option<&str>) -> Result<u64, ErrorBody> {
+    match last_event_id.or(after) {
+        None | Some("") => Ok(0),
+        Some(raw) => raw.trim().parse::<u64>().map_err(|_| {
+            ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("after / Last-Event-ID must be a non-negative integer seq, got {raw:?}"),
+            )
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_resume_point() {
+        let q = Some("after=5&wait=0&flag");
+        assert_eq!(query_param(q, "after"), Some("5"));
+        assert_eq!(query_param(q, "wait"), Some("0"));
+        assert_eq!(query_param(q, "flag"), Some(""));
+        assert_eq!(query_param(q, "nope"), None);
+        assert_eq!(resume_point(Some("9"), Some("5")).unwrap(), 9);
+        assert_eq!(resume_point(None, None).unwrap(), 0);
+        assert_eq!(
+            resume_point(None, Some("-1")).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+    }
+}

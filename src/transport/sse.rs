@@ -1,0 +1,81 @@
+//! Server-Sent Events: `GET /v1/sessions/{id}/sse?after=N` streams `text/event-stream`.
+//!
+//! Each event is `id: <seq>`, `event: <type>`, `data: <json>`. `Last-Event-ID` wins over
+//! `after`. A comment keeps the stream alive after `heartbeat` without an event (the timer
+//! restarts with every event). When the hub closes the stream it ends with
+//! `event: close` / `data: {"reason": NAME}` and no `id:` line, so that a browser's automatic
+//! reconnect does not move its resume point.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::Response;
+
+use crate::hub::{Attachment, Delivery};
+use crate::protocol::{CloseReason, EncodedEvent};
+
+use super::{Body, MAX_BATCH};
+
+/// Sent first: tells EventSource how long to wait before reconnecting by itself, and gets the
+/// headers and a first byte through any buffering proxy.
+const PREAMBLE: &[u8] = b"retry: 1000\n: switchyard\n\n";
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Appends one event in SSE framing.
+pub fn write_event(seq: u64, event: &EncodedEvent, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"id: ");
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    out.extend_from_slice(b"\nevent: ");
+    out.extend_from_slice(event.type_name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    event.write_json(seq, out);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// The final frame of a stream the hub closed.
+pub fn close_frame(reason: CloseReason) -> Bytes {
+    Bytes::from(format!(
+        "event: close\ndata: {{\"reason\":\"{}\"}}\n\n",
+        reason.as_str()
+    ))
+}
+
+/// The streaming response for an attached session.
+pub fn stream(mut attachment: Attachment, heartbeat: Duration) -> Response<Body> {
+    enum Step {
+        Deliver(Delivery),
+        KeepAlive,
+    }
+    let frames = async_stream::stream! {
+        yield Ok(Frame::data(Bytes::from_static(PREAMBLE)));
+        loop {
+            let step = tokio::select! {
+                delivery = attachment.next(MAX_BATCH) => Step::Deliver(delivery),
+                _ = tokio::time::sleep(heartbeat) => Step::KeepAlive,
+            };
+            match step {
+                Step::Deliver(Delivery::Events(events)) => {
+                    let mut out = Vec::with_capacity(events.iter().map(|(_, e)| e.body.len() + 64).sum());
+                    for (seq, event) in &events {
+                        write_event(*seq, event, &mut out);
+                    }
+                    yield Ok(Frame::data(Bytes::from(out)));
+                }
+                Step::Deliver(Delivery::Closed(reason)) => {
+                    yield Ok(Frame::data(close_frame(reason)));
+                    break;
+                }
+                Step::KeepAlive => yield Ok(Frame::data(Bytes::from_static(KEEP_ALIVE))),
+            }
+        }
+    };
+    let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}

@@ -1,0 +1,244 @@
+//! WebSocket: `GET /v1/sessions/{id}/ws?after=N` upgrades; text frames carry commands in
+//! (one object or an array) and events out (one event per frame).
+//!
+//! One task per socket runs a `biased` select over: the session's next events (fed frame by
+//! frame and flushed once per batch), the client's frames, and the heartbeat. A write that
+//! blocks is abandoned when the hub closes the transport (`slow_consumer`, `superseded`,
+//! `shutdown`) or when it outlasts two heartbeats. A bad command gets an `error` event; the
+//! socket stays open. The hot loop is generic over `Sink + Stream` so it runs without a socket
+//! in unit tests.
+
+use std::time::Duration;
+
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::task::TaskTracker;
+
+use crate::hub::{Attachment, Delivery, Hub};
+use crate::protocol::{parse_commands, CloseReason, ErrorBody, ErrorCode};
+
+use super::{full, Body, MAX_BATCH};
+
+/// Frames larger than this close the socket (1009) instead of getting a `too_large` event,
+/// so a hostile client cannot make the server buffer without bound.
+pub fn hard_frame_limit(max_message_bytes: usize) -> usize {
+    (max_message_bytes * 4).max(1 << 20)
+}
+
+fn bad_request(message: &str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::BadRequest, message)
+}
+
+fn header_has_token(
+    request: &Request<Incoming>,
+    name: hyper::header::HeaderName,
+    token: &str,
+) -> bool {
+    request
+        .headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Checks the handshake, attaches to the session and answers `101`; the socket is served by
+/// a task on `tracker`, so shutdown can wait for it.
+pub fn upgrade(
+    hub: &Hub,
+    tracker: &TaskTracker,
+    session_id: &str,
+    after: u64,
+    mut request: Request<Incoming>,
+) -> Result<Response<Body>, ErrorBody> {
+    if !header_has_token(&request, UPGRADE, "websocket")
+        || !header_has_token(&request, CONNECTION, "upgrade")
+    {
+        return Err(bad_request(
+            "expected a WebSocket upgrade (Upgrade: websocket)",
+        ));
+    }
+    if request
+        .headers()
+        .get("sec-websocket-version")
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(bad_request("Sec-WebSocket-Version must be 13"));
+    }
+    let accept = match request.headers().get(SEC_WEBSOCKET_KEY) {
+        Some(key) => derive_accept_key(key.as_bytes()),
+        None => return Err(bad_request("missing Sec-WebSocket-Key")),
+    };
+    let attachment = hub.attach(session_id, crate::protocol::TransportKind::WebSocket, after)?;
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let config = hub.config();
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(config.ws_read_buffer)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(Some(hard_frame_limit(config.max_message_bytes)))
+        .max_frame_size(Some(hard_frame_limit(config.max_message_bytes)));
+    let hub = hub.clone();
+    tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                serve(socket, attachment, &hub).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut response = Response::new(full(""));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    Ok(response)
+}
+
+/// How a socket's loop ended.
+enum End {
+    /// The hub closed the transport: send the close code and reason.
+    Closed(CloseReason),
+    /// A frame over the hard limit: close with 1009.
+    TooBig,
+    /// The client went away or the socket failed: nothing to send.
+    Gone,
+}
+
+/// Serves one upgraded socket until the client leaves or the hub closes the transport.
+pub async fn serve<S>(socket: S, mut attachment: Attachment, hub: &Hub)
+where
+    S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let heartbeat = hub.config().heartbeat;
+    let max_bytes = hub.config().max_message_bytes;
+    let session = attachment.session().clone();
+    let mut close = attachment.close_signal();
+    let (mut sink, mut stream) = socket.split();
+    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    let mut last_heard = Instant::now();
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            delivery = attachment.next(MAX_BATCH) => match delivery {
+                Delivery::Closed(reason) => break End::Closed(reason),
+                Delivery::Events(events) => {
+                    let write = async {
+                        for (seq, event) in &events {
+                            sink.feed(Message::text(event.to_json(*seq))).await?;
+                        }
+                        sink.flush().await
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = close.wait_for(Option::is_some) => {}
+                        written = timeout(heartbeat * 2, write) => match written {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break End::Gone,
+                            Err(_) => break End::Closed(CloseReason::HeartbeatTimeout),
+                        },
+                    }
+                }
+            },
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    last_heard = Instant::now();
+                    handle_text(hub, &session, text.as_bytes(), max_bytes);
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    last_heard = Instant::now();
+                    hub.push_error(&session, &ErrorBody::new(
+                        ErrorCode::BadCommand,
+                        "binary frames are not supported; send commands as JSON text frames",
+                    ));
+                }
+                Some(Ok(Message::Close(_))) | None => break End::Gone,
+                Some(Ok(_)) => last_heard = Instant::now(),
+                Some(Err(WsError::Capacity(_))) => break End::TooBig,
+                Some(Err(_)) => break End::Gone,
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > heartbeat * 2 {
+                    break End::Closed(CloseReason::HeartbeatTimeout);
+                }
+                match timeout(heartbeat, sink.send(Message::Ping(Default::default()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break End::Gone,
+                    Err(_) => break End::Closed(CloseReason::HeartbeatTimeout),
+                }
+            }
+        }
+    };
+    drop(attachment);
+    let frame = match end {
+        End::Closed(reason) => Some(CloseFrame {
+            code: CloseCode::from(reason.ws_code()),
+            reason: reason.as_str().into(),
+        }),
+        End::TooBig => Some(CloseFrame {
+            code: CloseCode::Size,
+            reason: ErrorCode::TooLarge.as_str().into(),
+        }),
+        End::Gone => None,
+    };
+    if let Some(frame) = frame {
+        // The client may be the reason we are closing: never wait on it for long.
+        let _ = timeout(
+            Duration::from_secs(1),
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+    let _ = timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+/// Applies the commands in one text frame; each failure becomes an `error` event.
+fn handle_text(
+    hub: &Hub,
+    session: &std::sync::Arc<crate::hub::Session>,
+    text: &[u8],
+    max_bytes: usize,
+) {
+    if text.len() > max_bytes {
+        let error = ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!(
+                "frame of {} bytes is over the {max_bytes}-byte limit",
+                text.len()
+            ),
+        );
+        hub.push_error(session, &error);
+        return;
+    }
+    let results = match parse_commands(text) {
+        Ok(commands) => hub.execute(session, commands),
+        Err(error) => {
+            hub.push_error(session, &error);
+            return;
+        }
+    };
+    for error in results.iter().filter_map(|r| r.error.as_ref()) {
+        hub.push_error(session, error);
+    }
+}
