@@ -3,6 +3,7 @@
 //! The CLI (`main.rs`) fills a [`Config`]; tests build one with [`Config::default`] and change
 //! the fields they need. Nothing here reads the environment or the network.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::protocol::TransportKind;
@@ -52,6 +53,8 @@ pub struct Config {
     pub ws_read_buffer: usize,
     /// How long a graceful shutdown waits for connections to close.
     pub shutdown_grace: Duration,
+    /// Serve the demo from this directory instead of the embedded copy (for page development).
+    pub demo_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             dedup_window: 64,
             ws_read_buffer: 8 * 1024,
             shutdown_grace: Duration::from_secs(4),
+            demo_dir: None,
         }
     }
 }

@@ -55,6 +55,10 @@ struct ServeArgs {
     /// WebSocket ping and SSE keep-alive interval (e.g. 15s).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
+    /// Serve the demo page from this directory instead of the copy built into the binary
+    /// (for editing the page without rebuilding).
+    #[arg(long)]
+    demo_dir: Option<std::path::PathBuf>,
 }
 
 impl ServeArgs {
@@ -80,6 +84,7 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             session_ttl: self.session_ttl,
             heartbeat: self.heartbeat,
+            demo_dir: self.demo_dir.clone(),
             ..Config::default()
         }
         .with_rate_limit(self.rate_limit))

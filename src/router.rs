@@ -114,7 +114,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
     let query = query.as_deref();
     let after = || resume_point(None, query_param(query, "after"));
     match endpoint {
-        Endpoint::Asset(asset) => Ok(asset.response()),
+        Endpoint::Asset(asset) => Ok(asset.response(config.demo_dir.as_deref())),
         Endpoint::Health => Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({"ok": true}),
