@@ -1,0 +1,445 @@
+//! Test support: a real switchyard server on 127.0.0.1:0 and small real clients for each
+//! transport (WebSocket, SSE, long and short polling) plus plain HTTP.
+//!
+//! Every wait goes through [`within`], which fails the test with what it was waiting for.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use switchyard::protocol::TransportKind;
+use switchyard::Config;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Awaits `future`, failing the test with `what` if it takes longer than [`WAIT`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timeout after {WAIT:?}: {what}"),
+    }
+}
+
+/// A server running in this test's runtime.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server with the default configuration.
+    pub async fn start() -> Self {
+        Self::with_config(Config::default()).await
+    }
+
+    /// Starts a server with `config` on 127.0.0.1, port 0.
+    pub async fn with_config(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(switchyard::run(listener, config, async {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            within("the server to shut down", handle)
+                .await
+                .expect("server task")
+                .expect("server result");
+        }
+    }
+
+    /// Makes an HTTP request and reads the whole reply.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, HeaderMap, Bytes) {
+        let response = self.send(method, path, headers, body).await;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = within("an HTTP body", response.into_body().collect())
+            .await
+            .expect("read body")
+            .to_bytes();
+        (status, headers, body)
+    }
+
+    /// Makes an HTTP request and returns the response with its body still streaming.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> hyper::Response<Incoming> {
+        let stream = within("a TCP connect", TcpStream::connect(self.addr))
+            .await
+            .expect("connect");
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("http handshake");
+        tokio::spawn(connection);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(body.into()))
+            .expect("valid request");
+        within("an HTTP response", sender.send_request(request))
+            .await
+            .expect("send request")
+    }
+
+    /// Makes a JSON request; returns the status and the parsed JSON body.
+    pub async fn json(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (status, _, bytes) = self.request(method, path, &[], body).await;
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{path} answered non-JSON ({e}): {bytes:?}"));
+        (status, value)
+    }
+
+    /// Creates a session; returns its id.
+    pub async fn session(&self, name: &str) -> String {
+        let (status, body) = self
+            .json(Method::POST, "/v1/sessions", Some(json!({ "name": name })))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "create session: {body}");
+        body["session"].as_str().expect("session id").to_owned()
+    }
+
+    /// Posts commands (one object or an array); returns the status and reply.
+    pub async fn commands(&self, session: &str, commands: Value) -> (StatusCode, Value) {
+        self.json(
+            Method::POST,
+            &format!("/v1/sessions/{session}/commands"),
+            Some(commands),
+        )
+        .await
+    }
+
+    /// Posts commands that must all succeed.
+    pub async fn ok(&self, session: &str, commands: Value) -> Value {
+        let (status, reply) = self.commands(session, commands.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{commands} -> {reply}");
+        reply
+    }
+
+    /// Opens a transport of `kind` on a session, resuming after `after`.
+    pub async fn attach(&self, kind: TransportKind, session: &str, after: u64) -> Client {
+        let inner = match kind {
+            TransportKind::WebSocket => Inner::Ws(self.websocket(session, after).await),
+            TransportKind::Sse => Inner::Sse(self.sse(session, &format!("?after={after}"), &[]).await),
+            TransportKind::LongPolling | TransportKind::ShortPolling => Inner::Poll {
+                wait_ms: if kind == TransportKind::LongPolling { 5000 } else { 0 },
+                queue: VecDeque::new(),
+            },
+        };
+        Client {
+            server: self.addr,
+            session: session.to_owned(),
+            kind,
+            last_seq: after,
+            inner,
+        }
+    }
+
+    /// Opens a WebSocket to a session.
+    pub async fn websocket(&self, session: &str, after: u64) -> Ws {
+        let url = format!("ws://{}/v1/sessions/{session}/ws?after={after}", self.addr);
+        let (socket, _) = within("a WebSocket handshake", tokio_tungstenite::connect_async(url))
+            .await
+            .expect("websocket handshake");
+        socket
+    }
+
+    /// Opens an SSE stream to a session with the given query and extra headers.
+    pub async fn sse(&self, session: &str, query: &str, headers: &[(&str, &str)]) -> SseStream {
+        let response = self
+            .send(
+                Method::GET,
+                &format!("/v1/sessions/{session}/sse{query}"),
+                headers,
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::OK, "sse status");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        SseStream {
+            body: response.into_body(),
+            buffer: String::new(),
+        }
+    }
+
+    /// One poll; returns the reply.
+    pub async fn poll(&self, session: &str, after: u64, wait_ms: u64) -> (StatusCode, Value) {
+        self.json(
+            Method::GET,
+            &format!("/v1/sessions/{session}/poll?after={after}&wait={wait_ms}"),
+            None,
+        )
+        .await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A client-side WebSocket.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Reads the next text frame as JSON, skipping pings and pongs; panics on close.
+pub async fn ws_event(ws: &mut Ws) -> Value {
+    loop {
+        match within("a WebSocket frame", ws.next()).await {
+            Some(Ok(Message::Text(text))) => {
+                return serde_json::from_str(&text).expect("event JSON");
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected an event frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads frames until a close frame; returns its code and reason.
+pub async fn ws_close(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match within("a WebSocket close frame", ws.next()).await {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string())
+            }
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Sends a JSON command over a WebSocket.
+pub async fn ws_send(ws: &mut Ws, command: Value) {
+    within("a WebSocket send", ws.send(Message::text(command.to_string())))
+        .await
+        .expect("ws send");
+}
+
+/// One parsed SSE block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `id:` line.
+    pub id: Option<String>,
+    /// The `event:` line.
+    pub event: Option<String>,
+    /// The `data:` line(s).
+    pub data: String,
+    /// Comment lines (`: ...`).
+    pub comments: Vec<String>,
+}
+
+/// A client-side SSE stream.
+pub struct SseStream {
+    body: Incoming,
+    buffer: String,
+}
+
+impl SseStream {
+    /// The next block (comments included), or `None` when the stream ended.
+    pub async fn next_block(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    id: None,
+                    event: None,
+                    data: String::new(),
+                    comments: Vec::new(),
+                };
+                for line in block.lines() {
+                    if let Some(comment) = line.strip_prefix(':') {
+                        event.comments.push(comment.trim().to_owned());
+                    } else if let Some((field, value)) = line.split_once(':') {
+                        let value = value.strip_prefix(' ').unwrap_or(value);
+                        match field {
+                            "id" => event.id = Some(value.to_owned()),
+                            "event" => event.event = Some(value.to_owned()),
+                            "data" => event.data.push_str(value),
+                            _ => {}
+                        }
+                    }
+                }
+                return Some(event);
+            }
+            match within("an SSE chunk", self.body.frame()).await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer
+                            .push_str(std::str::from_utf8(&data).expect("SSE is UTF-8"));
+                    }
+                }
+                Some(Err(e)) => panic!("SSE stream failed: {e}"),
+                None => return None,
+            }
+        }
+    }
+
+    /// The next data-carrying block (events and the final close), skipping comments and
+    /// the `retry:` preamble.
+    pub async fn next_event(&mut self) -> SseEvent {
+        loop {
+            let block = self.next_block().await.expect("SSE stream ended early");
+            if !block.data.is_empty() {
+                return block;
+            }
+        }
+    }
+}
+
+enum Inner {
+    Ws(Ws),
+    Sse(SseStream),
+    Poll { wait_ms: u64, queue: VecDeque<Value> },
+}
+
+/// A session observed over one transport: yields events one by one, tracking the last seq.
+pub struct Client {
+    server: SocketAddr,
+    /// Session id.
+    pub session: String,
+    /// The transport in use.
+    pub kind: TransportKind,
+    /// Seq of the last event returned.
+    pub last_seq: u64,
+    inner: Inner,
+}
+
+impl Client {
+    /// The next event, checking its seq follows the last one.
+    pub async fn next(&mut self) -> Value {
+        let event = match &mut self.inner {
+            Inner::Ws(ws) => ws_event(ws).await,
+            Inner::Sse(stream) => {
+                let block = stream.next_event().await;
+                assert_eq!(block.event.as_deref(), Some(block_type(&block)), "{block:?}");
+                assert!(block.id.is_some(), "an SSE event without id: {block:?}");
+                let event: Value = serde_json::from_str(&block.data).expect("SSE data JSON");
+                assert_eq!(block.id, Some(event["seq"].to_string()), "id line = seq");
+                event
+            }
+            Inner::Poll { wait_ms, queue } => {
+                let wait_ms = *wait_ms;
+                loop {
+                    if let Some(event) = queue.pop_front() {
+                        break event;
+                    }
+                    let path = format!(
+                        "/v1/sessions/{}/poll?after={}&wait={wait_ms}",
+                        self.session, self.last_seq
+                    );
+                    let (status, reply) = poll_json(self.server, &path).await;
+                    assert_eq!(status, StatusCode::OK, "poll: {reply}");
+                    assert!(reply.get("closed").is_none(), "poll closed: {reply}");
+                    queue.extend(reply["events"].as_array().expect("events").iter().cloned());
+                    if queue.is_empty() && wait_ms == 0 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        };
+        let seq = event["seq"].as_u64().expect("seq");
+        assert_eq!(seq, self.last_seq + 1, "seq must follow {}: {event}", self.last_seq);
+        self.last_seq = seq;
+        event
+    }
+
+    /// The next event of the given type, skipping others.
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let event = self.next().await;
+            if event["type"] == kind {
+                return event;
+            }
+        }
+    }
+}
+
+fn block_type(block: &SseEvent) -> &str {
+    let start = block.data.find("\"type\":\"").map(|i| i + 8).unwrap_or(0);
+    let end = block.data[start..].find('"').map(|i| i + start).unwrap_or(start);
+    &block.data[start..end]
+}
+
+/// A GET whose reply is JSON, on a fresh connection.
+pub async fn poll_json(addr: SocketAddr, path: &str) -> (StatusCode, Value) {
+    let server = TestServer {
+        addr,
+        shutdown: None,
+        handle: None,
+    };
+    server.json(Method::GET, path, None).await
+}
+
+/// A `send` command.
+pub fn send(room: &str, text: &str, client_id: &str) -> Value {
+    json!({"type": "send", "room": room, "text": text, "client_id": client_id})
+}
+
+/// A `join` command.
+pub fn join(room: &str) -> Value {
+    json!({"type": "join", "room": room})
+}
+
+/// The event without its `ts` fields (including those of history messages).
+pub fn without_ts(mut event: Value) -> Value {
+    fn strip(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.remove("ts");
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut event);
+    event
+}
