@@ -65,6 +65,15 @@ impl TestServer {
         }
     }
 
+    /// A handle for making requests to a server started elsewhere (e.g. in another task).
+    pub fn attached_to(addr: SocketAddr) -> Self {
+        TestServer {
+            addr,
+            shutdown: None,
+            handle: None,
+        }
+    }
+
     /// Signals shutdown and waits for `run` to return.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -367,6 +376,7 @@ impl Client {
             }
             Inner::Poll { wait_ms, queue } => {
                 let wait_ms = *wait_ms;
+                let mut conflicts = 0;
                 loop {
                     if let Some(event) = queue.pop_front() {
                         break event;
@@ -376,6 +386,13 @@ impl Client {
                         self.session, self.last_seq
                     );
                     let (status, reply) = poll_json(self.server, &path).await;
+                    if status == StatusCode::CONFLICT {
+                        // An abandoned poll the server has not noticed yet: retry shortly.
+                        conflicts += 1;
+                        assert!(conflicts < 200, "poll kept getting 409: {reply}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
                     assert_eq!(status, StatusCode::OK, "poll: {reply}");
                     assert!(reply.get("closed").is_none(), "poll closed: {reply}");
                     queue.extend(reply["events"].as_array().expect("events").iter().cloned());
@@ -410,12 +427,7 @@ fn block_type(block: &SseEvent) -> &str {
 
 /// A GET whose reply is JSON, on a fresh connection.
 pub async fn poll_json(addr: SocketAddr, path: &str) -> (StatusCode, Value) {
-    let server = TestServer {
-        addr,
-        shutdown: None,
-        handle: None,
-    };
-    server.json(Method::GET, path, None).await
+    TestServer::attached_to(addr).json(Method::GET, path, None).await
 }
 
 /// A `send` command.
