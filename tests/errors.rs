@@ -16,25 +16,52 @@ fn bad_commands() -> Vec<(&'static str, String)> {
     let long_text = "y".repeat(4001);
     vec![
         ("bad_command", "{not json".to_owned()),
-        ("bad_command", r#"{"type":"dance","room":"lobby"}"#.to_owned()),
+        (
+            "bad_command",
+            r#"{"type":"dance","room":"lobby"}"#.to_owned(),
+        ),
         ("bad_command", r#"{"room":"lobby"}"#.to_owned()),
         ("bad_command", r#"{"type":"join"}"#.to_owned()),
         ("bad_command", r#"{"type":"join","room":7}"#.to_owned()),
-        ("bad_command", r#"{"type":"send","room":"lobby","text":"no id"}"#.to_owned()),
+        (
+            "bad_command",
+            r#"{"type":"send","room":"lobby","text":"no id"}"#.to_owned(),
+        ),
         ("bad_command", "[]".to_owned()),
         ("bad_command", "\"join\"".to_owned()),
-        ("invalid_room", r#"{"type":"join","room":"no spaces"}"#.to_owned()),
+        (
+            "invalid_room",
+            r#"{"type":"join","room":"no spaces"}"#.to_owned(),
+        ),
         ("invalid_room", r#"{"type":"join","room":""}"#.to_owned()),
-        ("invalid_room", format!(r#"{{"type":"join","room":"{}"}}"#, "r".repeat(65))),
-        ("invalid_text", r#"{"type":"send","room":"lobby","text":"","client_id":"c"}"#.to_owned()),
+        (
+            "invalid_room",
+            format!(r#"{{"type":"join","room":"{}"}}"#, "r".repeat(65)),
+        ),
+        (
+            "invalid_text",
+            r#"{"type":"send","room":"lobby","text":"","client_id":"c"}"#.to_owned(),
+        ),
         (
             "invalid_text",
             format!(r#"{{"type":"send","room":"lobby","text":"{long_text}","client_id":"c"}}"#),
         ),
-        ("not_in_room", r#"{"type":"send","room":"elsewhere","text":"hi","client_id":"c"}"#.to_owned()),
-        ("not_in_room", r#"{"type":"typing","room":"elsewhere"}"#.to_owned()),
-        ("not_in_room", r#"{"type":"leave","room":"elsewhere"}"#.to_owned()),
-        ("too_large", format!(r#"{{"type":"join","room":"{}"}}"#, "z".repeat(17 * 1024))),
+        (
+            "not_in_room",
+            r#"{"type":"send","room":"elsewhere","text":"hi","client_id":"c"}"#.to_owned(),
+        ),
+        (
+            "not_in_room",
+            r#"{"type":"typing","room":"elsewhere"}"#.to_owned(),
+        ),
+        (
+            "not_in_room",
+            r#"{"type":"leave","room":"elsewhere"}"#.to_owned(),
+        ),
+        (
+            "too_large",
+            format!(r#"{{"type":"join","room":"{}"}}"#, "z".repeat(17 * 1024)),
+        ),
     ]
 }
 
@@ -62,7 +89,9 @@ async fn bad_commands_over_http_get_their_code_and_status() {
         let reply: Value = serde_json::from_slice(&reply).expect("JSON error body");
         assert_eq!(status, status_for(code), "{body:.80} -> {reply}");
         assert_eq!(reply["error"]["code"], code, "{body:.80} -> {reply}");
-        assert!(reply["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(reply["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
     }
     // Nothing was lost: the session still works.
     server.ok(&session, send("lobby", "still here", "ok")).await;
@@ -77,14 +106,21 @@ async fn bad_commands_over_websocket_get_error_events_and_the_socket_stays_open(
     assert_eq!(ws_event(&mut ws).await["type"], "history");
     assert_eq!(ws_event(&mut ws).await["type"], "presence");
     for (code, body) in bad_commands() {
-        within("a ws send", ws.send(Message::text(body.clone()))).await.unwrap();
+        within("a ws send", ws.send(Message::text(body.clone())))
+            .await
+            .unwrap();
         let event = ws_event(&mut ws).await;
         assert_eq!(event["type"], "error", "{body:.80} -> {event}");
         assert_eq!(event["code"], code, "{body:.80} -> {event}");
     }
-    within("a binary frame", ws.send(Message::binary(vec![1, 2, 3]))).await.unwrap();
+    within("a binary frame", ws.send(Message::binary(vec![1, 2, 3])))
+        .await
+        .unwrap();
     let event = ws_event(&mut ws).await;
-    assert_eq!((event["type"].as_str(), event["code"].as_str()), (Some("error"), Some("bad_command")));
+    assert_eq!(
+        (event["type"].as_str(), event["code"].as_str()),
+        (Some("error"), Some("bad_command"))
+    );
 
     ws_send(&mut ws, send("lobby", "still open", "s1")).await;
     let echo = ws_event(&mut ws).await;
@@ -119,7 +155,10 @@ async fn batches_apply_in_order_with_a_result_per_command() {
     assert_eq!(reply["error"]["code"], "not_in_room");
     let too_many: Vec<Value> = (0..101).map(|_| join("a")).collect();
     let (status, reply) = server.commands(&session, Value::Array(too_many)).await;
-    assert_eq!((status, reply["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_command")));
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_command"))
+    );
 }
 
 #[tokio::test]
@@ -143,7 +182,11 @@ async fn a_retried_send_is_not_broadcast_twice() {
     assert_eq!(echo1["ts"], echo2["ts"]);
     server.ok(&ann, send("r", "next", "other")).await;
     assert_eq!(bob_ws.next_of("message").await["text"], "once");
-    assert_eq!(bob_ws.next_of("message").await["text"], "next", "bob got no second copy");
+    assert_eq!(
+        bob_ws.next_of("message").await["text"],
+        "next",
+        "bob got no second copy"
+    );
 }
 
 #[tokio::test]
@@ -151,7 +194,9 @@ async fn the_rate_limit_answers_429_over_http_and_an_error_event_over_websocket(
     let server = TestServer::start().await;
     let session = server.session("fast").await;
     server.ok(&session, join("r")).await;
-    let batch: Vec<Value> = (0..45).map(|i| send("r", "spam", &format!("s{i}"))).collect();
+    let batch: Vec<Value> = (0..45)
+        .map(|i| send("r", "spam", &format!("s{i}")))
+        .collect();
     let (status, reply) = server.commands(&session, Value::Array(batch)).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{reply}");
     let limited = reply["results"]
@@ -165,7 +210,9 @@ async fn the_rate_limit_answers_429_over_http_and_an_error_event_over_websocket(
 
     let other = server.session("fast-ws").await;
     let mut ws = server.websocket(&other, 0).await;
-    let burst: Vec<Value> = (0..41).map(|_| json!({"type": "typing", "room": "nope"})).collect();
+    let burst: Vec<Value> = (0..41)
+        .map(|_| json!({"type": "typing", "room": "nope"}))
+        .collect();
     ws_send(&mut ws, Value::Array(burst)).await;
     let mut codes = Vec::new();
     for _ in 0..41 {
@@ -184,24 +231,112 @@ async fn http_errors_have_stable_codes() {
     let server = TestServer::with_config(config).await;
     let session = server.session("errs").await;
     let cases: Vec<(Method, String, Option<Value>, StatusCode, &str)> = vec![
-        (Method::GET, "/v1/sessions/nope/poll?wait=0".into(), None, StatusCode::NOT_FOUND, "transport_disabled"),
-        (Method::GET, "/v1/sessions/nope/sse".into(), None, StatusCode::NOT_FOUND, "unknown_session"),
-        (Method::POST, "/v1/sessions/nope/commands".into(), Some(join("a")), StatusCode::NOT_FOUND, "unknown_session"),
-        (Method::DELETE, "/v1/sessions/nope".into(), None, StatusCode::NOT_FOUND, "unknown_session"),
-        (Method::GET, "/v1/sessions/nope/ws".into(), None, StatusCode::BAD_REQUEST, "bad_request"),
-        (Method::GET, format!("/v1/sessions/{session}/sse?after=99"), None, StatusCode::BAD_REQUEST, "invalid_after"),
-        (Method::GET, format!("/v1/sessions/{session}/sse?after=x"), None, StatusCode::BAD_REQUEST, "bad_request"),
-        (Method::GET, "/nowhere".into(), None, StatusCode::NOT_FOUND, "not_found"),
-        (Method::GET, "/v1/sessions".into(), None, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-        (Method::PUT, format!("/v1/sessions/{session}/commands"), None, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-        (Method::POST, "/v1/sessions".into(), Some(json!({"name": ""})), StatusCode::BAD_REQUEST, "invalid_name"),
-        (Method::POST, "/v1/sessions".into(), Some(json!({"name": "x".repeat(33)})), StatusCode::BAD_REQUEST, "invalid_name"),
-        (Method::POST, "/v1/sessions".into(), Some(json!({"name": "bell\u{7}"})), StatusCode::BAD_REQUEST, "invalid_name"),
-        (Method::POST, "/v1/sessions".into(), Some(json!({"nom": "x"})), StatusCode::BAD_REQUEST, "bad_request"),
+        (
+            Method::GET,
+            "/v1/sessions/nope/poll?wait=0".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "transport_disabled",
+        ),
+        (
+            Method::GET,
+            "/v1/sessions/nope/sse".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_session",
+        ),
+        (
+            Method::POST,
+            "/v1/sessions/nope/commands".into(),
+            Some(join("a")),
+            StatusCode::NOT_FOUND,
+            "unknown_session",
+        ),
+        (
+            Method::DELETE,
+            "/v1/sessions/nope".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_session",
+        ),
+        (
+            Method::GET,
+            "/v1/sessions/nope/ws".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::GET,
+            format!("/v1/sessions/{session}/sse?after=99"),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_after",
+        ),
+        (
+            Method::GET,
+            format!("/v1/sessions/{session}/sse?after=x"),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Method::GET,
+            "/nowhere".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/sessions".into(),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/sessions/{session}/commands"),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Method::POST,
+            "/v1/sessions".into(),
+            Some(json!({"name": ""})),
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
+        (
+            Method::POST,
+            "/v1/sessions".into(),
+            Some(json!({"name": "x".repeat(33)})),
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
+        (
+            Method::POST,
+            "/v1/sessions".into(),
+            Some(json!({"name": "bell\u{7}"})),
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
+        (
+            Method::POST,
+            "/v1/sessions".into(),
+            Some(json!({"nom": "x"})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
     ];
     for (method, path, body, status, code) in cases {
         let (got, reply) = server.json(method.clone(), &path, body).await;
-        assert_eq!((got, reply["error"]["code"].as_str()), (status, Some(code)), "{method} {path}: {reply}");
+        assert_eq!(
+            (got, reply["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{method} {path}: {reply}"
+        );
     }
     let (_, headers, _) = server.request(Method::GET, "/v1/sessions", &[], "").await;
     assert_eq!(headers["allow"], "POST");
@@ -212,9 +347,16 @@ async fn polls_check_their_parameters_and_allow_one_at_a_time() {
     let server = TestServer::start().await;
     let session = server.session("poller").await;
     let (status, reply) = server
-        .json(Method::GET, &format!("/v1/sessions/{session}/poll?wait=soon"), None)
+        .json(
+            Method::GET,
+            &format!("/v1/sessions/{session}/poll?wait=soon"),
+            None,
+        )
         .await;
-    assert_eq!((status, reply["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_request"))
+    );
     let held = tokio::spawn(support::poll_json(
         server.addr,
         Box::leak(format!("/v1/sessions/{session}/poll?wait=3000").into_boxed_str()),
@@ -232,7 +374,10 @@ async fn polls_check_their_parameters_and_allow_one_at_a_time() {
     assert_eq!(second.0, StatusCode::CONFLICT, "{}", second.1);
     assert_eq!(second.1["error"]["code"], "poll_in_progress");
     let (status, reply) = server.poll(&session, 0, 1000).await;
-    assert_eq!((status, reply["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("poll_in_progress")));
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("poll_in_progress"))
+    );
     server.ok(&session, join("wake")).await;
     let (status, first) = within("the held poll", held).await.unwrap();
     assert_eq!(status, StatusCode::OK);
@@ -249,21 +394,44 @@ async fn cross_origin_requests_need_an_allowed_origin() {
     let body = json!({"name": "o"}).to_string();
     let host_origin = format!("http://{}", server.addr);
     let (status, _, reply) = server
-        .request(Method::POST, "/v1/sessions", &[("origin", "http://evil.example")], body.clone())
+        .request(
+            Method::POST,
+            "/v1/sessions",
+            &[("origin", "http://evil.example")],
+            body.clone(),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(String::from_utf8_lossy(&reply).contains("forbidden_origin"));
     let (status, headers, _) = server
-        .request(Method::POST, "/v1/sessions", &[("origin", "http://allowed.example")], body.clone())
+        .request(
+            Method::POST,
+            "/v1/sessions",
+            &[("origin", "http://allowed.example")],
+            body.clone(),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    assert_eq!(headers["access-control-allow-origin"], "http://allowed.example");
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "http://allowed.example"
+    );
     let (status, _, _) = server
-        .request(Method::POST, "/v1/sessions", &[("origin", host_origin.as_str())], body.clone())
+        .request(
+            Method::POST,
+            "/v1/sessions",
+            &[("origin", host_origin.as_str())],
+            body.clone(),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "same origin is allowed");
     let (status, headers, _) = server
-        .request(Method::OPTIONS, "/v1/sessions", &[("origin", "http://allowed.example")], "")
+        .request(
+            Method::OPTIONS,
+            "/v1/sessions",
+            &[("origin", "http://allowed.example")],
+            "",
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(headers["access-control-allow-methods"], "POST");
@@ -278,7 +446,11 @@ async fn cross_origin_requests_need_an_allowed_origin() {
         .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
         .body(())
         .unwrap();
-    let refused = within("a refused handshake", tokio_tungstenite::connect_async(request)).await;
+    let refused = within(
+        "a refused handshake",
+        tokio_tungstenite::connect_async(request),
+    )
+    .await;
     match refused {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 403)

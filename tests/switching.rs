@@ -30,7 +30,9 @@ async fn hopping_across_all_transports_mid_stream_loses_and_repeats_nothing() {
         async move {
             let server = support::TestServer::attached_to(addr);
             for i in 0..MESSAGES {
-                server.ok(&sender, send("stream", &format!("m{i}"), &format!("c{i}"))).await;
+                server
+                    .ok(&sender, send("stream", &format!("m{i}"), &format!("c{i}")))
+                    .await;
                 tokio::time::sleep(Duration::from_millis(3)).await;
             }
         }
@@ -46,7 +48,11 @@ async fn hopping_across_all_transports_mid_stream_loses_and_repeats_nothing() {
     let mut received: Vec<String> = Vec::new();
     for (hop, kind) in hops.into_iter().enumerate() {
         let mut client = server.attach(kind, &hopper, last_seq).await;
-        let target = if hop == hops.len() - 1 { MESSAGES } else { (hop + 1) * 50 };
+        let target = if hop == hops.len() - 1 {
+            MESSAGES
+        } else {
+            (hop + 1) * 50
+        };
         while received.len() < target {
             let event = client.next().await;
             if event["type"] == "message" {
@@ -64,7 +70,9 @@ async fn hopping_across_all_transports_mid_stream_loses_and_repeats_nothing() {
         // Dropping the client closes its connection without a goodbye.
         drop(client);
     }
-    within("the sender to finish", sending).await.expect("sender task");
+    within("the sender to finish", sending)
+        .await
+        .expect("sender task");
 
     let expected: Vec<String> = (0..MESSAGES).map(|i| format!("m{i}")).collect();
     assert_eq!(received, expected, "every message exactly once, in order");
@@ -82,7 +90,9 @@ async fn a_resume_point_older_than_the_replay_window_gets_a_reset_then_fresh_his
     let writer = server.session("writer").await;
     server.ok(&reader, join("r")).await;
     server.ok(&writer, join("r")).await;
-    let batch: Vec<Value> = (0..30).map(|i| send("r", &format!("t{i}"), &format!("x{i}"))).collect();
+    let batch: Vec<Value> = (0..30)
+        .map(|i| send("r", &format!("t{i}"), &format!("x{i}")))
+        .collect();
     server.ok(&writer, Value::Array(batch)).await;
 
     let (status, reply) = server.poll(&reader, 1, 0).await;
@@ -161,7 +171,9 @@ async fn a_slow_websocket_consumer_is_disconnected_and_resumes_without_a_gap() {
     }
 
     // Resume from the last seq read: the rest arrives, contiguous, up to the last message.
-    let mut client = server.attach(TransportKind::LongPolling, &slow, last_seq).await;
+    let mut client = server
+        .attach(TransportKind::LongPolling, &slow, last_seq)
+        .await;
     let mut last_text_id = String::new();
     while last_text_id != format!("f{}", total - 1) {
         let event = client.next().await;
@@ -170,7 +182,10 @@ async fn a_slow_websocket_consumer_is_disconnected_and_resumes_without_a_gap() {
             last_text_id = event["client_id"].as_str().unwrap().to_owned();
         }
     }
-    assert!(last_seq < total as u64, "the consumer was cut off before the end");
+    assert!(
+        last_seq < total as u64,
+        "the consumer was cut off before the end"
+    );
 }
 
 #[tokio::test]

@@ -31,7 +31,10 @@ async fn each_transport_alone_joins_sends_and_gets_the_echo() {
         assert_eq!(echo["from"], format!("solo-{kind}"));
         assert_eq!(echo["client_id"], "c1");
         assert_eq!(echo["id"], reply["results"][0]["id"]);
-        assert!(echo["ts"].as_u64().unwrap() > 1_600_000_000_000_000, "ts in µs");
+        assert!(
+            echo["ts"].as_u64().unwrap() > 1_600_000_000_000_000,
+            "ts in µs"
+        );
     }
 }
 
@@ -40,7 +43,11 @@ async fn websocket_carries_commands_too() {
     let server = TestServer::start().await;
     let session = server.session("ws-user").await;
     let mut ws = server.websocket(&session, 0).await;
-    support::ws_send(&mut ws, json!([join("lobby"), send("lobby", "over ws", "w1")])).await;
+    support::ws_send(
+        &mut ws,
+        json!([join("lobby"), send("lobby", "over ws", "w1")]),
+    )
+    .await;
     let kinds: Vec<Value> = [
         support::ws_event(&mut ws).await,
         support::ws_event(&mut ws).await,
@@ -67,7 +74,10 @@ async fn sessions_on_different_transports_chat_with_each_other() {
     for client in &clients {
         let text = format!("from {}", client.kind);
         server
-            .ok(&client.session, send("mixed", &text, &format!("id-{}", client.kind)))
+            .ok(
+                &client.session,
+                send("mixed", &text, &format!("id-{}", client.kind)),
+            )
             .await;
     }
     for client in &mut clients {
@@ -77,7 +87,12 @@ async fn sessions_on_different_transports_chat_with_each_other() {
         }
         assert_eq!(
             texts,
-            vec!["from websocket", "from sse", "from long-polling", "from short-polling"],
+            vec![
+                "from websocket",
+                "from sse",
+                "from long-polling",
+                "from short-polling"
+            ],
             "{}",
             client.kind
         );
@@ -106,11 +121,15 @@ async fn the_same_conversation_yields_identical_sequences_on_all_four_transports
         observers.push(server.attach(kind, &session, 0).await);
     }
     for observer in &observers {
-        server.ok(&observer.session, json!([join("alpha"), join("beta")])).await;
+        server
+            .ok(&observer.session, json!([join("alpha"), join("beta")]))
+            .await;
     }
     // A marker ends the set-up: everything after it must be the same for every observer.
     let setup = server.session("setup").await;
-    server.ok(&setup, json!([join("alpha"), send("alpha", "START", "s")])).await;
+    server
+        .ok(&setup, json!([join("alpha"), send("alpha", "START", "s")]))
+        .await;
     for observer in &mut observers {
         read_until_message(observer, "START").await;
     }
@@ -151,7 +170,10 @@ async fn the_same_conversation_yields_identical_sequences_on_all_four_transports
         sequences.push((observer.kind, events));
     }
     let (_, reference) = &sequences[0];
-    let types: Vec<&str> = reference.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = reference
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
     assert_eq!(
         types,
         [

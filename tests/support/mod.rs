@@ -52,7 +52,9 @@ impl TestServer {
 
     /// Starts a server with `config` on 127.0.0.1, port 0.
     pub async fn with_config(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel();
         let handle = tokio::spawn(switchyard::run(listener, config, async {
@@ -116,10 +118,9 @@ impl TestServer {
         let stream = within("a TCP connect", TcpStream::connect(self.addr))
             .await
             .expect("connect");
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .expect("http handshake");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("http handshake");
         tokio::spawn(connection);
         let mut request = Request::builder()
             .method(method)
@@ -128,16 +129,19 @@ impl TestServer {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let request = request
-            .body(Full::new(body.into()))
-            .expect("valid request");
+        let request = request.body(Full::new(body.into())).expect("valid request");
         within("an HTTP response", sender.send_request(request))
             .await
             .expect("send request")
     }
 
     /// Makes a JSON request; returns the status and the parsed JSON body.
-    pub async fn json(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let (status, _, bytes) = self.request(method, path, &[], body).await;
         let value = serde_json::from_slice(&bytes)
@@ -174,10 +178,16 @@ impl TestServer {
     /// Opens a transport of `kind` on a session, resuming after `after`.
     pub async fn attach(&self, kind: TransportKind, session: &str, after: u64) -> Client {
         let inner = match kind {
-            TransportKind::WebSocket => Inner::Ws(self.websocket(session, after).await),
-            TransportKind::Sse => Inner::Sse(self.sse(session, &format!("?after={after}"), &[]).await),
+            TransportKind::WebSocket => Inner::Ws(Box::new(self.websocket(session, after).await)),
+            TransportKind::Sse => {
+                Inner::Sse(self.sse(session, &format!("?after={after}"), &[]).await)
+            }
             TransportKind::LongPolling | TransportKind::ShortPolling => Inner::Poll {
-                wait_ms: if kind == TransportKind::LongPolling { 5000 } else { 0 },
+                wait_ms: if kind == TransportKind::LongPolling {
+                    5000
+                } else {
+                    0
+                },
                 queue: VecDeque::new(),
             },
         };
@@ -193,9 +203,12 @@ impl TestServer {
     /// Opens a WebSocket to a session.
     pub async fn websocket(&self, session: &str, after: u64) -> Ws {
         let url = format!("ws://{}/v1/sessions/{session}/ws?after={after}", self.addr);
-        let (socket, _) = within("a WebSocket handshake", tokio_tungstenite::connect_async(url))
-            .await
-            .expect("websocket handshake");
+        let (socket, _) = within(
+            "a WebSocket handshake",
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .expect("websocket handshake");
         socket
     }
 
@@ -267,9 +280,12 @@ pub async fn ws_close(ws: &mut Ws) -> (u16, String) {
 
 /// Sends a JSON command over a WebSocket.
 pub async fn ws_send(ws: &mut Ws, command: Value) {
-    within("a WebSocket send", ws.send(Message::text(command.to_string())))
-        .await
-        .expect("ws send");
+    within(
+        "a WebSocket send",
+        ws.send(Message::text(command.to_string())),
+    )
+    .await
+    .expect("ws send");
 }
 
 /// One parsed SSE block.
@@ -344,9 +360,12 @@ impl SseStream {
 }
 
 enum Inner {
-    Ws(Ws),
+    Ws(Box<Ws>),
     Sse(SseStream),
-    Poll { wait_ms: u64, queue: VecDeque<Value> },
+    Poll {
+        wait_ms: u64,
+        queue: VecDeque<Value>,
+    },
 }
 
 /// A session observed over one transport: yields events one by one, tracking the last seq.
@@ -368,7 +387,11 @@ impl Client {
             Inner::Ws(ws) => ws_event(ws).await,
             Inner::Sse(stream) => {
                 let block = stream.next_event().await;
-                assert_eq!(block.event.as_deref(), Some(block_type(&block)), "{block:?}");
+                assert_eq!(
+                    block.event.as_deref(),
+                    Some(block_type(&block)),
+                    "{block:?}"
+                );
                 assert!(block.id.is_some(), "an SSE event without id: {block:?}");
                 let event: Value = serde_json::from_str(&block.data).expect("SSE data JSON");
                 assert_eq!(block.id, Some(event["seq"].to_string()), "id line = seq");
@@ -403,7 +426,12 @@ impl Client {
             }
         };
         let seq = event["seq"].as_u64().expect("seq");
-        assert_eq!(seq, self.last_seq + 1, "seq must follow {}: {event}", self.last_seq);
+        assert_eq!(
+            seq,
+            self.last_seq + 1,
+            "seq must follow {}: {event}",
+            self.last_seq
+        );
         self.last_seq = seq;
         event
     }
@@ -421,13 +449,18 @@ impl Client {
 
 fn block_type(block: &SseEvent) -> &str {
     let start = block.data.find("\"type\":\"").map(|i| i + 8).unwrap_or(0);
-    let end = block.data[start..].find('"').map(|i| i + start).unwrap_or(start);
+    let end = block.data[start..]
+        .find('"')
+        .map(|i| i + start)
+        .unwrap_or(start);
     &block.data[start..end]
 }
 
 /// A GET whose reply is JSON, on a fresh connection.
 pub async fn poll_json(addr: SocketAddr, path: &str) -> (StatusCode, Value) {
-    TestServer::attached_to(addr).json(Method::GET, path, None).await
+    TestServer::attached_to(addr)
+        .json(Method::GET, path, None)
+        .await
 }
 
 /// A `send` command.

@@ -1,0 +1,198 @@
+//! Session lifecycle: superseding, expiry and `presence left`, DELETE, heartbeats and graceful
+//! shutdown of open WebSocket, SSE and long-poll connections.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::{join, within, ws_close, TestServer};
+use switchyard::protocol::TransportKind;
+use switchyard::Config;
+
+#[tokio::test]
+async fn a_new_transport_supersedes_the_old_one_which_is_told_why() {
+    let server = TestServer::start().await;
+    let session = server.session("hop").await;
+    let mut ws = server.websocket(&session, 0).await;
+    let mut sse = server.sse(&session, "", &[]).await;
+    assert_eq!(ws_close(&mut ws).await, (4000, "superseded".to_owned()));
+
+    let path = format!("/v1/sessions/{session}/poll?wait=5000");
+    let held = tokio::spawn(support::poll_json(
+        server.addr,
+        Box::leak(path.into_boxed_str()),
+    ));
+    let close = sse.next_event().await;
+    assert_eq!(close.event.as_deref(), Some("close"));
+    assert_eq!(close.id, None, "the close event has no id line");
+    assert_eq!(
+        serde_json::from_str::<Value>(&close.data).unwrap(),
+        json!({"reason": "superseded"})
+    );
+    assert!(
+        sse.next_block().await.is_none(),
+        "the stream ends after close"
+    );
+
+    let _ws = server.websocket(&session, 0).await;
+    let (status, reply) = within("the superseded poll", held).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply, json!({"events": [], "closed": "superseded"}));
+}
+
+#[tokio::test]
+async fn an_unattached_session_expires_after_its_ttl_and_its_rooms_see_it_leave() {
+    let config = Config {
+        session_ttl: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let server = TestServer::with_config(config).await;
+    let watcher = server.session("watcher").await;
+    let mut ws = server.attach(TransportKind::WebSocket, &watcher, 0).await;
+    server.ok(&watcher, join("room")).await;
+    let poller = server.session("poller").await;
+    let talker = server.session("talker").await;
+    server.ok(&poller, join("room")).await;
+    server.ok(&talker, join("room")).await;
+
+    // The poller keeps polling; the talker only sends commands, which do not keep it alive.
+    let started = Instant::now();
+    let mut after = 0;
+    let mut talker_alive = true;
+    while started.elapsed() < Duration::from_millis(1200) {
+        let (status, reply) = server.poll(&poller, after, 0).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "the polling session stays alive: {reply}"
+        );
+        if let Some(last) = reply["events"].as_array().unwrap().last() {
+            after = last["seq"].as_u64().unwrap();
+        }
+        if talker_alive {
+            let (status, _) = server
+                .commands(&talker, json!({"type": "typing", "room": "room"}))
+                .await;
+            talker_alive = status == StatusCode::OK;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!talker_alive, "commands alone do not keep a session alive");
+    let (status, reply) = server.commands(&talker, join("room")).await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("unknown_session"))
+    );
+
+    let left = loop {
+        let event = ws.next_of("presence").await;
+        if event["action"] == "left" {
+            break event;
+        }
+    };
+    assert_eq!(left["user"], "talker");
+    assert_eq!(left["online"], json!(["watcher", "poller"]));
+}
+
+#[tokio::test]
+async fn delete_ends_the_session_closes_its_transport_and_leaves_its_rooms() {
+    let server = TestServer::start().await;
+    let ann = server.session("ann").await;
+    let bob = server.session("bob").await;
+    server.ok(&ann, join("r")).await;
+    server.ok(&bob, join("r")).await;
+    let mut bob_events = server.attach(TransportKind::LongPolling, &bob, 0).await;
+    let mut ws = server.websocket(&ann, 0).await;
+    let (status, reply) = server
+        .json(Method::DELETE, &format!("/v1/sessions/{ann}"), None)
+        .await;
+    assert_eq!((status, reply), (StatusCode::OK, json!({"ended": true})));
+    assert_eq!(ws_close(&mut ws).await, (4003, "expired".to_owned()));
+    let left = loop {
+        let event = bob_events.next_of("presence").await;
+        if event["action"] == "left" {
+            break event;
+        }
+    };
+    assert_eq!(
+        (left["user"].as_str(), left["online"].clone()),
+        (Some("ann"), json!(["bob"]))
+    );
+    let (status, _) = server.poll(&ann, 0, 0).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn heartbeats_ping_websockets_keep_sse_alive_and_close_silent_sockets() {
+    let config = Config {
+        heartbeat: Duration::from_millis(100),
+        ..Config::default()
+    };
+    let server = TestServer::with_config(config).await;
+    let session = server.session("beat").await;
+    let mut sse = server.sse(&session, "", &[]).await;
+    let mut comments = Vec::new();
+    while comments.len() < 3 {
+        let block = sse.next_block().await.expect("stream open");
+        comments.extend(block.comments);
+    }
+    assert!(comments.iter().any(|c| c == "keep-alive"), "{comments:?}");
+
+    let mut ws = server.websocket(&session, 0).await;
+    // This client reads nothing, so it answers no ping: the server gives up after two beats.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        ws_close(&mut ws).await,
+        (4004, "heartbeat_timeout".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_open_websocket_sse_and_long_poll_connections() {
+    let mut server = TestServer::start().await;
+    let a = server.session("a").await;
+    let b = server.session("b").await;
+    let c = server.session("c").await;
+    let mut ws = server.websocket(&a, 0).await;
+    let mut sse = server.sse(&b, "", &[]).await;
+    let path = format!("/v1/sessions/{c}/poll?wait=20000");
+    let held = tokio::spawn(support::poll_json(
+        server.addr,
+        Box::leak(path.into_boxed_str()),
+    ));
+    // Wait until the long poll is held: a short poll is refused only then.
+    for _ in 0..200 {
+        if server.poll(&c, 0, 0).await.0 == StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let started = Instant::now();
+    let addr = server.addr;
+    let stopping = tokio::spawn(async move { server.stop().await });
+    assert_eq!(ws_close(&mut ws).await, (4002, "shutdown".to_owned()));
+    let close = sse.next_event().await;
+    assert_eq!(close.event.as_deref(), Some("close"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&close.data).unwrap(),
+        json!({"reason": "shutdown"})
+    );
+    let (status, reply) = within("the held poll", held).await.unwrap();
+    assert_eq!(
+        (status, reply),
+        (StatusCode::OK, json!({"events": [], "closed": "shutdown"}))
+    );
+    within("run() to return", stopping).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+}
