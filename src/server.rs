@@ -41,9 +41,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve(listener, Hub::new(config), shutdown).await
+}
+
+/// Like [`run`], with a hub the caller keeps a handle to (tests, embedding).
+pub async fn serve(
+    listener: TcpListener,
+    hub: Hub,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let config = hub.config();
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
-    let hub = Hub::new(config);
     let reaper = hub.spawn_reaper();
     let app = Arc::new(App {
         hub,

@@ -400,6 +400,16 @@ impl Hub {
         );
     }
 
+    /// Closes the transport attached to a session, telling it `reason`; the session lives on
+    /// and its client resumes from its last seq. Returns whether a transport was attached.
+    pub fn disconnect(&self, session_id: &str, reason: CloseReason) -> Result<bool, ErrorBody> {
+        let session = self.session(session_id)?;
+        let mut state = session.lock();
+        let attached = state.attached.is_some();
+        state.close_attached(reason);
+        Ok(attached)
+    }
+
     /// Ends a session now (`DELETE`): it leaves its rooms and its transport closes `expired`.
     pub fn end_session(&self, session_id: &str) -> Result<(), ErrorBody> {
         let session = self.session(session_id)?;

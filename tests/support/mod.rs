@@ -40,6 +40,8 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The server's session core, for tests that act on it directly.
+    pub hub: Option<switchyard::hub::Hub>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -57,11 +59,13 @@ impl TestServer {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel();
-        let handle = tokio::spawn(switchyard::run(listener, config, async {
+        let hub = switchyard::hub::Hub::new(config);
+        let handle = tokio::spawn(switchyard::server::serve(listener, hub.clone(), async {
             let _ = rx.await;
         }));
         TestServer {
             addr,
+            hub: Some(hub),
             shutdown: Some(tx),
             handle: Some(handle),
         }
@@ -71,6 +75,7 @@ impl TestServer {
     pub fn attached_to(addr: SocketAddr) -> Self {
         TestServer {
             addr,
+            hub: None,
             shutdown: None,
             handle: None,
         }

@@ -1,0 +1,403 @@
+//! The demo page and its client library in real headless Chromium, driven through
+//! chromium-driver (WebDriver), against a real server on 127.0.0.1 port 0.
+//!
+//! Needs Debian's `chromium` and `chromium-driver`; `scripts/test` installs them. Without them
+//! these tests fail with a message naming the missing package: they are never skipped.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use support::{join, send, within, TestServer};
+use switchyard::protocol::{CloseReason, TransportKind};
+use switchyard::Config;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// A chromedriver process on a free loopback port, killed on drop.
+struct Driver {
+    url: String,
+    _child: tokio::process::Child,
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        for (path, package) in [(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")] {
+            assert!(
+                Path::new(path).exists(),
+                "the browser tests need Debian's `{package}` package ({path} is missing): \
+                 run scripts/test, which installs it, or apt-get install chromium chromium-driver"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = tokio::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start chromedriver");
+        within("chromedriver to listen", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        Driver {
+            url: format!("http://127.0.0.1:{port}"),
+            _child: child,
+        }
+    }
+
+    /// A new headless browser session.
+    async fn browser(&self) -> Client {
+        let capabilities = json!({
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                    "--window-size=1280,860",
+                ],
+            }
+        });
+        let Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        within(
+            "a Chromium session",
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                .capabilities(capabilities)
+                .connect(&self.url),
+        )
+        .await
+        .expect("connect to chromedriver")
+    }
+}
+
+/// Evaluates a JS expression in the page.
+async fn eval(browser: &Client, expression: &str) -> Value {
+    browser
+        .execute(&format!("return ({expression});"), vec![])
+        .await
+        .unwrap_or_else(|e| panic!("evaluating {expression}: {e}"))
+}
+
+/// Polls a JS expression until it is truthy; fails with `what` after the test timeout.
+async fn wait_until(browser: &Client, what: &str, expression: &str) {
+    let waited = tokio::time::timeout(support::WAIT, async {
+        loop {
+            let value = eval(browser, expression).await;
+            if !matches!(value, Value::Null | Value::Bool(false))
+                && value != json!("")
+                && value != json!(0)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        let transport = eval(browser, &testid_text("transport")).await;
+        let fallbacks = eval(browser, &testid_text("fallbacks")).await;
+        panic!("timeout: {what} (transport {transport}, fallbacks {fallbacks})");
+    }
+}
+
+/// JS for the text of the element with this `data-testid`.
+fn testid_text(testid: &str) -> String {
+    format!("(document.querySelector('[data-testid=\"{testid}\"]') || {{}}).textContent || ''")
+}
+
+async fn type_and_send(browser: &Client, text: &str) {
+    let composer = browser
+        .find(Locator::Css("[data-testid=composer]"))
+        .await
+        .expect("composer");
+    composer.send_keys(text).await.expect("type");
+    browser
+        .find(Locator::Css("[data-testid=send]"))
+        .await
+        .expect("send button")
+        .click()
+        .await
+        .expect("click send");
+}
+
+async fn screenshot(browser: &Client, name: &str) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    let png = browser.screenshot().await.expect("screenshot");
+    std::fs::write(dir.join(name), png).expect("write screenshot");
+}
+
+async fn wait_for_transport(browser: &Client, kind: &str) {
+    wait_until(
+        browser,
+        &format!("the page to connect over {kind}"),
+        &format!("{} === '{kind}'", testid_text("transport")),
+    )
+    .await;
+}
+
+async fn wait_for_message(browser: &Client, text: &str) {
+    wait_until(
+        browser,
+        &format!("{text:?} in the message list"),
+        &format!("{}.includes({})", testid_text("messages"), json!(text)),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn auto_mode_connects_over_websocket_and_shows_a_sent_message() {
+    let server = TestServer::start().await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    let base = format!("http://{}", server.addr);
+    browser
+        .goto(&format!("{base}/?name=alice&room=auto"))
+        .await
+        .unwrap();
+    wait_for_transport(&browser, "websocket").await;
+    type_and_send(&browser, "hello from chromium").await;
+    wait_for_message(&browser, "hello from chromium").await;
+    assert_eq!(
+        eval(&browser, &format!("{}.trim()", testid_text("composer"))).await,
+        json!("")
+    );
+
+    // A second person and some history make the screenshot worth looking at.
+    let bob = server.session("bob").await;
+    server.ok(&bob, join("auto")).await;
+    server
+        .ok(
+            &bob,
+            send("auto", "hi alice, this is bob on the HTTP API", "b1"),
+        )
+        .await;
+    wait_for_message(&browser, "this is bob").await;
+    wait_until(
+        &browser,
+        "bob in presence",
+        &format!("{}.includes('bob')", testid_text("presence")),
+    )
+    .await;
+    screenshot(&browser, "chat.png").await;
+    browser.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn auto_mode_falls_back_to_sse_when_websocket_is_disabled() {
+    let config = Config {
+        transports: vec![
+            TransportKind::Sse,
+            TransportKind::LongPolling,
+            TransportKind::ShortPolling,
+        ],
+        ..Config::default()
+    };
+    let server = TestServer::with_config(config).await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&format!("http://{}/?room=fallback", server.addr))
+        .await
+        .unwrap();
+    wait_for_transport(&browser, "sse").await;
+    wait_until(
+        &browser,
+        "the fallback trail to name websocket",
+        &format!("{}.includes('websocket')", testid_text("fallbacks")),
+    )
+    .await;
+    let trail = eval(&browser, "window.switchyardClient.fallbacks").await;
+    assert_eq!(trail[0]["transport"], "websocket", "{trail}");
+    type_and_send(&browser, "over sse").await;
+    wait_for_message(&browser, "over sse").await;
+    browser.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn each_forced_transport_sends_and_receives() {
+    let server = TestServer::start().await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    for kind in TransportKind::ALL {
+        browser
+            .goto(&format!(
+                "http://{}/?transport={kind}&room=forced-{kind}&name=f-{kind}",
+                server.addr
+            ))
+            .await
+            .unwrap();
+        wait_for_transport(&browser, kind.as_str()).await;
+        let text = format!("sent over {kind}");
+        type_and_send(&browser, &text).await;
+        wait_for_message(&browser, &text).await;
+    }
+    browser.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_pages_on_different_transports_chat_and_see_each_other() {
+    let server = TestServer::start().await;
+    let driver = Driver::start().await;
+    let ann = driver.browser().await;
+    let bob = driver.browser().await;
+    let base = format!("http://{}", server.addr);
+    ann.goto(&format!("{base}/?transport=websocket&name=ann&room=duo"))
+        .await
+        .unwrap();
+    bob.goto(&format!("{base}/?transport=long-polling&name=bob&room=duo"))
+        .await
+        .unwrap();
+    wait_for_transport(&ann, "websocket").await;
+    wait_for_transport(&bob, "long-polling").await;
+    for page in [&ann, &bob] {
+        wait_until(
+            page,
+            "presence to list ann and bob",
+            &format!(
+                "{0}.includes('ann') && {0}.includes('bob')",
+                testid_text("presence")
+            ),
+        )
+        .await;
+    }
+    type_and_send(&ann, "hi bob").await;
+    wait_for_message(&bob, "hi bob").await;
+    type_and_send(&bob, "hi ann").await;
+    wait_for_message(&ann, "hi ann").await;
+    ann.close().await.unwrap();
+    bob.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_side_close_is_resumed_with_nothing_missing_or_repeated() {
+    let server = TestServer::with_config(Config::default().with_rate_limit(1000.0)).await;
+    let hub = server.hub.clone().expect("in-process hub");
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    for kind in [TransportKind::WebSocket, TransportKind::Sse] {
+        let room = format!("drop-{kind}");
+        browser
+            .goto(&format!(
+                "http://{}/?transport={kind}&name=carol&room={room}",
+                server.addr
+            ))
+            .await
+            .unwrap();
+        wait_for_transport(&browser, kind.as_str()).await;
+        wait_until(
+            &browser,
+            "the page's session",
+            "window.switchyardClient && window.switchyardClient.sessionId",
+        )
+        .await;
+        let session = eval(&browser, "window.switchyardClient.sessionId").await;
+        let session = session.as_str().expect("session id").to_owned();
+        wait_until(
+            &browser,
+            "carol in presence",
+            &format!("{}.includes('carol')", testid_text("presence")),
+        )
+        .await;
+
+        let sender = server.session("dave").await;
+        server.ok(&sender, join(&room)).await;
+        for i in 0..30 {
+            server
+                .ok(
+                    &sender,
+                    send(&room, &format!("<m{i:02}>"), &format!("d{i}")),
+                )
+                .await;
+            if i % 10 == 5 {
+                // Cut the page's connection from the server side, mid-stream.
+                hub.disconnect(&session, CloseReason::SlowConsumer)
+                    .expect("session exists");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_for_message(&browser, "<m29>").await;
+        let text = eval(&browser, &testid_text("messages")).await;
+        let text = text.as_str().unwrap();
+        let mut last = 0;
+        for i in 0..30 {
+            let marker = format!("<m{i:02}>");
+            assert_eq!(
+                text.matches(&marker).count(),
+                1,
+                "{marker} exactly once over {kind}: {text}"
+            );
+            let at = text.find(&marker).unwrap();
+            assert!(at >= last, "{marker} in order over {kind}");
+            last = at;
+        }
+        wait_for_transport(&browser, kind.as_str()).await;
+    }
+    browser.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn message_text_is_shown_literally_and_never_run() {
+    let server = TestServer::start().await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&format!("http://{}/?room=xss&name=mallory", server.addr))
+        .await
+        .unwrap();
+    wait_for_transport(&browser, "websocket").await;
+    let attack = "<img src=x onerror=alert(1)>";
+    type_and_send(&browser, attack).await;
+    wait_for_message(&browser, attack).await;
+    // And from another client, with a marker the page would set if it ran.
+    let eve = server.session("<b>eve</b>").await;
+    server.ok(&eve, join("xss")).await;
+    server
+        .ok(
+            &eve,
+            send("xss", "<img src=y onerror=\"window.pwned=1\">", "x1"),
+        )
+        .await;
+    wait_for_message(&browser, "window.pwned=1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        eval(&browser, "document.querySelectorAll('img').length").await,
+        json!(0)
+    );
+    assert_eq!(
+        eval(&browser, "window.pwned === undefined").await,
+        json!(true)
+    );
+    assert!(browser.get_alert_text().await.is_err(), "no alert is open");
+    assert!(
+        eval(&browser, &testid_text("messages"))
+            .await
+            .as_str()
+            .unwrap()
+            .contains("<b>eve</b>")
+            || eval(&browser, &testid_text("presence"))
+                .await
+                .as_str()
+                .unwrap()
+                .contains("<b>eve</b>")
+    );
+    browser.close().await.unwrap();
+}
