@@ -129,7 +129,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
         }
         Endpoint::WebSocket(id) => {
             enabled(config, TransportKind::WebSocket)?;
-            websocket::upgrade(hub, &app.tracker, id, after()?, request)
+            websocket::upgrade(hub, &app.tracker, &app.connections, id, after()?, request)
         }
         Endpoint::Sse(id) => {
             enabled(config, TransportKind::Sse)?;

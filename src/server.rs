@@ -33,6 +33,9 @@ pub struct App {
     pub hub: Hub,
     /// Every connection and WebSocket task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// One permit per open TCP connection. An upgraded WebSocket takes its own permit: hyper
+    /// ends the HTTP connection (and drops its permit) at the upgrade.
+    pub connections: Arc<Semaphore>,
 }
 
 /// Serves on `listener` until `shutdown` completes, then shuts down gracefully.
@@ -57,6 +60,7 @@ pub async fn serve(
     let app = Arc::new(App {
         hub,
         tracker: TaskTracker::new(),
+        connections: connections.clone(),
     });
     let closing = CancellationToken::new();
     tokio::pin!(shutdown);

@@ -303,10 +303,18 @@ impl Hub {
     fn apply(&self, session: &Arc<Session>, command: Command) -> Result<CommandResult, ErrorBody> {
         let config = &self.inner.config;
         let mut chat = lock(&self.inner.chat);
+        // Checked again under the chat lock: `end` takes it too, so a session that ended
+        // after `admit` is never put back into a room.
+        let (ended, joined) = {
+            let state = session.lock();
+            (state.ended, state.rooms.iter().any(|r| r == command.room()))
+        };
+        if ended {
+            return Err(unknown_session(&session.id));
+        }
         chat.tick += 1;
         let tick = chat.tick;
         let room_name = command.room().to_owned();
-        let joined = session.lock().rooms.contains(&room_name);
         if !joined && !matches!(command, Command::Join { .. }) {
             return Err(ErrorBody::new(
                 ErrorCode::NotInRoom,

@@ -86,7 +86,7 @@ pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 
 /// Reads a resume point: `Last-Event-ID` wins over `after`; absent means from the start.
 pub fn resume_point(last_event_id: Option<&str>, after: Option<&str>) -> Result<u64, ErrorBody> {
-    match last_event_id.or(after) {
+    match last_event_id.filter(|id| !id.is_empty()).or(after) {
         None | Some("") => Ok(0),
         Some(raw) => raw.trim().parse::<u64>().map_err(|_| {
             ErrorBody::new(
@@ -110,6 +110,7 @@ mod tests {
         assert_eq!(query_param(q, "nope"), None);
         assert_eq!(resume_point(Some("9"), Some("5")).unwrap(), 9);
         assert_eq!(resume_point(None, None).unwrap(), 0);
+        assert_eq!(resume_point(Some(""), Some("5")).unwrap(), 5);
         assert_eq!(
             resume_point(None, Some("-1")).unwrap_err().code,
             ErrorCode::BadRequest

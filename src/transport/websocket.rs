@@ -1,13 +1,14 @@
 //! WebSocket: `GET /v1/sessions/{id}/ws?after=N` upgrades; text frames carry commands in
 //! (one object or an array) and events out (one event per frame).
 //!
-//! One task per socket runs a `biased` select over: the session's next events (fed frame by
-//! frame and flushed once per batch), the client's frames, and the heartbeat. A write that
+//! One task per socket runs a `biased` select over: the heartbeat, the client's frames, and
+//! the session's next events (fed frame by frame and flushed once per batch). A write that
 //! blocks is abandoned when the hub closes the transport (`slow_consumer`, `superseded`,
 //! `shutdown`) or when it outlasts two heartbeats. A bad command gets an `error` event; the
 //! socket stays open. The hot loop is generic over `Sink + Stream` so it runs without a socket
 //! in unit tests.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -15,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -57,6 +59,7 @@ fn header_has_token(
 pub fn upgrade(
     hub: &Hub,
     tracker: &TaskTracker,
+    connections: &Arc<Semaphore>,
     session_id: &str,
     after: u64,
     mut request: Request<Incoming>,
@@ -80,6 +83,12 @@ pub fn upgrade(
         Some(key) => derive_accept_key(key.as_bytes()),
         None => return Err(bad_request("missing Sec-WebSocket-Key")),
     };
+    let permit = connections.clone().try_acquire_owned().map_err(|_| {
+        ErrorBody::new(
+            ErrorCode::ServerFull,
+            "the server holds its maximum number of connections; try again later",
+        )
+    })?;
     let attachment = hub.attach(session_id, crate::protocol::TransportKind::WebSocket, after)?;
     let on_upgrade = hyper::upgrade::on(&mut request);
     let config = hub.config();
@@ -99,6 +108,7 @@ pub fn upgrade(
                 )
                 .await;
                 serve(socket, attachment, &hub).await;
+                drop(permit);
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -134,33 +144,28 @@ where
     let max_bytes = hub.config().max_message_bytes;
     let session = attachment.session().clone();
     let mut close = attachment.close_signal();
+    let mut close_while_writing = attachment.close_signal();
     let (mut sink, mut stream) = socket.split();
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
 
     let end = loop {
+        // A close from the hub first, then the heartbeat, then the client, then delivery: a
+        // long burst of events must not starve pings or the client's commands.
         tokio::select! {
             biased;
-            delivery = attachment.next(MAX_BATCH) => match delivery {
-                Delivery::Closed(reason) => break End::Closed(reason),
-                Delivery::Events(events) => {
-                    let write = async {
-                        for (seq, event) in &events {
-                            sink.feed(Message::text(event.to_json(*seq))).await?;
-                        }
-                        sink.flush().await
-                    };
-                    tokio::select! {
-                        biased;
-                        _ = close.wait_for(Option::is_some) => {}
-                        written = timeout(heartbeat * 2, write) => match written {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => break End::Gone,
-                            Err(_) => break End::Closed(CloseReason::HeartbeatTimeout),
-                        },
-                    }
+            reason = async { close.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
+                break End::Closed(reason.unwrap_or(CloseReason::Expired));
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > heartbeat * 2 {
+                    break End::Closed(CloseReason::HeartbeatTimeout);
                 }
-            },
+                let ping = sink.send(Message::Ping(Default::default()));
+                if let Err(end) = write_unless_closed(ping, &mut close_while_writing, heartbeat * 2).await {
+                    break end;
+                }
+            }
             incoming = stream.next() => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     last_heard = Instant::now();
@@ -178,16 +183,20 @@ where
                 Some(Err(WsError::Capacity(_))) => break End::TooBig,
                 Some(Err(_)) => break End::Gone,
             },
-            _ = ping.tick() => {
-                if last_heard.elapsed() > heartbeat * 2 {
-                    break End::Closed(CloseReason::HeartbeatTimeout);
+            delivery = attachment.next(MAX_BATCH) => match delivery {
+                Delivery::Closed(reason) => break End::Closed(reason),
+                Delivery::Events(events) => {
+                    let write = async {
+                        for (seq, event) in &events {
+                            sink.feed(Message::text(event.to_json(*seq))).await?;
+                        }
+                        sink.flush().await
+                    };
+                    if let Err(end) = write_unless_closed(write, &mut close_while_writing, heartbeat * 2).await {
+                        break end;
+                    }
                 }
-                match timeout(heartbeat, sink.send(Message::Ping(Default::default()))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break End::Gone,
-                    Err(_) => break End::Closed(CloseReason::HeartbeatTimeout),
-                }
-            }
+            },
         }
     };
     drop(attachment);
@@ -211,6 +220,25 @@ where
         .await;
     }
     let _ = timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+/// Runs a write unless the hub closes the transport first or it outlasts `limit` (a client
+/// that stopped reading). `Ok` when the write finished or the hub closed the transport (the
+/// loop then reads the reason from the attachment).
+async fn write_unless_closed(
+    write: impl std::future::Future<Output = Result<(), WsError>>,
+    close: &mut tokio::sync::watch::Receiver<Option<CloseReason>>,
+    limit: Duration,
+) -> Result<(), End> {
+    tokio::select! {
+        biased;
+        _ = close.wait_for(Option::is_some) => Ok(()),
+        written = timeout(limit, write) => match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Closed(CloseReason::HeartbeatTimeout)),
+        },
+    }
 }
 
 /// Applies the commands in one text frame; each failure becomes an `error` event.
