@@ -13,6 +13,7 @@
 //! - [`router`]: `(method, path)` to handler; origin checks and CORS.
 //! - [`server`]: accept loop, connection cap, graceful shutdown.
 //! - [`config`]: every limit with its default; [`error`]: error code to HTTP status.
+//! - [`metrics`]: counters and latency histograms per transport, served on `GET /metrics`.
 //! - [`demo`]: the embedded demo page and browser client.
 
 #![deny(missing_docs)]
@@ -21,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod hub;
+pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod server;

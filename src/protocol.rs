@@ -460,19 +460,31 @@ impl Event<'_> {
         EncodedEvent {
             type_name: self.type_name(),
             body,
+            created: std::time::Instant::now(),
         }
     }
 }
 
 /// An event serialized once, without its seq: the JSON object with its opening brace cut off.
 /// Cloning it is cheap (a reference count).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct EncodedEvent {
     /// The event's `type`.
     pub type_name: &'static str,
     /// `"type":...}`.
     pub body: Bytes,
+    /// When it was encoded: the start of the delivery latency in `/metrics`.
+    pub created: std::time::Instant,
 }
+
+/// Two encodings are equal when they carry the same event, whenever they were made.
+impl PartialEq for EncodedEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.type_name == other.type_name && self.body == other.body
+    }
+}
+
+impl Eq for EncodedEvent {}
 
 impl EncodedEvent {
     /// Writes the complete JSON object for one recipient: `{"seq":N,` + the shared body.

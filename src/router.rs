@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::demo;
+use crate::metrics::NO_TRANSPORT;
 use crate::protocol::{ErrorBody, ErrorCode, TransportKind};
 use crate::server::App;
 use crate::transport::{
@@ -29,6 +30,7 @@ use crate::transport::{
 enum Endpoint<'a> {
     Asset(&'static demo::Asset),
     Health,
+    Metrics,
     Sessions,
     Session(&'a str),
     WebSocket(&'a str),
@@ -45,6 +47,7 @@ impl<'a> Endpoint<'a> {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         Some(match segments.as_slice() {
             ["healthz"] => Endpoint::Health,
+            ["metrics"] => Endpoint::Metrics,
             ["v1", "sessions"] => Endpoint::Sessions,
             ["v1", "sessions", id] if !id.is_empty() => Endpoint::Session(id),
             ["v1", "sessions", id, "ws"] => Endpoint::WebSocket(id),
@@ -59,6 +62,7 @@ impl<'a> Endpoint<'a> {
         match self {
             Endpoint::Asset(_)
             | Endpoint::Health
+            | Endpoint::Metrics
             | Endpoint::WebSocket(_)
             | Endpoint::Sse(_)
             | Endpoint::Poll(_) => &[Method::GET],
@@ -70,13 +74,17 @@ impl<'a> Endpoint<'a> {
 
 /// Answers one request.
 pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> {
-    let cors = match check_origin(&request, app.hub.config()) {
-        Ok(cors) => cors,
-        Err(error) => return error_response(error),
+    let transport = transport_label(&request);
+    let answer = match check_origin(&request, app.hub.config()) {
+        Ok(cors) => dispatch(request, &app).await.map(|r| (r, cors)),
+        Err(error) => Err(error),
     };
-    let mut response = match dispatch(request, &app).await {
-        Ok(response) => response,
-        Err(error) => error_response(error),
+    let (mut response, cors) = match answer {
+        Ok(answer) => answer,
+        Err(error) => {
+            app.hub.metrics().error(transport, error.code);
+            return error_response(error);
+        }
     };
     if let Some(origin) = cors {
         let headers = response.headers_mut();
@@ -84,6 +92,24 @@ pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> 
         headers.append(VARY, HeaderValue::from_static("origin"));
     }
     response
+}
+
+/// The transport a request is for, to label its errors in the metrics.
+fn transport_label(request: &Request<Incoming>) -> &'static str {
+    let path = request.uri().path();
+    let kind = if path.ends_with("/ws") {
+        TransportKind::WebSocket
+    } else if path.ends_with("/sse") {
+        TransportKind::Sse
+    } else if path.ends_with("/poll") {
+        match query_param(request.uri().query(), "wait") {
+            Some("0") => TransportKind::ShortPolling,
+            _ => TransportKind::LongPolling,
+        }
+    } else {
+        return NO_TRANSPORT;
+    };
+    kind.as_str()
 }
 
 async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body>, ErrorBody> {
@@ -119,6 +145,16 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             StatusCode::OK,
             &serde_json::json!({"ok": true}),
         )),
+        Endpoint::Metrics => {
+            let mut response = Response::new(full(hub.metrics().encode()));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            Ok(response)
+        }
         Endpoint::Sessions => create_session(request, app).await,
         Endpoint::Session(id) => {
             hub.end_session(id)?;

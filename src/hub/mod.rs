@@ -24,6 +24,7 @@ pub use room::Room;
 pub use session::{Attachment, Delivery, Gap, ReplayBuffer, SentMessages, Session, TokenBucket};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::protocol::{
     validate_name, CloseReason, Command, ErrorBody, ErrorCode, Event, Message, PresenceAction,
     TransportKind,
@@ -42,6 +43,7 @@ pub struct Hub {
 #[derive(Debug)]
 struct Inner {
     config: Config,
+    metrics: Metrics,
     chat: Mutex<Chat>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     next_attachment: AtomicU64,
@@ -126,6 +128,7 @@ impl Hub {
         Hub {
             inner: Arc::new(Inner {
                 config,
+                metrics: Metrics::new(),
                 chat: Mutex::new(Chat::default()),
                 sessions: Mutex::new(HashMap::new()),
                 next_attachment: AtomicU64::new(1),
@@ -137,6 +140,12 @@ impl Hub {
     /// The settings this hub was built with.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The server's metrics: the hub counts attachments, closes and commands; transports
+    /// count what they write.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Number of live sessions.
@@ -242,11 +251,19 @@ impl Hub {
             acked: state.replay.last_seq().max(cursor),
             close: close_tx,
         });
+        state.last_transport = Some(kind);
         let last = state.replay.last_seq();
         drop(state);
         session.wake(last);
         tracing::debug!(session = %session.id, transport = %kind, after, "attached");
-        Ok(Attachment::new(session, id, kind, cursor, close_rx))
+        Ok(Attachment::new(
+            session,
+            id,
+            kind,
+            cursor,
+            close_rx,
+            self.inner.metrics.clone(),
+        ))
     }
 
     /// Pushes `reset` and a `history` per joined room; returns the seq just before the reset.
@@ -270,6 +287,8 @@ impl Hub {
         session: &Arc<Session>,
         commands: Vec<Result<Command, ErrorBody>>,
     ) -> Vec<CommandResult> {
+        let last_transport = session.lock().last_transport;
+        self.inner.metrics.commands(last_transport, commands.len());
         commands
             .into_iter()
             .map(|command| {
@@ -399,6 +418,9 @@ impl Hub {
 
     /// Sends an `error` event to one session (for commands that arrived on its WebSocket).
     pub fn push_error(&self, session: &Session, error: &ErrorBody) {
+        self.inner
+            .metrics
+            .error(TransportKind::WebSocket.as_str(), error.code);
         session.push(
             Event::Error {
                 code: error.code,

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::protocol::{CloseReason, EncodedEvent, TransportKind};
 
 /// The last `replay_window` events of a session, numbered by seq.
@@ -162,6 +163,8 @@ pub(crate) struct AttachedSlot {
 pub(crate) struct SessionState {
     pub(crate) replay: ReplayBuffer,
     pub(crate) attached: Option<AttachedSlot>,
+    /// The kind of the transport attached last, to label the session's commands in metrics.
+    pub(crate) last_transport: Option<TransportKind>,
     /// Rooms joined, in join order.
     pub(crate) rooms: Vec<String>,
     /// When the last transport detached (or the session was created).
@@ -193,6 +196,7 @@ impl Session {
             state: Mutex::new(SessionState {
                 replay: ReplayBuffer::new(config.replay_window),
                 attached: None,
+                last_transport: None,
                 rooms: Vec::new(),
                 last_seen: Instant::now(),
                 limiter: TokenBucket::new(config.rate_limit_per_sec, config.rate_limit_burst),
@@ -208,6 +212,11 @@ impl Session {
     /// ignored: the state is updated in small steps that leave it consistent.
     pub(crate) fn lock(&self) -> MutexGuard<'_, SessionState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The kind of the transport attached last, if any ever was.
+    pub fn last_transport(&self) -> Option<TransportKind> {
+        self.lock().last_transport
     }
 
     /// Appends an event and wakes the attached transport. Closes a stream that has fallen
@@ -274,6 +283,8 @@ pub struct Attachment {
     cursor: u64,
     latest: watch::Receiver<u64>,
     close: watch::Receiver<Option<CloseReason>>,
+    /// Counts this attachment in `sessions_attached` until it is dropped.
+    metrics: Metrics,
 }
 
 impl Attachment {
@@ -283,8 +294,10 @@ impl Attachment {
         kind: TransportKind,
         cursor: u64,
         close: watch::Receiver<Option<CloseReason>>,
+        metrics: Metrics,
     ) -> Self {
         let latest = session.latest.subscribe();
+        metrics.transport(kind).attached.inc();
         Attachment {
             session,
             id,
@@ -292,7 +305,18 @@ impl Attachment {
             cursor,
             latest,
             close,
+            metrics,
         }
+    }
+
+    /// The kind of transport attached.
+    pub fn kind(&self) -> TransportKind {
+        self.kind
+    }
+
+    /// The server's metrics, for the transport to count what it writes.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The session this transport serves.
@@ -365,6 +389,10 @@ impl Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
+        self.metrics.transport(self.kind).attached.dec();
+        if let Some(reason) = *self.close.borrow() {
+            self.metrics.closed(self.kind, reason);
+        }
         let mut state = self.session.lock();
         if state
             .attached

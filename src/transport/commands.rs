@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::error::status;
 use crate::hub::{CommandResult, Hub};
+use crate::metrics::NO_TRANSPORT;
 use crate::protocol::{parse_commands, ErrorBody, ErrorCode};
 
 use super::{json_response, Body};
@@ -57,6 +58,12 @@ pub async fn post(
     let body = read_body(request, hub.config().max_message_bytes).await?;
     let commands = parse_commands(&body)?;
     let results = hub.execute(&session, commands);
+    let transport = session
+        .last_transport()
+        .map_or(NO_TRANSPORT, |t| t.as_str());
+    for error in results.iter().filter_map(|r| r.error.as_ref()) {
+        hub.metrics().error(transport, error.code);
+    }
     let error = results.iter().find_map(|r| r.error.as_ref());
     let code = error.map_or(StatusCode::OK, |e| status(e.code));
     Ok(json_response(

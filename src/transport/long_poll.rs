@@ -9,7 +9,7 @@ use hyper::Response;
 use crate::hub::{Delivery, Hub};
 use crate::protocol::{ErrorBody, TransportKind};
 
-use super::{poll_reply, Body, MAX_BATCH};
+use super::{answer_poll, Body, MAX_BATCH};
 
 /// Holds a long poll until events, the wait, or a close.
 pub async fn poll(
@@ -23,8 +23,5 @@ pub async fn poll(
         delivery = attachment.next(MAX_BATCH) => delivery,
         _ = tokio::time::sleep(wait) => Delivery::Events(Vec::new()),
     };
-    Ok(match delivery {
-        Delivery::Events(events) => poll_reply(&events, None),
-        Delivery::Closed(reason) => poll_reply(&[], Some(reason)),
-    })
+    Ok(answer_poll(&attachment, delivery))
 }

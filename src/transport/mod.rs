@@ -20,6 +20,7 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::error::{status, HttpError};
+use crate::hub::{Attachment, Delivery};
 use crate::protocol::{CloseReason, EncodedEvent, ErrorBody, ErrorCode};
 
 /// Every response body: a full buffer or a stream (SSE).
@@ -54,8 +55,30 @@ pub fn error_response(error: ErrorBody) -> Response<Body> {
     json_response(status(error.code), &HttpError { error })
 }
 
+/// Answers a poll with what the attachment delivered, counting it in the metrics.
+pub fn answer_poll(attachment: &Attachment, delivery: Delivery) -> Response<Body> {
+    let response = match &delivery {
+        Delivery::Events(events) => poll_body(events, None),
+        Delivery::Closed(reason) => poll_body(&[], Some(*reason)),
+    };
+    if let Delivery::Events(events) = &delivery {
+        let metrics = attachment.metrics();
+        metrics.delivered(
+            attachment.kind(),
+            events.iter().map(|(_, e)| e),
+            response.len(),
+        );
+    }
+    json_bytes_response(StatusCode::OK, response)
+}
+
 /// A poll reply: `{"events":[...]}`, plus `"closed"` when the hub closed the poll.
 pub fn poll_reply(events: &[(u64, EncodedEvent)], closed: Option<CloseReason>) -> Response<Body> {
+    json_bytes_response(StatusCode::OK, poll_body(events, closed))
+}
+
+/// The JSON body of a poll reply.
+pub fn poll_body(events: &[(u64, EncodedEvent)], closed: Option<CloseReason>) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(32 + events.iter().map(|(_, e)| e.body.len() + 24).sum::<usize>());
     out.extend_from_slice(b"{\"events\":[");
@@ -72,7 +95,7 @@ pub fn poll_reply(events: &[(u64, EncodedEvent)], closed: Option<CloseReason>) -
         out.push(b'"');
     }
     out.push(b'}');
-    json_bytes_response(StatusCode::OK, out)
+    out
 }
 
 /// The value of a query parameter (not percent-decoded: every parameter we read is a number).

@@ -4,16 +4,14 @@
 
 use hyper::Response;
 
-use crate::hub::{Delivery, Hub};
+use crate::hub::Hub;
 use crate::protocol::{ErrorBody, TransportKind};
 
-use super::{poll_reply, Body, MAX_BATCH};
+use super::{answer_poll, Body, MAX_BATCH};
 
 /// Answers a short poll.
 pub fn poll(hub: &Hub, session_id: &str, after: u64) -> Result<Response<Body>, ErrorBody> {
     let mut attachment = hub.attach(session_id, TransportKind::ShortPolling, after)?;
-    Ok(match attachment.ready(MAX_BATCH) {
-        Delivery::Events(events) => poll_reply(&events, None),
-        Delivery::Closed(reason) => poll_reply(&[], Some(reason)),
-    })
+    let delivery = attachment.ready(MAX_BATCH);
+    Ok(answer_poll(&attachment, delivery))
 }

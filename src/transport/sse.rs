@@ -62,7 +62,11 @@ pub fn stream(mut attachment: Attachment, heartbeat: Duration) -> Response<Body>
                     for (seq, event) in &events {
                         write_event(*seq, event, &mut out);
                     }
+                    let bytes = out.len();
                     yield Ok(Frame::data(Bytes::from(out)));
+                    // Resumed when hyper asks for the next frame: this one is in its writer.
+                    let metrics = attachment.metrics();
+                    metrics.delivered(attachment.kind(), events.iter().map(|(_, e)| e), bytes);
                 }
                 Step::Deliver(Delivery::Closed(reason)) => {
                     yield Ok(Frame::data(close_frame(reason)));

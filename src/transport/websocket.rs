@@ -186,15 +186,20 @@ where
             delivery = attachment.next(MAX_BATCH) => match delivery {
                 Delivery::Closed(reason) => break End::Closed(reason),
                 Delivery::Events(events) => {
+                    let mut bytes = 0;
                     let write = async {
                         for (seq, event) in &events {
-                            sink.feed(Message::text(event.to_json(*seq))).await?;
+                            let json = event.to_json(*seq);
+                            bytes += frame_header_len(json.len()) + json.len();
+                            sink.feed(Message::text(json)).await?;
                         }
                         sink.flush().await
                     };
                     if let Err(end) = write_unless_closed(write, &mut close_while_writing, heartbeat * 2).await {
                         break end;
                     }
+                    let metrics = attachment.metrics();
+                    metrics.delivered(attachment.kind(), events.iter().map(|(_, e)| e), bytes);
                 }
             },
         }
@@ -220,6 +225,15 @@ where
         .await;
     }
     let _ = timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+/// Bytes of an unmasked (server-to-client) frame header for a payload of `len` bytes.
+fn frame_header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
 }
 
 /// Runs a write unless the hub closes the transport first or it outlasts `limit` (a client

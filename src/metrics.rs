@@ -1,0 +1,235 @@
+//! Server metrics, served as Prometheus text on `GET /metrics`.
+//!
+//! [`Metrics`] is a cheap handle (an `Arc` inside) of plain counters, gauges and histograms
+//! from `prometheus-client`. The hub holds one and counts what it sees (attachments, closes,
+//! commands); transports count what they write (events, bytes, delivery latency) and the
+//! errors they answer. Nothing here knows about HTTP: the router encodes [`Metrics::encode`]
+//! into a response.
+//!
+//! The per-transport handles are created once, so counting on the delivery path is an atomic
+//! add (and, for the latency histogram, one short mutex per batch), never a label lookup.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::protocol::{CloseReason, EncodedEvent, ErrorCode, TransportKind};
+
+/// Label value for errors and commands that came through no transport (plain HTTP endpoints,
+/// or a session that never attached one).
+pub const NO_TRANSPORT: &str = "none";
+
+type TransportLabel = [(&'static str, &'static str); 1];
+type PairLabel = [(&'static str, &'static str); 2];
+
+/// Counters for one transport, shared with the registry's families.
+#[derive(Debug, Clone)]
+pub struct TransportMetrics {
+    /// Transports of this kind attached now (a held poll counts while it is held).
+    pub attached: Gauge,
+    /// Events written to clients.
+    pub delivered: Counter,
+    /// Bytes of events written, with the transport's framing, without HTTP headers.
+    pub bytes: Counter,
+    /// Commands received from sessions whose last transport was this one.
+    pub commands: Counter,
+    /// Seconds from an event's creation (encoding) to its write completing.
+    pub latency: Histogram,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    transports: [TransportMetrics; 4],
+    commands_without_transport: Counter,
+    errors: Family<PairLabel, Counter>,
+    closes: Family<PairLabel, Counter>,
+}
+
+/// Handle to the server's metrics. Clone it freely.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~26 s, doubling.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+fn index(kind: TransportKind) -> usize {
+    match kind {
+        TransportKind::WebSocket => 0,
+        TransportKind::Sse => 1,
+        TransportKind::LongPolling => 2,
+        TransportKind::ShortPolling => 3,
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchyard");
+        let attached = Family::<TransportLabel, Gauge>::default();
+        let delivered = Family::<TransportLabel, Counter>::default();
+        let bytes = Family::<TransportLabel, Counter>::default();
+        let commands = Family::<TransportLabel, Counter>::default();
+        let latency = Family::<TransportLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let errors = Family::<PairLabel, Counter>::default();
+        let closes = Family::<PairLabel, Counter>::default();
+        let transports = TransportKind::ALL.map(|kind| {
+            let label = [("transport", kind.as_str())];
+            TransportMetrics {
+                attached: attached.get_or_create_owned(&label),
+                delivered: delivered.get_or_create_owned(&label),
+                bytes: bytes.get_or_create_owned(&label),
+                commands: commands.get_or_create_owned(&label),
+                latency: latency.get_or_create_owned(&label),
+            }
+        });
+        let commands_without_transport =
+            commands.get_or_create_owned(&[("transport", NO_TRANSPORT)]);
+        registry.register(
+            "sessions_attached",
+            "Transports attached to a session now, by transport",
+            attached,
+        );
+        registry.register(
+            "events_delivered",
+            "Events written to clients, by transport",
+            delivered,
+        );
+        registry.register(
+            "bytes_written",
+            "Bytes of events written to clients with their transport framing (HTTP headers not included), by transport",
+            bytes,
+        );
+        registry.register(
+            "commands_received",
+            "Commands received, by the session's last attached transport",
+            commands,
+        );
+        registry.register(
+            "errors",
+            "Errors answered to clients, by transport and error code",
+            errors.clone(),
+        );
+        registry.register(
+            "transport_closes",
+            "Transports closed by the server, by transport and reason (superseded, slow_consumer, ...)",
+            closes.clone(),
+        );
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from an event's creation to the completion of its write, by transport",
+            latency,
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                transports,
+                commands_without_transport,
+                errors,
+                closes,
+            }),
+        }
+    }
+
+    /// The counters of one transport.
+    pub fn transport(&self, kind: TransportKind) -> &TransportMetrics {
+        &self.inner.transports[index(kind)]
+    }
+
+    /// Counts a batch of events written by a transport in `bytes` bytes, and each event's
+    /// latency from creation until now.
+    pub fn delivered<'a>(
+        &self,
+        kind: TransportKind,
+        events: impl IntoIterator<Item = &'a EncodedEvent>,
+        bytes: usize,
+    ) {
+        let metrics = self.transport(kind);
+        let now = Instant::now();
+        let mut count = 0;
+        for event in events {
+            count += 1;
+            let latency = now.saturating_duration_since(event.created);
+            metrics.latency.observe(latency.as_secs_f64());
+        }
+        metrics.delivered.inc_by(count);
+        metrics.bytes.inc_by(bytes as u64);
+    }
+
+    /// Counts commands from a session whose last transport was `kind`.
+    pub fn commands(&self, kind: Option<TransportKind>, count: usize) {
+        let counter = match kind {
+            Some(kind) => &self.transport(kind).commands,
+            None => &self.inner.commands_without_transport,
+        };
+        counter.inc_by(count as u64);
+    }
+
+    /// Counts an error answered to a client on `transport` (a transport name or
+    /// [`NO_TRANSPORT`]).
+    pub fn error(&self, transport: &'static str, code: ErrorCode) {
+        self.inner
+            .errors
+            .get_or_create(&[("transport", transport), ("code", code.as_str())])
+            .inc();
+    }
+
+    /// Counts a transport the server closed.
+    pub fn closed(&self, kind: TransportKind, reason: CloseReason) {
+        self.inner
+            .closes
+            .get_or_create(&[("transport", kind.as_str()), ("reason", reason.as_str())])
+            .inc();
+    }
+
+    /// Every metric in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        encode(&mut out, &self.inner.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Event;
+
+    #[test]
+    fn counts_appear_in_the_text_format() {
+        let metrics = Metrics::new();
+        let event = Event::Reset { reason: "x" }.encode();
+        metrics.delivered(TransportKind::Sse, [&event, &event], 100);
+        metrics.error(TransportKind::WebSocket.as_str(), ErrorCode::RateLimited);
+        metrics.closed(TransportKind::WebSocket, CloseReason::Superseded);
+        metrics.commands(None, 3);
+        let text = metrics.encode();
+        assert!(text.contains("switchyard_events_delivered_total{transport=\"sse\"} 2"));
+        assert!(text.contains("switchyard_bytes_written_total{transport=\"sse\"} 100"));
+        assert!(text
+            .contains("switchyard_errors_total{transport=\"websocket\",code=\"rate_limited\"} 1"));
+        assert!(text.contains(
+            "switchyard_transport_closes_total{transport=\"websocket\",reason=\"superseded\"} 1"
+        ));
+        assert!(text.contains("switchyard_commands_received_total{transport=\"none\"} 3"));
+        assert!(text.contains("switchyard_delivery_latency_seconds_count{transport=\"sse\"} 2"));
+    }
+}
