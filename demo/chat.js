@@ -1,1 +1,606 @@
-/* placeholder: see issue 3 */
+// The chat page: one switchyard client, rooms in the sidebar, messages in the middle.
+// User data is only ever written with textContent, never as HTML.
+
+import { connect, TRANSPORTS } from '/switchyard.js';
+
+const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
+const MAX_KEPT = 500; // messages kept per room
+const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within this share a header
+const TYPING_SHOWN_MS = 4000;
+const TYPING_SENT_EVERY_MS = 2500;
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  dot: $('conn-dot'),
+  transport: $('transport'),
+  state: $('conn-state'),
+  fallbacks: $('fallbacks'),
+  picker: $('transport-picker'),
+  nameForm: $('name-form'),
+  nameInput: $('name-input'),
+  roomList: $('room-list'),
+  joinForm: $('join-form'),
+  joinInput: $('join-input'),
+  presenceCount: $('presence-count'),
+  presenceList: $('presence-list'),
+  roomTitle: $('room-title'),
+  roomMeta: $('room-meta'),
+  leave: $('leave-button'),
+  banner: $('banner'),
+  bannerText: $('banner-text'),
+  bannerAction: $('banner-action'),
+  scroll: $('messages-scroll'),
+  empty: $('empty-state'),
+  messages: $('messages'),
+  typing: $('typing'),
+  composerForm: $('composer-form'),
+  composer: $('composer'),
+  send: $('send-button'),
+};
+
+const params = new URLSearchParams(location.search);
+let myName = validName(params.get('name')) || `guest-${String(Math.floor(Math.random() * 10000)).padStart(4, '0')}`;
+const wantedRoom = ROOM_PATTERN.test(params.get('room') || '') ? params.get('room') : 'lobby';
+let forced = TRANSPORTS.includes(params.get('transport')) ? params.get('transport') : null;
+
+/** @type {import('/switchyard.js').Client | null} */
+let client = null;
+/** room -> { items: [message | notice], unread, typing: Map(user -> until) } */
+const rooms = new Map();
+let current = null;
+let lastTypingSent = 0;
+let retryTimer = null;
+
+el.picker.value = forced || 'auto';
+el.nameInput.value = myName;
+
+// ---- connection ----
+
+async function start(roomsToJoin) {
+  clearTimeout(retryTimer);
+  hideBanner();
+  renderConnection(null);
+  let next;
+  try {
+    next = await connect('', { name: myName, transports: forced ? [forced] : TRANSPORTS });
+  } catch (error) {
+    renderConnection(null, 'failed');
+    showBanner(`Cannot connect: ${error.message}`, 'Retry now', () => start(roomsToJoin));
+    retryTimer = setTimeout(() => start(roomsToJoin), 5000);
+    return;
+  }
+  client = next;
+  window.switchyardClient = client;
+  myName = client.name;
+  el.nameInput.value = myName;
+  wire(client);
+  renderConnection(client);
+  for (const room of roomsToJoin) await joinRoom(room, room === roomsToJoin[0]);
+}
+
+function wire(c) {
+  const mine = (fn) => (payload) => {
+    if (c === client) fn(payload);
+  };
+  c.on('state', mine(({ state, reason }) => {
+    renderConnection(c);
+    if (state === 'superseded') {
+      showBanner('This session was taken over by another tab or transport.', 'Take it back', () => c.reconnect());
+    } else if (state === 'expired') {
+      showBanner('Your session expired; starting a new one and rejoining your rooms…');
+    } else if (state === 'failed') {
+      showBanner(`Connection failed: ${reason || 'unknown error'}`, 'Reconnect', () => restart());
+    } else if (state === 'open') {
+      hideBanner();
+    }
+  }));
+  c.on('transport', mine(() => renderConnection(c)));
+  c.on('history', mine(onHistory));
+  c.on('message', mine(onMessage));
+  c.on('presence', mine(onPresence));
+  c.on('typing', mine(onTyping));
+  c.on('reset', mine(() => {
+    // Fresh histories follow; until then show the rooms as empty rather than stale.
+    for (const state of rooms.values()) state.items = state.items.filter((item) => item.pending);
+    renderRoom();
+  }));
+  c.on('error', mine((error) => showToast(`${error.code}: ${error.message}`)));
+}
+
+async function restart() {
+  const joined = [...rooms.keys()];
+  if (current) joined.sort((a, b) => (a === current ? -1 : b === current ? 1 : 0));
+  const old = client;
+  client = null;
+  if (old) await old.close();
+  rooms.clear();
+  current = null;
+  renderRooms();
+  renderRoom();
+  await start(joined.length ? joined : [wantedRoom]);
+}
+
+function renderConnection(c, forcedState) {
+  const state = forcedState || (c ? c.state : 'connecting');
+  el.dot.dataset.state = state;
+  el.transport.textContent = c && c.transport ? c.transport : '';
+  el.transport.dataset.transport = c && c.transport ? c.transport : '';
+  el.state.textContent = {
+    connecting: 'connecting…',
+    open: forced ? 'connected (forced)' : 'connected',
+    reconnecting: 'reconnecting…',
+    superseded: 'taken over',
+    expired: 'session expired',
+    closed: 'closed',
+    failed: 'offline',
+  }[state] || state;
+  el.state.title = c && c.sessionId ? `session ${c.sessionId}` : "";
+  renderFallbacks(c ? c.fallbacks : []);
+}
+
+function renderFallbacks(fallbacks) {
+  el.fallbacks.replaceChildren();
+  el.fallbacks.hidden = fallbacks.length === 0;
+  const recent = fallbacks.slice(-4);
+  for (const step of recent) {
+    const chip = document.createElement('span');
+    chip.className = 'fallback';
+    chip.dataset.transport = step.transport;
+    chip.title = `${step.transport}: ${step.reason} (${step.ms} ms)`;
+    const name = document.createElement('s');
+    name.textContent = step.transport;
+    const why = document.createElement('span');
+    why.className = 'why';
+    why.textContent = `${step.reason}${step.ms ? ` · ${step.ms} ms` : ''}`;
+    chip.append(name, ' ', why);
+    el.fallbacks.append(chip, document.createTextNode(' → '));
+  }
+  if (recent.length) {
+    const live = document.createElement('span');
+    live.className = 'fallback-live';
+    live.textContent = client && client.transport ? client.transport : '…';
+    el.fallbacks.append(live);
+  }
+}
+
+// ---- rooms ----
+
+function roomState(room) {
+  if (!rooms.has(room)) rooms.set(room, { items: [], unread: 0, typing: new Map() });
+  return rooms.get(room);
+}
+
+async function joinRoom(room, show = true) {
+  if (!client) return;
+  roomState(room);
+  if (show || !current) switchRoom(room);
+  renderRooms();
+  try {
+    await client.join(room);
+  } catch (error) {
+    rooms.delete(room);
+    if (current === room) switchRoom(rooms.keys().next().value || null);
+    renderRooms();
+    showToast(`Cannot join ${room}: ${error.message}`);
+  }
+}
+
+async function leaveRoom(room) {
+  if (!client || !room) return;
+  rooms.delete(room);
+  switchRoom(rooms.keys().next().value || null);
+  renderRooms();
+  try {
+    await client.leave(room);
+  } catch (error) {
+    showToast(`Cannot leave ${room}: ${error.message}`);
+  }
+}
+
+function switchRoom(room) {
+  current = room;
+  if (room) {
+    roomState(room).unread = 0;
+    const url = new URL(location.href);
+    url.searchParams.set('room', room);
+    history.replaceState(null, '', url);
+  }
+  renderRooms();
+  renderRoom();
+}
+
+function renderRooms() {
+  el.roomList.replaceChildren();
+  for (const [name, state] of rooms) {
+    const li = document.createElement('li');
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.className = 'room' + (name === current ? ' active' : '');
+    button.dataset.room = name;
+    const hash = document.createElement('span');
+    hash.className = 'hash';
+    hash.textContent = '#';
+    const label = document.createElement('span');
+    label.className = 'room-name';
+    label.textContent = name;
+    button.append(hash, label);
+    if (state.unread > 0 && name !== current) {
+      const unread = document.createElement('span');
+      unread.className = 'unread';
+      unread.textContent = state.unread > 99 ? '99+' : String(state.unread);
+      button.append(unread);
+    }
+    button.addEventListener('click', () => switchRoom(name));
+    li.append(button);
+    el.roomList.append(li);
+  }
+}
+
+function renderRoom() {
+  const state = current ? rooms.get(current) : null;
+  el.roomTitle.textContent = current ? `#${current}` : 'No room';
+  el.composer.placeholder = current ? `Message #${current}` : 'Join a room to chat';
+  el.composer.disabled = !current;
+  el.send.disabled = !current;
+  el.leave.hidden = !current;
+  el.messages.replaceChildren();
+  if (state) {
+    let previous = null;
+    for (const item of state.items) {
+      el.messages.append(renderItem(item, previous));
+      previous = item;
+    }
+  }
+  el.empty.hidden = Boolean(state && state.items.length) || !current;
+  renderPresence();
+  renderTyping();
+  scrollToBottom(true);
+}
+
+// ---- messages ----
+
+function onHistory(event) {
+  const state = roomState(event.room);
+  const pending = state.items.filter((item) => item.pending);
+  state.items = event.messages.map((m) => ({ ...m, kind: 'message' }));
+  for (const item of pending) {
+    if (!state.items.some((m) => m.client_id === item.client_id)) state.items.push(item);
+  }
+  if (event.room === current) renderRoom();
+}
+
+function onMessage(message) {
+  const state = rooms.get(message.room);
+  if (!state) return;
+  state.typing.delete(message.from);
+  const pendingIndex = state.items.findIndex((item) => item.pending && item.client_id === message.client_id);
+  const item = { ...message, kind: 'message' };
+  if (pendingIndex >= 0) {
+    state.items[pendingIndex] = item;
+  } else {
+    state.items.push(item);
+    if (message.room !== current) state.unread += 1;
+  }
+  trim(state);
+  if (message.room === current) {
+    if (pendingIndex >= 0) {
+      const node = el.messages.querySelector(`[data-client-id="${cssEscape(message.client_id)}"]`);
+      const previous = state.items[pendingIndex - 1] || null;
+      if (node) node.replaceWith(renderItem(item, previous));
+      else renderRoom();
+    } else {
+      appendItem(item, state);
+    }
+    renderTyping();
+  } else {
+    renderRooms();
+  }
+}
+
+function onPresence(event) {
+  const state = rooms.get(event.room);
+  if (!state) return; // our own `left` after leaving
+  if (event.user !== myName) {
+    const notice = { kind: 'notice', text: `${event.user} ${event.action}`, ts: Date.now() * 1000 };
+    state.items.push(notice);
+    trim(state);
+    if (event.room === current) appendItem(notice, state);
+  }
+  if (event.room === current) renderPresence();
+}
+
+function onTyping(event) {
+  const state = rooms.get(event.room);
+  if (!state || event.user === myName) return;
+  state.typing.set(event.user, Date.now() + TYPING_SHOWN_MS);
+  if (event.room === current) renderTyping();
+  setTimeout(() => {
+    if (event.room === current) renderTyping();
+  }, TYPING_SHOWN_MS + 50);
+}
+
+function appendItem(item, state) {
+  const nearBottom = isNearBottom();
+  const index = state.items.lastIndexOf(item);
+  el.messages.append(renderItem(item, state.items[index - 1] || null));
+  while (el.messages.children.length > MAX_KEPT) el.messages.firstElementChild.remove();
+  el.empty.hidden = true;
+  if (nearBottom || item.pending) scrollToBottom();
+}
+
+function renderItem(item, previous) {
+  const li = document.createElement('li');
+  if (item.kind === 'notice') {
+    li.className = 'notice';
+    li.textContent = item.text;
+    return li;
+  }
+  const own = item.from === myName;
+  const continued = previous && previous.kind === 'message' && previous.from === item.from
+    && !previous.failed && Math.abs(item.ts - previous.ts) / 1000 < GROUP_MS;
+  li.className = 'message' + (own ? ' own' : '') + (continued ? ' continued' : '')
+    + (item.pending ? ' pending' : '') + (item.failed ? ' failed' : '');
+  li.dataset.testid = item.pending || item.failed ? 'message-pending' : 'message';
+  if (item.id !== undefined) li.dataset.id = String(item.id);
+  if (item.client_id) li.dataset.clientId = item.client_id;
+
+  const avatar = document.createElement('span');
+  avatar.className = 'avatar';
+  avatar.setAttribute('aria-hidden', 'true');
+  avatar.style.setProperty('--hue', String(hue(item.from)));
+  avatar.dataset.initials = initials(item.from); // drawn by CSS: not part of the text
+
+  const body = document.createElement('div');
+  body.className = 'bubble';
+  const meta = document.createElement('div');
+  meta.className = 'meta';
+  const author = document.createElement('span');
+  author.className = 'author';
+  author.textContent = item.from;
+  const time = document.createElement('time');
+  const date = new Date(item.ts / 1000);
+  time.dateTime = date.toISOString();
+  time.title = date.toLocaleString();
+  time.textContent = item.failed ? 'not sent' : item.pending ? 'sending…' : formatTime(date);
+  meta.append(author, time);
+  const text = document.createElement('div');
+  text.className = 'text';
+  text.textContent = item.text;
+  body.append(meta, text);
+  if (item.failed) {
+    const retry = document.createElement('button');
+    retry.type = 'button';
+    retry.className = 'link-button';
+    retry.textContent = 'Retry';
+    retry.addEventListener('click', () => {
+      const state = rooms.get(item.room);
+      if (state) state.items = state.items.filter((i) => i !== item);
+      li.remove();
+      sendText(item.room, item.text);
+    });
+    body.append(retry);
+  }
+  li.append(avatar, body);
+  return li;
+}
+
+function trim(state) {
+  if (state.items.length > MAX_KEPT) state.items.splice(0, state.items.length - MAX_KEPT);
+}
+
+function sendText(room, text) {
+  if (!client || !room) return;
+  const state = roomState(room);
+  const promise = client.send(room, text);
+  const item = {
+    kind: 'message', pending: true, room, text, from: myName, client_id: promise.clientId, ts: Date.now() * 1000,
+  };
+  state.items.push(item);
+  if (room === current) appendItem(item, state);
+  promise.catch((error) => {
+    const index = state.items.indexOf(item);
+    if (index < 0) return;
+    item.pending = false;
+    item.failed = true;
+    const node = el.messages.querySelector(`[data-client-id="${cssEscape(item.client_id)}"]`);
+    if (node) node.replaceWith(renderItem(item, state.items[index - 1] || null));
+    showToast(`Message not sent: ${error.message}`);
+  });
+}
+
+// ---- presence and typing ----
+
+function renderPresence() {
+  const online = current && client ? client.online(current) : [];
+  el.presenceCount.textContent = String(online.length);
+  el.roomMeta.textContent = current ? `${online.length} online` : 'Join a room from the sidebar';
+  el.presenceList.replaceChildren();
+  for (const name of online) {
+    const li = document.createElement('li');
+    const avatar = document.createElement('span');
+    avatar.className = 'avatar small';
+    avatar.setAttribute('aria-hidden', 'true');
+    avatar.style.setProperty('--hue', String(hue(name)));
+    avatar.dataset.initials = initials(name);
+    const label = document.createElement('span');
+    label.className = 'presence-name';
+    label.textContent = name;
+    li.append(avatar, label);
+    if (name === myName) li.className = 'me'; // CSS adds a "you" tag
+    el.presenceList.append(li);
+  }
+}
+
+function renderTyping() {
+  const state = current ? rooms.get(current) : null;
+  const nowMs = Date.now();
+  const who = [];
+  if (state) {
+    for (const [user, until] of state.typing) {
+      if (until > nowMs) who.push(user);
+      else state.typing.delete(user);
+    }
+  }
+  el.typing.replaceChildren();
+  if (who.length === 0) return;
+  const dots = document.createElement('span');
+  dots.className = 'dots';
+  dots.setAttribute('aria-hidden', 'true');
+  dots.append(document.createElement('i'), document.createElement('i'), document.createElement('i'));
+  const text = document.createElement('span');
+  text.textContent = who.length === 1 ? `${who[0]} is typing…`
+    : who.length === 2 ? `${who[0]} and ${who[1]} are typing…`
+      : 'Several people are typing…';
+  el.typing.append(dots, text);
+}
+
+// ---- banner, toast, helpers ----
+
+function showBanner(text, actionLabel, action) {
+  el.banner.hidden = false;
+  el.bannerText.textContent = text;
+  el.bannerAction.hidden = !actionLabel;
+  el.bannerAction.textContent = actionLabel || '';
+  el.bannerAction.onclick = action || null;
+}
+
+function hideBanner() {
+  el.banner.hidden = true;
+}
+
+let toastTimer = null;
+function showToast(text) {
+  let toast = document.querySelector('.toast');
+  if (!toast) {
+    toast = document.createElement('div');
+    toast.className = 'toast';
+    toast.setAttribute('role', 'status');
+    document.body.append(toast);
+  }
+  toast.textContent = text;
+  toast.classList.add('visible');
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => toast.classList.remove('visible'), 4000);
+}
+
+function isNearBottom() {
+  const s = el.scroll;
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 120;
+}
+
+function scrollToBottom() {
+  el.scroll.scrollTop = el.scroll.scrollHeight;
+}
+
+function formatTime(date) {
+  const time = date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  if (date.toDateString() === new Date().toDateString()) return time;
+  return `${date.toLocaleDateString([], { month: 'short', day: 'numeric' })} ${time}`;
+}
+
+function hue(name) {
+  let h = 0;
+  for (const ch of String(name)) h = (h * 31 + ch.codePointAt(0)) % 360;
+  return h;
+}
+
+function initials(name) {
+  const parts = String(name).split(/[\s_.-]+/).filter(Boolean);
+  const letters = parts.length > 1 ? [parts[0], parts[1]] : [String(name)];
+  return letters.map((p) => [...p][0] || '?').join('').slice(0, 2).toUpperCase();
+}
+
+function validName(name) {
+  if (!name) return null;
+  const chars = [...name];
+  // eslint-disable-next-line no-control-regex
+  return chars.length >= 1 && chars.length <= 32 && !/[\u0000-\u001f\u007f-\u009f]/.test(name) ? name : null;
+}
+
+function cssEscape(value) {
+  return window.CSS && CSS.escape ? CSS.escape(value) : String(value).replace(/["\\]/g, '\\$&');
+}
+
+function setParam(key, value) {
+  const url = new URL(location.href);
+  if (value) url.searchParams.set(key, value);
+  else url.searchParams.delete(key);
+  history.replaceState(null, '', url);
+}
+
+// ---- UI events ----
+
+el.composerForm.addEventListener('submit', (event) => {
+  event.preventDefault();
+  const text = el.composer.value;
+  if (!text.trim() || !current) return;
+  el.composer.value = '';
+  lastTypingSent = 0;
+  sendText(current, text);
+});
+
+el.composer.addEventListener('input', () => {
+  if (!client || !current || !el.composer.value) return;
+  const nowMs = Date.now();
+  if (nowMs - lastTypingSent < TYPING_SENT_EVERY_MS) return;
+  lastTypingSent = nowMs;
+  client.typing(current);
+});
+
+el.joinForm.addEventListener('submit', (event) => {
+  event.preventDefault();
+  const room = el.joinInput.value.trim().replace(/^#/, '');
+  if (!ROOM_PATTERN.test(room)) {
+    showToast('Room names are 1-64 letters, digits, _ . or -');
+    return;
+  }
+  el.joinInput.value = '';
+  if (rooms.has(room)) switchRoom(room);
+  else joinRoom(room, true);
+});
+
+el.leave.addEventListener('click', () => leaveRoom(current));
+
+el.nameForm.addEventListener('submit', (event) => {
+  event.preventDefault();
+  const name = validName(el.nameInput.value.trim());
+  if (!name) {
+    showToast('Names are 1-32 characters, no control characters');
+    return;
+  }
+  if (name === myName) return;
+  myName = name;
+  setParam('name', name);
+  restart();
+});
+
+el.picker.addEventListener('change', async () => {
+  const value = el.picker.value;
+  forced = value === 'auto' ? null : value;
+  setParam('transport', forced);
+  if (!client || client.state === 'failed' || client.state === 'closed') {
+    restart();
+    return;
+  }
+  try {
+    await client.setTransports(forced ? [forced] : TRANSPORTS);
+  } catch (error) {
+    showToast(`Cannot switch to ${value}: ${error.message}`);
+  }
+  renderConnection(client);
+});
+
+addEventListener('pagehide', () => {
+  if (client) client.close();
+});
+
+addEventListener('pageshow', (event) => {
+  // Restored from the back/forward cache after pagehide closed the session.
+  if (event.persisted) restart();
+});
+
+setInterval(() => {
+  if (current) renderTyping();
+}, 1000);
+
+start([wantedRoom]);

@@ -1,1 +1,1004 @@
-/* placeholder: see issue 3 */
+// switchyard.js: the browser client for a switchyard chat gateway.
+//
+// An ES module with no dependencies and no build step. `connect()` creates a session, attaches
+// the first transport that works (WebSocket, Server-Sent Events, long polling, short polling),
+// and keeps it attached: a dropped transport is resumed from the last seq seen, so the
+// application sees every event once, in order. docs/client.md describes the API.
+
+/** Transport names, in the default fallback order. */
+export const TRANSPORTS = Object.freeze(['websocket', 'sse', 'long-polling', 'short-polling']);
+
+/** WebSocket close codes the server uses, by reason. */
+export const CLOSE_REASONS = Object.freeze({
+  4000: 'superseded',
+  4001: 'slow_consumer',
+  4002: 'shutdown',
+  4003: 'expired',
+  4004: 'heartbeat_timeout',
+});
+
+/** Events a handler can subscribe to with `client.on(type, handler)`. */
+export const EVENT_TYPES = Object.freeze([
+  'message', 'presence', 'typing', 'history', 'error', 'reset', 'state', 'transport',
+]);
+
+const DEFAULTS = Object.freeze({
+  transports: TRANSPORTS,
+  openTimeoutMs: 3000,
+  shortPollMs: undefined, // the server's short_poll_ms
+  longPollMs: undefined, // the server's long_poll_ms
+  sendTimeoutMs: 5000,
+  sendAttempts: 4,
+  reconnectMinMs: 250,
+  reconnectMaxMs: 10000,
+});
+
+const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
+const MAX_TEXT_CHARS = 4000;
+/** A transport that stays up this long counts as healthy: the reconnect backoff starts over. */
+const STABLE_AFTER_MS = 5000;
+/** Extra time a long poll may take beyond its `wait` before it is presumed dead. */
+const LONG_POLL_GRACE_MS = 15000;
+/** Codes of HTTP command failures that a retry cannot fix. */
+const FINAL_CODES = new Set([
+  'bad_command', 'too_large', 'invalid_room', 'invalid_name', 'invalid_text', 'not_in_room',
+  'too_many_rooms', 'forbidden_origin', 'closed',
+]);
+
+/** An error from the server (`code` is its stable error code) or from the client. */
+export class SwitchyardError extends Error {
+  constructor(code, message, status) {
+    super(message || code);
+    this.name = 'SwitchyardError';
+    this.code = code;
+    this.status = status;
+  }
+}
+
+/**
+ * Creates a session on the server at `baseUrl` and attaches a transport.
+ * Resolves with the connected {@link Client}; rejects if the session cannot be created or no
+ * transport opens (the error's `fallbacks` lists what was tried).
+ */
+export async function connect(baseUrl = '', options = {}) {
+  const client = new Client(baseUrl, options);
+  await client._start();
+  return client;
+}
+
+/** A random `client_id` for a `send` (works outside secure contexts, unlike randomUUID). */
+export function newClientId() {
+  const bytes = new Uint8Array(12);
+  crypto.getRandomValues(bytes);
+  return 'c' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const now = () => performance.now();
+const jitter = (ms) => ms * (0.5 + Math.random() * 0.5);
+
+/** A session's connection to the server. Create it with {@link connect}. */
+export class Client {
+  constructor(baseUrl, options) {
+    this.options = { ...DEFAULTS, ...options };
+    const wanted = this.options.transports || TRANSPORTS;
+    const unknown = wanted.filter((t) => !TRANSPORTS.includes(t));
+    if (unknown.length || wanted.length === 0) {
+      throw new SwitchyardError('bad_option', `transports must be a non-empty list of ${TRANSPORTS.join(', ')}; got ${JSON.stringify(wanted)}`);
+    }
+    this.options.transports = [...wanted];
+    const base = new URL(baseUrl || '/', globalThis.location ? globalThis.location.href : undefined);
+    this.baseUrl = base.href.replace(/\/+$/, '');
+    this.name = this.options.name || `guest-${String(Math.floor(Math.random() * 10000)).padStart(4, '0')}`;
+
+    /** Session id on the server. */
+    this.sessionId = null;
+    /** The server's reply to session creation: transports, intervals, limits. */
+    this.server = null;
+    /** Name of the live transport (or the one being resumed); null before the first. */
+    this.transport = null;
+    /** connecting | open | reconnecting | superseded | expired | closed | failed */
+    this.state = 'connecting';
+    /** The last transport selection's failures: `{transport, reason, ms}`, in order tried. */
+    this.fallbacks = [];
+    /** Seq of the last event delivered; resume point of the next attach. */
+    this.lastSeq = 0;
+    /** Joined rooms: name -> `{online: [names], lastMessageId}`. */
+    this.rooms = new Map();
+
+    this._handlers = new Map();
+    this._active = null; // the transport attempt that may deliver events
+    this._pending = new Map(); // client_id -> a send waiting for its echo
+    this._epoch = 0; // bumped whenever an async flow (reconnect, renew) must give up
+    this._reconnectAttempt = 0;
+    this._preOpenFailures = 0;
+    this._timers = new Set();
+    this._stableTimer = null;
+    this._renewing = false;
+    this._sessionReady = Promise.resolve();
+    this._onOnline = () => {
+      if (this.state === 'reconnecting') this._reconnectNow();
+    };
+  }
+
+  // ---- public API ----
+
+  /** Subscribes to an event type; returns a function that unsubscribes. */
+  on(type, handler) {
+    if (!this._handlers.has(type)) this._handlers.set(type, new Set());
+    this._handlers.get(type).add(handler);
+    return () => this.off(type, handler);
+  }
+
+  /** Unsubscribes a handler. */
+  off(type, handler) {
+    this._handlers.get(type)?.delete(handler);
+  }
+
+  /** Joins a room (created on first join). The server answers with `history` and `presence`. */
+  async join(room) {
+    checkRoom(room);
+    if (!this.rooms.has(room)) this.rooms.set(room, newRoomState());
+    try {
+      await this._command({ type: 'join', room });
+    } catch (error) {
+      if (FINAL_CODES.has(error.code) || error.code === 'server_full') this.rooms.delete(room);
+      throw error;
+    }
+  }
+
+  /** Leaves a room. */
+  async leave(room) {
+    checkRoom(room);
+    if (!this.rooms.delete(room)) return;
+    await this._command({ type: 'leave', room });
+  }
+
+  /** Tells the other members of a joined room that this user is typing. */
+  async typing(room) {
+    if (!this.rooms.has(room)) return;
+    await this._command({ type: 'typing', room }).catch(() => {});
+  }
+
+  /**
+   * Sends a message. Resolves with the echoed `message` event (matched by `client_id`).
+   * Without an echo after `sendTimeoutMs` it is sent again with the same `client_id` (the
+   * server does not broadcast a retry twice), up to `sendAttempts` times, then rejects.
+   * The returned promise carries the `clientId`. `options.clientId` picks it.
+   */
+  send(room, text, options = {}) {
+    const clientId = options.clientId || newClientId();
+    let entry;
+    const promise = new Promise((resolve, reject) => {
+      entry = { room, text: String(text), clientId, resolve, reject, attempts: 0, timer: null };
+    });
+    promise.clientId = clientId;
+    const chars = [...entry.text].length;
+    if (!this.rooms.has(room)) {
+      entry.reject(new SwitchyardError('not_in_room', `not in room ${JSON.stringify(room)}; join it first`));
+    } else if (chars === 0 || chars > MAX_TEXT_CHARS) {
+      entry.reject(new SwitchyardError('invalid_text', `text must be 1-${MAX_TEXT_CHARS} characters, got ${chars}`));
+    } else if (this.state === 'closed') {
+      entry.reject(new SwitchyardError('closed', 'the client is closed'));
+    } else {
+      this._pending.set(clientId, entry);
+      this._attemptSend(entry);
+    }
+    return promise;
+  }
+
+  /** Names online in a joined room, as of the last presence event. */
+  online(room) {
+    return [...(this.rooms.get(room)?.online || [])];
+  }
+
+  /**
+   * Re-runs transport selection on the same session with a new preference list (for example
+   * `['sse']`), resuming from the last seq: nothing is lost or repeated.
+   * Resolves with the transport name now attached.
+   */
+  async setTransports(transports) {
+    const list = transports && transports.length ? [...transports] : [...TRANSPORTS];
+    if (list.some((t) => !TRANSPORTS.includes(t))) {
+      throw new SwitchyardError('bad_option', `unknown transport in ${JSON.stringify(list)}`);
+    }
+    this._ensureNotClosed();
+    this.options.transports = list;
+    const epoch = this._cancelFlows();
+    this._stopActive();
+    this._setState('connecting', 'transport change');
+    await this._sessionReady;
+    try {
+      return await this._attachChain(list, epoch);
+    } catch (error) {
+      if (epoch === this._epoch) this._afterAttachFailure(error, epoch);
+      throw error;
+    }
+  }
+
+  /**
+   * Attaches again now: after `superseded` this takes the session back from whichever tab or
+   * transport took it; while reconnecting it skips the backoff delay.
+   */
+  reconnect() {
+    this._ensureNotClosed();
+    this._reconnectAttempt = 0;
+    this._reconnectNow();
+  }
+
+  /** Ends the session on the server (its rooms see `presence left`) and stops the client. */
+  async close() {
+    if (this.state === 'closed') return;
+    this._cancelFlows();
+    this._stopActive();
+    this._setState('closed');
+    globalThis.removeEventListener?.('online', this._onOnline);
+    for (const entry of this._pending.values()) {
+      clearTimeout(entry.timer);
+      entry.reject(new SwitchyardError('closed', 'the client was closed'));
+    }
+    this._pending.clear();
+    if (this.sessionId) {
+      await fetch(this._url(`/v1/sessions/${this.sessionId}`), { method: 'DELETE', keepalive: true })
+        .catch(() => {});
+    }
+  }
+
+  /**
+   * Test hook: drops the live transport abruptly (closes the socket or EventSource, aborts the
+   * poll) without telling the server, so the client must reconnect and resume.
+   */
+  _dropForTest() {
+    const active = this._active;
+    if (!active) return false;
+    active.fail({ reason: 'network', detail: 'dropped by _dropForTest()' });
+    return true;
+  }
+
+  // ---- session and transport selection ----
+
+  async _start() {
+    globalThis.addEventListener?.('online', this._onOnline);
+    const epoch = this._epoch;
+    try {
+      await this._createSession();
+      await this._attachChain(this.options.transports, epoch);
+    } catch (error) {
+      this._cancelFlows();
+      this._stopActive();
+      this._setState('failed', error.message);
+      globalThis.removeEventListener?.('online', this._onOnline);
+      if (this.sessionId) {
+        fetch(this._url(`/v1/sessions/${this.sessionId}`), { method: 'DELETE', keepalive: true }).catch(() => {});
+      }
+      throw error;
+    }
+  }
+
+  async _createSession() {
+    let response;
+    try {
+      response = await fetch(this._url('/v1/sessions'), {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ name: this.name }),
+      });
+    } catch (error) {
+      throw new SwitchyardError('network', `cannot reach ${this.baseUrl}: ${error.message}`);
+    }
+    const body = await response.json().catch(() => null);
+    if (response.status !== 201 || !body || !body.session) {
+      const error = body?.error || { code: `http_${response.status}`, message: `session creation answered ${response.status}` };
+      throw new SwitchyardError(error.code, error.message, response.status);
+    }
+    this.sessionId = body.session;
+    this.name = body.name;
+    this.server = body;
+    this.lastSeq = 0;
+  }
+
+  /** Tries each transport in `list` until one opens; records the failures in `fallbacks`. */
+  async _attachChain(list, epoch) {
+    const offered = this.server.transports || TRANSPORTS;
+    const tried = [];
+    this.fallbacks = [];
+    for (const name of list) {
+      if (epoch !== this._epoch) throw new SwitchyardError('cancelled', 'superseded by a newer attach');
+      if (!offered.includes(name)) {
+        this._recordFallback(name, 'not offered by the server', 0);
+        tried.push(name);
+        continue;
+      }
+      const started = now();
+      try {
+        await this._tryTransport(name, epoch);
+        return name;
+      } catch (info) {
+        if (epoch !== this._epoch) throw new SwitchyardError('cancelled', 'superseded by a newer attach');
+        if (info.reason === 'unknown_session' || info.reason === 'expired' || info.reason === 'invalid_after') {
+          throw new SwitchyardError(info.reason, info.detail || info.reason);
+        }
+        this._recordFallback(name, describeFailure(info), Math.round(now() - started));
+        tried.push(name);
+      }
+    }
+    const error = new SwitchyardError('no_transport', `no transport could be opened (tried ${tried.join(', ') || 'none'})`);
+    error.fallbacks = [...this.fallbacks];
+    throw error;
+  }
+
+  /**
+   * Opens one transport, resuming after `lastSeq`. Resolves once it is open; rejects with
+   * `{reason, detail}` if it errors or does not open within `openTimeoutMs`.
+   */
+  _tryTransport(name, epoch) {
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const settle = (fn, value) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        fn(value);
+      };
+      const transport = makeTransport(name, this, {
+        open: () => {
+          if (epoch !== this._epoch) {
+            transport.stop();
+            settle(reject, { reason: 'cancelled' });
+            return;
+          }
+          this._opened(transport);
+          settle(resolve, transport);
+        },
+        event: (event) => this._onEvent(transport, event),
+        lost: (info) => {
+          if (!settled) {
+            if (this._active === transport) this._active = null;
+            settle(reject, info);
+          } else {
+            this._onLost(transport, info);
+          }
+        },
+      });
+      const timer = setTimeout(() => {
+        if (settled) return;
+        transport.stop();
+        if (this._active === transport) this._active = null;
+        settle(reject, { reason: 'timeout', detail: `did not open within ${this.options.openTimeoutMs} ms` });
+      }, this.options.openTimeoutMs);
+      this._stopActive();
+      this._active = transport;
+      transport.start(this.lastSeq);
+    });
+  }
+
+  _opened(transport) {
+    const previous = this.transport;
+    this.transport = transport.name;
+    this._preOpenFailures = 0;
+    clearTimeout(this._stableTimer);
+    this._stableTimer = setTimeout(() => {
+      if (this._active === transport) this._reconnectAttempt = 0;
+    }, STABLE_AFTER_MS);
+    this._setState('open');
+    if (previous !== transport.name || this._fallbacksShown !== this.fallbacks) {
+      this._fallbacksShown = this.fallbacks;
+      this._emit('transport', { transport: transport.name, previous, fallbacks: [...this.fallbacks] });
+    }
+  }
+
+  _recordFallback(transport, reason, ms) {
+    this.fallbacks.push({ transport, reason, ms });
+  }
+
+  /** A transport that had opened went away. */
+  _onLost(transport, info) {
+    if (transport !== this._active) return; // a stale transport: we moved on already
+    this._active = null;
+    transport.stop();
+    if (this.state === 'closed') return;
+    switch (info.reason) {
+      case 'superseded':
+        // Another tab or transport attached to this session: do not fight it.
+        this._setState('superseded', 'another tab or transport took over this session');
+        return;
+      case 'expired':
+      case 'unknown_session':
+      case 'invalid_after':
+        this._renew(info.reason);
+        return;
+      default:
+        this._scheduleReconnect(info.reason);
+    }
+  }
+
+  _scheduleReconnect(reason) {
+    if (this.state === 'closed' || this.state === 'superseded') return;
+    this._setState('reconnecting', reason);
+    const delay = jitter(Math.min(this.options.reconnectMaxMs, this.options.reconnectMinMs * 2 ** this._reconnectAttempt));
+    this._reconnectAttempt = Math.min(this._reconnectAttempt + 1, 16);
+    const epoch = this._epoch;
+    this._later(delay, () => {
+      if (epoch === this._epoch) this._reconnect(epoch);
+    });
+  }
+
+  _reconnectNow() {
+    const epoch = this._cancelFlows();
+    this._stopActive();
+    this._setState('reconnecting', 'reconnect requested');
+    this._reconnect(epoch);
+  }
+
+  /** Resumes on the current transport; after repeated failures runs the whole chain again. */
+  async _reconnect(epoch) {
+    if (this.state === 'closed') return;
+    await this._sessionReady;
+    if (epoch !== this._epoch) return;
+    const name = this.transport && this.server.transports.includes(this.transport)
+      ? this.transport
+      : this.options.transports[0];
+    try {
+      await this._tryTransport(name, epoch);
+      return;
+    } catch (info) {
+      if (epoch !== this._epoch || info.reason === 'cancelled') return;
+      if (['unknown_session', 'expired', 'invalid_after'].includes(info.reason)) {
+        this._renew(info.reason);
+        return;
+      }
+      // WebSocket and EventSource cannot show why they failed: ask whether the session lives.
+      // (A poll sees the HTTP status itself.)
+      const blind = name === 'websocket' || name === 'sse';
+      if (blind && await this._probeSession() === false) {
+        if (epoch === this._epoch) this._renew('unknown_session');
+        return;
+      }
+      if (epoch !== this._epoch) return;
+      this._preOpenFailures += 1;
+      if (this._preOpenFailures < 3 || this.options.transports.length < 2) {
+        this._scheduleReconnect(describeFailure(info));
+        return;
+      }
+    }
+    this._preOpenFailures = 0;
+    try {
+      await this._attachChain(this.options.transports, epoch);
+    } catch (error) {
+      if (epoch === this._epoch) this._afterAttachFailure(error, epoch);
+    }
+  }
+
+  _afterAttachFailure(error, epoch) {
+    if (epoch !== this._epoch || error.code === 'cancelled') return;
+    if (['unknown_session', 'expired', 'invalid_after'].includes(error.code)) {
+      this._renew(error.code);
+    } else {
+      this._scheduleReconnect(error.message);
+    }
+  }
+
+  /** true if the session exists, false if the server says it does not, null if unknown. */
+  async _probeSession() {
+    try {
+      // An empty batch is refused (400) after the session lookup (404) and changes nothing.
+      const response = await fetch(this._url(`/v1/sessions/${this.sessionId}/commands`), {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: '[]',
+      });
+      if (response.status !== 404) return true;
+      const body = await response.json().catch(() => null);
+      return body?.error?.code === 'unknown_session' ? false : true;
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * The session is gone (expired, deleted, server restarted): create a new one with the same
+   * name, rejoin the rooms and attach again. Handlers see `state` 'expired' and a `reset`
+   * with `synthetic: true`, then fresh `history` events.
+   */
+  async _renew(reason) {
+    if (this._renewing || this.state === 'closed') return;
+    this._renewing = true;
+    const epoch = this._cancelFlows();
+    this._stopActive();
+    let ready;
+    this._sessionReady = new Promise((resolve) => { ready = resolve; });
+    this._setState('expired', reason);
+    this.lastSeq = 0;
+    for (const room of this.rooms.values()) Object.assign(room, newRoomState());
+    this._emit('reset', { type: 'reset', reason: `session_${reason}`, synthetic: true });
+    let attempt = 0;
+    for (;;) {
+      try {
+        await this._createSession();
+        break;
+      } catch (error) {
+        if (epoch !== this._epoch) { this._renewing = false; ready(); return; }
+        if (error.code === 'invalid_name') {
+          this._renewing = false;
+          ready();
+          this._setState('failed', error.message);
+          return;
+        }
+        this._setState('reconnecting', `cannot create a new session: ${error.message}`);
+        await sleep(jitter(Math.min(this.options.reconnectMaxMs, this.options.reconnectMinMs * 2 ** attempt++)));
+        if (epoch !== this._epoch) { this._renewing = false; ready(); return; }
+      }
+    }
+    this._renewing = false;
+    ready();
+    if (this.state === 'closed') {
+      // Closed while the session was being created.
+      fetch(this._url(`/v1/sessions/${this.sessionId}`), { method: 'DELETE', keepalive: true }).catch(() => {});
+      return;
+    }
+    for (const room of this.rooms.keys()) {
+      this._command({ type: 'join', room }).catch((error) => this._emit('error', { type: 'error', code: error.code, message: error.message }));
+    }
+    if (epoch !== this._epoch) return; // setTransports or reconnect took over attaching
+    this._setState('connecting', 'new session');
+    try {
+      await this._attachChain(this.options.transports, epoch);
+    } catch (error) {
+      this._afterAttachFailure(error, epoch);
+    }
+  }
+
+  // ---- events ----
+
+  _onEvent(transport, event) {
+    if (transport !== this._active) return;
+    if (!event || typeof event.seq !== 'number' || event.seq <= this.lastSeq) return; // seen
+    this.lastSeq = event.seq;
+    switch (event.type) {
+      case 'message': {
+        const pending = this._pending.get(event.client_id);
+        if (pending) {
+          this._pending.delete(event.client_id);
+          clearTimeout(pending.timer);
+          pending.resolve(event);
+        }
+        const room = this.rooms.get(event.room);
+        // Room message ids strictly increase, so a lower id is a retried send echoed again.
+        if (room && event.id <= room.lastMessageId) return;
+        if (room) room.lastMessageId = event.id;
+        break;
+      }
+      case 'history': {
+        const room = this.rooms.get(event.room);
+        if (room) {
+          room.lastMessageId = event.messages.reduce((max, m) => Math.max(max, m.id), 0);
+        }
+        break;
+      }
+      case 'presence': {
+        const room = this.rooms.get(event.room);
+        if (room) room.online = [...event.online];
+        break;
+      }
+      case 'reset':
+        for (const room of this.rooms.values()) Object.assign(room, newRoomState());
+        this._emit('reset', event);
+        // Fresh histories follow from the server; joining again also restores any room the
+        // server no longer counts us in, and is harmless for the others.
+        for (const room of this.rooms.keys()) this._command({ type: 'join', room }).catch(() => {});
+        return;
+      case 'error':
+        if (event.code === 'rate_limited') this._retryWebSocketSendsSoon();
+        break;
+      default:
+        break;
+    }
+    this._emit(event.type, event);
+  }
+
+  _emit(type, payload) {
+    const handlers = this._handlers.get(type);
+    if (!handlers) return;
+    for (const handler of [...handlers]) {
+      try {
+        handler(payload, this);
+      } catch (error) {
+        console.error(`switchyard: a '${type}' handler threw`, error);
+      }
+    }
+  }
+
+  _setState(state, reason) {
+    if (this.state === state) return;
+    const previous = this.state;
+    this.state = state;
+    this._emit('state', { state, previous, reason });
+  }
+
+  // ---- commands ----
+
+  /** Sends a command over the open WebSocket, else `POST /commands`. */
+  async _command(command) {
+    await this._sessionReady;
+    this._ensureNotClosed();
+    const active = this._active;
+    if (active && active.name === 'websocket' && active.sendCommand(command)) {
+      return { ok: true, via: 'websocket' };
+    }
+    return this._post(command);
+  }
+
+  async _post(command, attempt = 0) {
+    const sessionId = this.sessionId;
+    let response;
+    try {
+      response = await fetch(this._url(`/v1/sessions/${sessionId}/commands`), {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify(command),
+      });
+    } catch (error) {
+      if (attempt < 3 && this.state !== 'closed') {
+        await sleep(jitter(500 * 2 ** attempt));
+        return this._post(command, attempt + 1);
+      }
+      throw new SwitchyardError('network', `command not delivered: ${error.message}`);
+    }
+    const body = await response.json().catch(() => null);
+    if (response.ok) return { ...(body?.results?.[0] || { ok: true }), via: 'http' };
+    const error = body?.error || { code: `http_${response.status}`, message: `HTTP ${response.status}` };
+    if (response.status === 429 && attempt < 8 && this.state !== 'closed') {
+      await sleep(jitter(600 * 2 ** Math.min(attempt, 3)));
+      return this._post(command, attempt + 1);
+    }
+    if (error.code === 'unknown_session' && attempt < 2 && this.state !== 'closed') {
+      if (sessionId === this.sessionId) this._renew('unknown_session');
+      await this._sessionReady;
+      return this._post(command, attempt + 1);
+    }
+    throw new SwitchyardError(error.code, error.message, response.status);
+  }
+
+  _attemptSend(entry) {
+    if (this._pending.get(entry.clientId) !== entry) return;
+    entry.attempts += 1;
+    clearTimeout(entry.timer);
+    entry.timer = setTimeout(() => this._sendTimedOut(entry), this._sendTimeoutMs());
+    entry.via = null;
+    this._command({ type: 'send', room: entry.room, text: entry.text, client_id: entry.clientId })
+      .then((result) => { entry.via = result.via; })
+      .catch((error) => {
+        // Network trouble is retried by the timer; anything else will not get better.
+        if (error.code !== 'network' && error.code !== 'rate_limited') this._finishSend(entry, error);
+      });
+  }
+
+  _sendTimedOut(entry) {
+    if (this._pending.get(entry.clientId) !== entry) return;
+    if (entry.attempts >= this.options.sendAttempts) {
+      this._finishSend(entry, new SwitchyardError('timeout', `no echo for ${entry.clientId} after ${entry.attempts} attempts`));
+    } else {
+      this._attemptSend(entry);
+    }
+  }
+
+  _finishSend(entry, error) {
+    if (this._pending.get(entry.clientId) !== entry) return;
+    this._pending.delete(entry.clientId);
+    clearTimeout(entry.timer);
+    entry.reject(error);
+  }
+
+  /** The WebSocket reports `rate_limited` without saying which command: retry ours soon. */
+  _retryWebSocketSendsSoon() {
+    for (const entry of this._pending.values()) {
+      if (entry.via !== 'websocket') continue;
+      clearTimeout(entry.timer);
+      entry.timer = setTimeout(() => this._attemptSend(entry), jitter(1200));
+    }
+  }
+
+  _sendTimeoutMs() {
+    const poll = this.transport === 'short-polling' ? 3 * this._shortPollMs() : 0;
+    return Math.max(this.options.sendTimeoutMs, poll);
+  }
+
+  // ---- helpers ----
+
+  _shortPollMs() {
+    return this.options.shortPollMs ?? this.server?.short_poll_ms ?? 1000;
+  }
+
+  _longPollMs() {
+    return this.options.longPollMs ?? this.server?.long_poll_ms ?? 25000;
+  }
+
+  _url(path, params) {
+    const url = new URL(this.baseUrl + path);
+    for (const [key, value] of Object.entries(params || {})) url.searchParams.set(key, String(value));
+    return url.href;
+  }
+
+  _stopActive() {
+    const active = this._active;
+    this._active = null;
+    if (active) active.stop();
+  }
+
+  /** Cancels pending reconnects and in-flight async flows; returns the new epoch. */
+  _cancelFlows() {
+    this._epoch += 1;
+    for (const timer of this._timers) clearTimeout(timer);
+    this._timers.clear();
+    clearTimeout(this._stableTimer);
+    return this._epoch;
+  }
+
+  _later(ms, fn) {
+    const timer = setTimeout(() => {
+      this._timers.delete(timer);
+      fn();
+    }, ms);
+    this._timers.add(timer);
+  }
+
+  _ensureNotClosed() {
+    if (this.state === 'closed') throw new SwitchyardError('closed', 'the client is closed');
+  }
+}
+
+function newRoomState() {
+  return { online: [], lastMessageId: 0 };
+}
+
+function checkRoom(room) {
+  if (typeof room !== 'string' || !ROOM_PATTERN.test(room)) {
+    throw new SwitchyardError('invalid_room', `room names are 1-64 of A-Za-z0-9_.- (got ${JSON.stringify(room)})`);
+  }
+}
+
+function describeFailure(info) {
+  switch (info.reason) {
+    case 'timeout':
+      return info.detail || 'timed out';
+    case 'error':
+      return info.detail || 'error before open';
+    default:
+      return info.detail ? `${info.reason}: ${info.detail}` : info.reason;
+  }
+}
+
+// ---- transports ----
+//
+// Each transport attempt calls `hooks.open()` once it is attached, `hooks.event(e)` per event
+// and `hooks.lost({reason, detail})` once when it ends by itself. `stop()` ends it silently.
+// `reason` is a server close reason (superseded, slow_consumer, shutdown, expired,
+// heartbeat_timeout), 'unknown_session', 'invalid_after', 'network' (dropped after opening) or
+// 'error' (failed before opening).
+
+function makeTransport(name, client, hooks) {
+  switch (name) {
+    case 'websocket':
+      return new WebSocketTransport(client, hooks);
+    case 'sse':
+      return new SseTransport(client, hooks);
+    case 'long-polling':
+      return new PollTransport(client, hooks, 'long-polling');
+    case 'short-polling':
+      return new PollTransport(client, hooks, 'short-polling');
+    default:
+      throw new SwitchyardError('bad_option', `unknown transport ${name}`);
+  }
+}
+
+class Transport {
+  constructor(name, client, hooks) {
+    this.name = name;
+    this.client = client;
+    this.hooks = hooks;
+    this.live = true;
+    this.opened = false;
+    this.sessionPath = `/v1/sessions/${client.sessionId}`;
+  }
+
+  _open() {
+    if (!this.live || this.opened) return;
+    this.opened = true;
+    this.hooks.open();
+  }
+
+  _event(event) {
+    if (this.live) this.hooks.event(event);
+  }
+
+  /** Ends the attempt and reports why. */
+  fail(info) {
+    if (!this.live) return;
+    this.live = false;
+    this.teardown();
+    this.hooks.lost(info);
+  }
+
+  /** Ends the attempt without reporting. */
+  stop() {
+    if (!this.live) return;
+    this.live = false;
+    this.teardown();
+  }
+
+  sendCommand() {
+    return false;
+  }
+
+  teardown() {}
+}
+
+class WebSocketTransport extends Transport {
+  constructor(client, hooks) {
+    super('websocket', client, hooks);
+  }
+
+  start(after) {
+    const url = new URL(this.client._url(`${this.sessionPath}/ws`, { after }));
+    url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(url.href);
+    this.ws = ws;
+    ws.onopen = () => this._open();
+    ws.onmessage = (message) => {
+      let event;
+      try {
+        event = JSON.parse(message.data);
+      } catch {
+        return;
+      }
+      this._event(event);
+    };
+    ws.onerror = () => {}; // onclose follows with the code
+    ws.onclose = (close) => {
+      const reason = CLOSE_REASONS[close.code] || (this.opened ? 'network' : 'error');
+      const detail = close.reason || (this.opened ? `socket closed (${close.code})` : 'could not connect');
+      this.fail({ reason, code: close.code, detail });
+    };
+  }
+
+  sendCommand(command) {
+    if (!this.live || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(command));
+    return true;
+  }
+
+  teardown() {
+    const ws = this.ws;
+    if (!ws) return;
+    ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+    try {
+      ws.close();
+    } catch {
+      // already closed
+    }
+  }
+}
+
+class SseTransport extends Transport {
+  constructor(client, hooks) {
+    super('sse', client, hooks);
+  }
+
+  start(after) {
+    const source = new EventSource(this.client._url(`${this.sessionPath}/sse`, { after }));
+    this.source = source;
+    const onData = (message) => {
+      let event;
+      try {
+        event = JSON.parse(message.data);
+      } catch {
+        return;
+      }
+      this._event(event);
+    };
+    source.onopen = () => this._open();
+    for (const type of ['message', 'presence', 'typing', 'history', 'reset']) {
+      source.addEventListener(type, onData);
+    }
+    // `error` is both the server's error event (it has data) and EventSource's own failure.
+    source.addEventListener('error', (message) => {
+      if (typeof message.data === 'string') {
+        onData(message);
+        return;
+      }
+      // EventSource would reconnect by itself; we close it and resume ourselves, so it never
+      // races another transport or resumes from a point we did not choose.
+      this.fail({ reason: this.opened ? 'network' : 'error', detail: this.opened ? 'stream dropped' : 'could not open the stream' });
+    });
+    source.addEventListener('close', (message) => {
+      let reason = 'network';
+      try {
+        reason = JSON.parse(message.data).reason || reason;
+      } catch {
+        // keep 'network'
+      }
+      this.fail({ reason, detail: 'the server closed the stream' });
+    });
+  }
+
+  teardown() {
+    this.source?.close();
+  }
+}
+
+/** Long polling (`wait` = long_poll_ms) and short polling (`wait=0` every shortPollMs). */
+class PollTransport extends Transport {
+  constructor(client, hooks, kind) {
+    super(kind, client, hooks);
+    this.long = kind === 'long-polling';
+  }
+
+  start() {
+    this._loop();
+  }
+
+  async _loop() {
+    // A long-polling attempt opens with `wait=1`: it answers at once, so a working endpoint is
+    // known to work within openTimeoutMs even when no event is waiting.
+    let wait = this.long ? 1 : 0;
+    while (this.live) {
+      const controller = new AbortController();
+      this.controller = controller;
+      const watchdog = setTimeout(() => controller.abort(), wait + LONG_POLL_GRACE_MS);
+      let response;
+      let body;
+      try {
+        response = await fetch(
+          this.client._url(`${this.sessionPath}/poll`, { after: this.client.lastSeq, wait }),
+          { signal: controller.signal, cache: 'no-store' },
+        );
+        body = await response.json().catch(() => null);
+      } catch (error) {
+        clearTimeout(watchdog);
+        this.fail({ reason: this.opened ? 'network' : 'error', detail: error.name === 'AbortError' ? 'poll timed out' : error.message });
+        return;
+      } finally {
+        clearTimeout(watchdog);
+      }
+      if (!this.live) return;
+      if (response.status === 409) {
+        // poll_in_progress: an earlier poll of this session is still held; it ends soon.
+        await this._pause(jitter(300));
+        continue;
+      }
+      if (!response.ok || !body || !Array.isArray(body.events)) {
+        const code = body?.error?.code;
+        const reason = code === 'unknown_session' || code === 'invalid_after' ? code : (this.opened ? 'network' : 'error');
+        this.fail({ reason, detail: `HTTP ${response.status}${code ? ` ${code}` : ''}` });
+        return;
+      }
+      this._open();
+      for (const event of body.events) {
+        if (!this.live) return;
+        this._event(event);
+      }
+      if (body.closed) {
+        this.fail({ reason: body.closed, detail: 'the server closed the poll' });
+        return;
+      }
+      if (this.long) {
+        wait = this.client._longPollMs();
+      } else {
+        await this._pause(this.client._shortPollMs());
+      }
+    }
+  }
+
+  _pause(ms) {
+    return new Promise((resolve) => {
+      this.pauseTimer = setTimeout(resolve, ms);
+      this.wake = resolve;
+    });
+  }
+
+  teardown() {
+    this.controller?.abort();
+    clearTimeout(this.pauseTimer);
+    this.wake?.();
+  }
+}

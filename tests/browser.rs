@@ -120,7 +120,7 @@ async fn wait_until(browser: &Client, what: &str, expression: &str) {
 
 /// JS for the text of the element with this `data-testid`.
 fn testid_text(testid: &str) -> String {
-    format!("(document.querySelector('[data-testid=\"{testid}\"]') || {{}}).textContent || ''")
+    format!("((document.querySelector('[data-testid=\"{testid}\"]') || {{}}).textContent || '')")
 }
 
 async fn type_and_send(browser: &Client, text: &str) {
@@ -343,7 +343,8 @@ async fn a_server_side_close_is_resumed_with_nothing_missing_or_repeated() {
             assert_eq!(
                 text.matches(&marker).count(),
                 1,
-                "{marker} exactly once over {kind}: {text}"
+                "{marker} exactly once over {kind}: ...{}",
+                &text[text.len().saturating_sub(400)..]
             );
             let at = text.find(&marker).unwrap();
             assert!(at >= last, "{marker} in order over {kind}");
@@ -399,5 +400,50 @@ async fn message_text_is_shown_literally_and_never_run() {
                 .unwrap()
                 .contains("<b>eve</b>")
     );
+    browser.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_compare_view_measures_a_burst_on_all_four_transports() {
+    let server = TestServer::start().await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&format!("http://{}/compare?room=cmp", server.addr))
+        .await
+        .unwrap();
+    wait_until(
+        &browser,
+        "the burst button to be enabled",
+        "!document.querySelector('[data-testid=send-burst]').disabled",
+    )
+    .await;
+    browser
+        .find(Locator::Css("[data-testid=send-burst]"))
+        .await
+        .expect("burst button")
+        .click()
+        .await
+        .expect("click burst");
+    for kind in TransportKind::ALL {
+        let panel = format!("[data-testid=compare-{kind}]");
+        let count =
+            format!("(document.querySelector('{panel} [data-testid=count]') || {{}}).textContent");
+        let p50 =
+            format!("(document.querySelector('{panel} [data-testid=p50]') || {{}}).textContent");
+        wait_until(
+            &browser,
+            &format!("{kind} to count 20"),
+            &format!("{count} === '20'"),
+        )
+        .await;
+        wait_until(
+            &browser,
+            &format!("{kind} to show a p50"),
+            &format!("parseFloat({p50}) > 0"),
+        )
+        .await;
+    }
+    screenshot(&browser, "compare.png").await;
     browser.close().await.unwrap();
 }
