@@ -6,9 +6,8 @@ import { connect, TRANSPORTS } from '/switchyard.js';
 
 const SVG = 'http://www.w3.org/2000/svg';
 const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
-/** The server allows a burst of 40 commands per session, then 20/s: stay under both. */
-const UNPACED = 35;
-const PACE_MS = 55;
+/** Stay a little under the session's rate limit, which the server states at creation. */
+const RATE_MARGIN = 0.9;
 const CHART_BARS = 80;
 const LABELS = {
   websocket: 'WebSocket',
@@ -341,8 +340,11 @@ function sendOne(index, total) {
 async function sendBurst(count) {
   sending = true;
   renderSender();
+  const limits = sender.server || {};
+  const unpaced = Math.floor((limits.rate_limit_burst ?? 40) * RATE_MARGIN);
+  const paceMs = Math.ceil(1000 / ((limits.rate_limit_per_sec ?? 20) * RATE_MARGIN));
   for (let i = 0; i < count; i++) {
-    if (i >= UNPACED) await new Promise((resolve) => setTimeout(resolve, PACE_MS));
+    if (i >= unpaced) await new Promise((resolve) => setTimeout(resolve, paceMs));
     sendOne(i, count);
   }
   sending = false;

@@ -481,12 +481,7 @@ export class Client {
   /** true if the session exists, false if the server says it does not, null if unknown. */
   async _probeSession() {
     try {
-      // An empty batch is refused (400) after the session lookup (404) and changes nothing.
-      const response = await fetch(this._url(`/v1/sessions/${this.sessionId}/commands`), {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: '[]',
-      });
+      const response = await fetch(this._url(`/v1/sessions/${this.sessionId}`));
       if (response.status !== 404) return true;
       const body = await response.json().catch(() => null);
       return body?.error?.code === 'unknown_session' ? false : true;
@@ -588,7 +583,8 @@ export class Client {
         for (const room of this.rooms.keys()) this._command({ type: 'join', room }).catch(() => {});
         return;
       case 'error':
-        if (event.code === 'rate_limited') this._retryWebSocketSendsSoon();
+        if (event.code === 'rate_limited') this._retryWebSocketSendSoon(event.client_id);
+        else if (event.client_id) this._failWebSocketSend(event);
         break;
       default:
         break;
@@ -689,13 +685,18 @@ export class Client {
     entry.reject(error);
   }
 
-  /** The WebSocket reports `rate_limited` without saying which command: retry ours soon. */
-  _retryWebSocketSendsSoon() {
-    for (const entry of this._pending.values()) {
-      if (entry.via !== 'websocket') continue;
-      clearTimeout(entry.timer);
-      entry.timer = setTimeout(() => this._attemptSend(entry), jitter(1200));
-    }
+  /** A send refused over the WebSocket with `rate_limited`: retry it (same client_id) soon. */
+  _retryWebSocketSendSoon(clientId) {
+    const entry = this._pending.get(clientId);
+    if (!entry) return;
+    clearTimeout(entry.timer);
+    entry.timer = setTimeout(() => this._attemptSend(entry), jitter(1200));
+  }
+
+  /** A send refused over the WebSocket for good (not_in_room, invalid_text, ...). */
+  _failWebSocketSend(event) {
+    const entry = this._pending.get(event.client_id);
+    if (entry) this._finishSend(entry, new SwitchyardError(event.code, event.message));
   }
 
   _sendTimeoutMs() {

@@ -250,6 +250,14 @@ pub enum Command {
 const COMMAND_TYPES: [&str; 4] = ["join", "leave", "send", "typing"];
 
 impl Command {
+    /// The `client_id` of a `send`.
+    pub fn client_id(&self) -> Option<&str> {
+        match self {
+            Command::Send { client_id, .. } => Some(client_id),
+            _ => None,
+        }
+    }
+
     /// The room every command names.
     pub fn room(&self) -> &str {
         match self {
@@ -429,6 +437,9 @@ pub enum Event<'a> {
         code: ErrorCode,
         /// Human-readable message.
         message: &'a str,
+        /// For a failed `send`, its `client_id`, so the client knows which send to retry.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
     },
     /// The resume point was lost; the client must replace its view (fresh histories follow).
     Reset {

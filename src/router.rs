@@ -67,7 +67,7 @@ impl<'a> Endpoint<'a> {
             | Endpoint::Sse(_)
             | Endpoint::Poll(_) => &[Method::GET],
             Endpoint::Sessions | Endpoint::Commands(_) => &[Method::POST],
-            Endpoint::Session(_) => &[Method::DELETE],
+            Endpoint::Session(_) => &[Method::GET, Method::DELETE],
         }
     }
 }
@@ -129,9 +129,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             ErrorCode::MethodNotAllowed,
             format!("{} does not answer {}", path, request.method()),
         ));
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static(allowed[0].as_str()));
+        response.headers_mut().insert(ALLOW, allow_header(allowed));
         return Ok(response);
     }
     let hub = &app.hub;
@@ -156,6 +154,9 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             Ok(response)
         }
         Endpoint::Sessions => create_session(request, app).await,
+        Endpoint::Session(id) if request.method() == Method::GET => {
+            Ok(json_response(StatusCode::OK, &hub.describe(id)?))
+        }
         Endpoint::Session(id) => {
             hub.end_session(id)?;
             Ok(json_response(
@@ -234,6 +235,10 @@ pub struct SessionCreated {
     pub replay_window: usize,
     /// Largest command frame or body.
     pub max_message_bytes: usize,
+    /// Sustained commands per second per session.
+    pub rate_limit_per_sec: f64,
+    /// Commands a session may send at once.
+    pub rate_limit_burst: f64,
 }
 
 async fn create_session(
@@ -264,6 +269,8 @@ async fn create_session(
             short_poll_ms: config.short_poll.as_millis() as u64,
             replay_window: config.replay_window,
             max_message_bytes: config.max_message_bytes,
+            rate_limit_per_sec: config.rate_limit_per_sec,
+            rate_limit_burst: config.rate_limit_burst,
         },
     ))
 }
@@ -300,15 +307,17 @@ fn check_origin(
     ))
 }
 
-fn preflight(allowed: &[Method]) -> Response<Body> {
+/// `GET, DELETE`: the methods an endpoint answers, for `Allow` and CORS preflight.
+fn allow_header(allowed: &[Method]) -> HeaderValue {
     let methods: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    HeaderValue::from_str(&methods.join(", ")).expect("method names are valid headers")
+}
+
+fn preflight(allowed: &[Method]) -> Response<Body> {
     let mut response = Response::new(full(""));
     *response.status_mut() = StatusCode::NO_CONTENT;
     let headers = response.headers_mut();
-    headers.insert(
-        ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_str(&methods.join(", ")).expect("method names are valid headers"),
-    );
+    headers.insert(ACCESS_CONTROL_ALLOW_METHODS, allow_header(allowed));
     headers.insert(
         ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static("content-type, last-event-id"),

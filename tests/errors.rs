@@ -122,6 +122,14 @@ async fn bad_commands_over_websocket_get_error_events_and_the_socket_stays_open(
         (Some("error"), Some("bad_command"))
     );
 
+    ws_send(&mut ws, send("elsewhere", "lost?", "which-one")).await;
+    let event = ws_event(&mut ws).await;
+    assert_eq!(event["code"], "not_in_room");
+    assert_eq!(
+        event["client_id"], "which-one",
+        "a failed send names its client_id"
+    );
+
     ws_send(&mut ws, send("lobby", "still open", "s1")).await;
     let echo = ws_event(&mut ws).await;
     assert_eq!(echo["text"], "still open");
@@ -340,6 +348,11 @@ async fn http_errors_have_stable_codes() {
     }
     let (_, headers, _) = server.request(Method::GET, "/v1/sessions", &[], "").await;
     assert_eq!(headers["allow"], "POST");
+    let (status, headers, _) = server
+        .request(Method::PUT, &format!("/v1/sessions/{session}"), &[], "")
+        .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(headers["allow"], "GET, DELETE");
 }
 
 #[tokio::test]

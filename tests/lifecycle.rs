@@ -97,6 +97,51 @@ async fn an_unattached_session_expires_after_its_ttl_and_its_rooms_see_it_leave(
 }
 
 #[tokio::test]
+async fn a_session_can_be_described_and_its_creation_reply_names_the_limits() {
+    let server = TestServer::start().await;
+    let (status, created) = server
+        .json(Method::POST, "/v1/sessions", Some(json!({"name": "desc"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        created["transports"],
+        json!(["websocket", "sse", "long-polling", "short-polling"])
+    );
+    assert_eq!(
+        (
+            created["heartbeat_ms"].as_u64(),
+            created["long_poll_ms"].as_u64(),
+            created["replay_window"].as_u64()
+        ),
+        (Some(15000), Some(25000), Some(1024))
+    );
+    assert_eq!(
+        (
+            created["rate_limit_per_sec"].as_f64(),
+            created["rate_limit_burst"].as_f64()
+        ),
+        (Some(20.0), Some(40.0))
+    );
+    let id = created["session"].as_str().unwrap();
+    assert_eq!(id.len(), 32, "128-bit id in hex");
+    server.ok(id, json!([join("one"), join("two")])).await;
+    let _ws = server.websocket(id, 0).await;
+    let path = format!("/v1/sessions/{id}");
+    let described = loop {
+        let (status, body) = server.json(Method::GET, &path, None).await;
+        assert_eq!(status, StatusCode::OK);
+        if body["attached"] == "websocket" {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        described,
+        json!({"session": id, "name": "desc", "last_seq": 4, "attached": "websocket", "rooms": ["one", "two"]})
+    );
+}
+
+#[tokio::test]
 async fn delete_ends_the_session_closes_its_transport_and_leaves_its_rooms() {
     let server = TestServer::start().await;
     let ann = server.session("ann").await;

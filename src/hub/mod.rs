@@ -59,6 +59,21 @@ struct Chat {
     tick: u64,
 }
 
+/// A session as `GET /v1/sessions/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SessionInfo {
+    /// Session id.
+    pub session: String,
+    /// User name.
+    pub name: String,
+    /// Seq of the newest event (0 before the first).
+    pub last_seq: u64,
+    /// The transport attached now, if any.
+    pub attached: Option<&'static str>,
+    /// Rooms joined, in join order.
+    pub rooms: Vec<String>,
+}
+
 /// The outcome of one command, as listed in an HTTP `/commands` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CommandResult {
@@ -416,8 +431,9 @@ impl Hub {
         Ok(CommandResult::done())
     }
 
-    /// Sends an `error` event to one session (for commands that arrived on its WebSocket).
-    pub fn push_error(&self, session: &Session, error: &ErrorBody) {
+    /// Sends an `error` event to one session (for commands that arrived on its WebSocket);
+    /// `client_id` names the failed `send`, if it was one.
+    pub fn push_error(&self, session: &Session, error: &ErrorBody, client_id: Option<&str>) {
         self.inner
             .metrics
             .error(TransportKind::WebSocket.as_str(), error.code);
@@ -425,9 +441,23 @@ impl Hub {
             Event::Error {
                 code: error.code,
                 message: &error.message,
+                client_id,
             }
             .encode(),
         );
+    }
+
+    /// Describes a session: its seq, attached transport and rooms.
+    pub fn describe(&self, session_id: &str) -> Result<SessionInfo, ErrorBody> {
+        let session = self.session(session_id)?;
+        let state = session.lock();
+        Ok(SessionInfo {
+            session: session.id.clone(),
+            name: session.name.clone(),
+            last_seq: state.replay.last_seq(),
+            attached: state.attached.as_ref().map(|slot| slot.kind.as_str()),
+            rooms: state.rooms.clone(),
+        })
     }
 
     /// Closes the transport attached to a session, telling it `reason`; the session lives on

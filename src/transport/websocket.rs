@@ -26,7 +26,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::{Attachment, Delivery, Hub};
-use crate::protocol::{parse_commands, CloseReason, ErrorBody, ErrorCode};
+use crate::protocol::{parse_commands, CloseReason, Command, ErrorBody, ErrorCode};
 
 use super::{full, Body, MAX_BATCH};
 
@@ -176,7 +176,7 @@ where
                     hub.push_error(&session, &ErrorBody::new(
                         ErrorCode::BadCommand,
                         "binary frames are not supported; send commands as JSON text frames",
-                    ));
+                    ), None);
                 }
                 Some(Ok(Message::Close(_))) | None => break End::Gone,
                 Some(Ok(_)) => last_heard = Instant::now(),
@@ -270,17 +270,29 @@ fn handle_text(
                 text.len()
             ),
         );
-        hub.push_error(session, &error);
+        hub.push_error(session, &error, None);
         return;
     }
-    let results = match parse_commands(text) {
-        Ok(commands) => hub.execute(session, commands),
+    let commands = match parse_commands(text) {
+        Ok(commands) => commands,
         Err(error) => {
-            hub.push_error(session, &error);
+            hub.push_error(session, &error, None);
             return;
         }
     };
-    for error in results.iter().filter_map(|r| r.error.as_ref()) {
-        hub.push_error(session, error);
+    let client_ids: Vec<Option<String>> = commands
+        .iter()
+        .map(|c| {
+            c.as_ref()
+                .ok()
+                .and_then(Command::client_id)
+                .map(str::to_owned)
+        })
+        .collect();
+    let results = hub.execute(session, commands);
+    for (result, client_id) in results.iter().zip(&client_ids) {
+        if let Some(error) = &result.error {
+            hub.push_error(session, error, client_id.as_deref());
+        }
     }
 }
