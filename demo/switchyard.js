@@ -812,6 +812,17 @@ class Transport {
     if (this.live) this.hooks.event(event);
   }
 
+  /** Hands on one event frame's JSON; a frame that is not JSON is ignored. */
+  _eventJson(text) {
+    let event;
+    try {
+      event = JSON.parse(text);
+    } catch {
+      return;
+    }
+    this._event(event);
+  }
+
   /** Ends the attempt and reports why. */
   fail(info) {
     if (!this.live) return;
@@ -845,15 +856,7 @@ class WebSocketTransport extends Transport {
     const ws = new WebSocket(url.href);
     this.ws = ws;
     ws.onopen = () => this._open();
-    ws.onmessage = (message) => {
-      let event;
-      try {
-        event = JSON.parse(message.data);
-      } catch {
-        return;
-      }
-      this._event(event);
-    };
+    ws.onmessage = (message) => this._eventJson(message.data);
     ws.onerror = () => {}; // onclose follows with the code
     ws.onclose = (close) => {
       const reason = CLOSE_REASONS[close.code] || (this.opened ? 'network' : 'error');
@@ -888,15 +891,7 @@ class SseTransport extends Transport {
   start(after) {
     const source = new EventSource(this.client._url(`${this.sessionPath}/sse`, { after }));
     this.source = source;
-    const onData = (message) => {
-      let event;
-      try {
-        event = JSON.parse(message.data);
-      } catch {
-        return;
-      }
-      this._event(event);
-    };
+    const onData = (message) => this._eventJson(message.data);
     source.onopen = () => this._open();
     for (const type of ['message', 'presence', 'typing', 'history', 'reset']) {
       source.addEventListener(type, onData);
