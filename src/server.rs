@@ -11,9 +11,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,7 +26,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::protocol::{ErrorBody, ErrorCode};
 use crate::router;
+use crate::transport::error_response;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -119,7 +123,20 @@ async fn serve_connection(
     }
     let service = service_fn(move |request| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(router::route(request, app).await) }
+        async move {
+            // A bug must cost one request a 500, not the whole connection.
+            let response = AssertUnwindSafe(router::route(request, app))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!(%peer, "a request handler panicked");
+                    error_response(ErrorBody::new(
+                        ErrorCode::Internal,
+                        "internal error; it has been logged",
+                    ))
+                });
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -471,3 +471,62 @@ async fn cross_origin_requests_need_an_allowed_origin() {
         other => panic!("expected 403, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn limits_on_rooms_and_sessions_answer_with_their_codes() {
+    let config = Config {
+        max_rooms_per_session: 3,
+        max_rooms: 4,
+        max_sessions: 2,
+        ..Config::default()
+    };
+    let server = TestServer::with_config(config).await;
+    let ann = server.session("ann").await;
+    server
+        .ok(&ann, json!([join("a"), join("b"), join("c")]))
+        .await;
+    let (status, reply) = server.commands(&ann, join("d")).await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("too_many_rooms"))
+    );
+
+    // Four rooms exist; a fifth needs an empty one to drop, and all four have members.
+    let bob = server.session("bob").await;
+    server.ok(&bob, join("d")).await;
+    let (status, reply) = server.commands(&bob, join("e")).await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("server_full"))
+    );
+    // Once a room empties, it makes way (its history goes with it).
+    server.ok(&ann, json!({"type": "leave", "room": "a"})).await;
+    server.ok(&bob, join("e")).await;
+
+    let (status, reply) = server
+        .json(Method::POST, "/v1/sessions", Some(json!({"name": "third"})))
+        .await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("server_full"))
+    );
+}
+
+#[tokio::test]
+async fn a_server_shutting_down_refuses_new_sessions_and_transports() {
+    let server = TestServer::start().await;
+    let session = server.session("late").await;
+    server.hub.as_ref().expect("in-process hub").shutdown();
+    let (status, reply) = server
+        .json(Method::POST, "/v1/sessions", Some(json!({"name": "later"})))
+        .await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down"))
+    );
+    let (status, reply) = server.poll(&session, 0, 0).await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down"))
+    );
+}
