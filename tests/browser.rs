@@ -19,10 +19,22 @@ use switchyard::Config;
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-/// A chromedriver process on a free loopback port, killed on drop.
+/// A chromedriver process on a free loopback port. It leads its own process group, and the
+/// whole group (chromedriver and every Chromium it started) is killed on drop, so a failing
+/// test leaves no browser behind.
 struct Driver {
     url: String,
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
 }
 
 impl Driver {
@@ -44,6 +56,7 @@ impl Driver {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .expect("start chromedriver");
         within("chromedriver to listen", async {
@@ -57,7 +70,7 @@ impl Driver {
         .await;
         Driver {
             url: format!("http://127.0.0.1:{port}"),
-            _child: child,
+            child,
         }
     }
 
