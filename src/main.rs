@@ -1,4 +1,5 @@
-//! The `switchyard` binary: `switchyard [serve] [flags]` runs the gateway.
+//! The `switchyard` binary: `switchyard [serve] [flags]` runs the gateway; `switchyard bench`
+//! measures it (see `switchyard::bench`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,6 +26,16 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve(ServeArgs),
+    /// Compare the transports' latency, throughput, bytes and server cost (see
+    /// docs/benchmarks.md).
+    Bench(switchyard::bench::BenchArgs),
+    /// The bench's baseline: a bare tokio-tungstenite broadcast server.
+    #[command(hide = true)]
+    BenchBaseline {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: SocketAddr,
+    },
 }
 
 #[derive(Args)]
@@ -117,6 +128,24 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Bench(args)) => {
+            return match switchyard::bench::run(args).await {
+                Ok(_) => std::process::ExitCode::SUCCESS,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::BenchBaseline { addr }) => {
+            return match switchyard::bench::baseline::main(addr).await {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         None => cli.serve,
     };
     let config = match args.config() {

@@ -1,0 +1,283 @@
+//! What a bench run reports: one row per transport (and the baseline), as a terminal table,
+//! JSON and an SVG latency CDF.
+
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::process::Machine;
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+    /// Samples.
+    pub count: u64,
+}
+
+impl Latency {
+    /// Percentiles of a histogram of microseconds.
+    pub fn of(histogram: &Histogram<u64>) -> Latency {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            p50: ms(histogram.value_at_quantile(0.5)),
+            p90: ms(histogram.value_at_quantile(0.9)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            p999: ms(histogram.value_at_quantile(0.999)),
+            max: ms(histogram.max()),
+            mean: histogram.mean() / 1000.0,
+            count: histogram.len(),
+        }
+    }
+}
+
+/// One transport's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Transport name (or `baseline-ws`).
+    pub transport: String,
+    /// Subscribers.
+    pub clients: usize,
+    /// Messages per second published.
+    pub rate: f64,
+    /// Messages the server accepted.
+    pub published: u64,
+    /// Messages the publishers could not send.
+    pub publish_errors: u64,
+    /// First deliveries of a message to a subscriber (whole run).
+    pub delivered: u64,
+    /// published x clients.
+    pub expected: u64,
+    /// Accepted messages a subscriber never received.
+    pub lost: u64,
+    /// Repeated deliveries.
+    pub duplicated: u64,
+    /// Deliveries older than an earlier one from the same publisher.
+    pub out_of_order: u64,
+    /// `seq` jumps other than +1.
+    pub seq_gaps: u64,
+    /// `error`/`reset` events and failed requests seen by subscribers.
+    pub errors: u64,
+    /// Transports that ended before the bench stopped them.
+    pub disconnects: u64,
+    /// Deliveries per second in the measurement window.
+    pub deliveries_per_sec: f64,
+    /// Latency from due time to arrival (messages due in the window).
+    pub latency_ms: Latency,
+    /// Bytes through the subscribers' sockets per delivery, both directions, headers and
+    /// framing included.
+    pub bytes_per_delivery: f64,
+    /// Server CPU time per delivery in the window (`--spawn` only; shared by all rows with
+    /// `--concurrent`).
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// Server CPU use in the window, percent of one core.
+    pub server_cpu_percent: Option<f64>,
+    /// Server peak resident memory (`--spawn` only).
+    pub server_peak_rss_bytes: Option<u64>,
+    /// Events the server counted as delivered on this transport during the run (/metrics).
+    pub server_events_delivered: Option<u64>,
+    /// The generator's own CPU use in the window, percent of one core.
+    pub generator_cpu_percent: Option<f64>,
+    /// Latency histogram, for the chart.
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
+}
+
+impl Row {
+    /// Whether anything was lost, repeated, reordered or refused.
+    pub fn unhealthy(&self) -> bool {
+        self.lost
+            + self.duplicated
+            + self.out_of_order
+            + self.seq_gaps
+            + self.publish_errors
+            + self.errors
+            + self.disconnects
+            > 0
+    }
+}
+
+/// Idle memory of one transport.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleRow {
+    /// Transport name.
+    pub transport: String,
+    /// Sessions opened.
+    pub sessions: usize,
+    /// Sessions whose transport was open when memory was read.
+    pub attached: usize,
+    /// Server RSS before opening them.
+    pub rss_before_bytes: u64,
+    /// Server RSS with all of them open.
+    pub rss_after_bytes: u64,
+    /// (after - before) / attached.
+    pub bytes_per_session: f64,
+    /// Server CPU use while they idled, percent of one core.
+    pub server_cpu_percent: Option<f64>,
+}
+
+/// The whole run, as written by `--json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The flags of the run.
+    pub config: serde_json::Value,
+    /// The machine.
+    pub machine: Machine,
+    /// One per transport.
+    pub transports: Vec<Row>,
+    /// `--idle` results.
+    pub idle: Vec<IdleRow>,
+}
+
+fn opt(value: Option<f64>, digits: usize) -> String {
+    value.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// The readable table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<14} {:>6} {:>5} {:>9} {:>5} {:>4} {:>4} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7} {:>8} {:>6}\n",
+        "transport", "subs", "rate", "delivered", "lost", "dup", "ooo", "deliv/s",
+        "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "B/deliv", "srv us/d", "srv %",
+        "srv MiB", "gen %"
+    ));
+    for row in rows {
+        let l = &row.latency_ms;
+        out.push_str(&format!(
+            "{:<14} {:>6} {:>5} {:>9} {:>5} {:>4} {:>4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.0} {:>8} {:>7} {:>8} {:>6}\n",
+            row.transport, row.clients, row.rate, row.delivered, row.lost, row.duplicated,
+            row.out_of_order, row.deliveries_per_sec, l.p50, l.p90, l.p99, l.p999, l.max,
+            row.bytes_per_delivery, opt(row.server_cpu_us_per_delivery, 2),
+            opt(row.server_cpu_percent, 0),
+            opt(row.server_peak_rss_bytes.map(|b| b as f64 / 1048576.0), 1),
+            opt(row.generator_cpu_percent, 0),
+        ));
+    }
+    for row in rows.iter().filter(|r| r.unhealthy()) {
+        out.push_str(&format!(
+            "\n!!! {}: NOT A HEALTHY RUN: lost {}, duplicated {}, out of order {}, seq gaps {}, \
+             publish errors {}, error events {}, disconnects {} (of {} expected deliveries)\n",
+            row.transport,
+            row.lost,
+            row.duplicated,
+            row.out_of_order,
+            row.seq_gaps,
+            row.publish_errors,
+            row.errors,
+            row.disconnects,
+            row.expected
+        ));
+    }
+    out
+}
+
+/// The idle-memory table.
+pub fn idle_table(rows: &[IdleRow]) -> String {
+    let mut out = format!(
+        "{:<14} {:>8} {:>8} {:>12} {:>12} {:>14} {:>6}\n",
+        "transport", "sessions", "attached", "RSS before", "RSS after", "per session", "srv %"
+    );
+    for row in rows {
+        out.push_str(&format!(
+            "{:<14} {:>8} {:>8} {:>10.1}Mi {:>10.1}Mi {:>11.2} KiB {:>6}\n",
+            row.transport,
+            row.sessions,
+            row.attached,
+            row.rss_before_bytes as f64 / 1048576.0,
+            row.rss_after_bytes as f64 / 1048576.0,
+            row.bytes_per_session / 1024.0,
+            opt(row.server_cpu_percent, 0),
+        ));
+    }
+    out
+}
+
+/// Draws the latency CDF of every row on a log latency axis.
+pub fn svg(rows: &[Row], title: &str, path: &Path) -> Result<(), String> {
+    let curves: Vec<(&str, Vec<(f64, f64)>)> = rows
+        .iter()
+        .filter_map(|row| {
+            let histogram = row.histogram.as_ref().filter(|h| !h.is_empty())?;
+            let mut points = Vec::new();
+            let mut q = 0.0;
+            while q <= 0.9999 {
+                let ms = histogram.value_at_quantile(q) as f64 / 1000.0;
+                points.push((ms.max(0.001), q * 100.0));
+                q += if q < 0.9 { 0.005 } else { (1.0 - q) / 10.0 };
+            }
+            points.push((histogram.max() as f64 / 1000.0, 100.0));
+            Some((row.transport.as_str(), points))
+        })
+        .collect();
+    if curves.is_empty() {
+        return Err("no latency samples to draw".into());
+    }
+    let low = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.0))
+        .fold(f64::INFINITY, f64::min);
+    let high = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.0))
+        .fold(0.0, f64::max);
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(56)
+            .build_cartesian_2d(
+                ((low * 0.8).max(0.001)..(high * 1.25)).log_scale(),
+                0.0..100.0,
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("latency from scheduled send, ms (log)")
+            .y_desc("deliveries, % at or below")
+            .draw()?;
+        let colors = [
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(44, 160, 44),
+            RGBColor(214, 39, 40),
+            RGBColor(100, 100, 100),
+        ];
+        for (i, (name, points)) in curves.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    color.stroke_width(2),
+                ))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| format!("drawing {}: {e}", path.display()))
+}
