@@ -164,7 +164,8 @@ async fn main() -> std::process::ExitCode {
     };
     let addr = listener.local_addr().unwrap_or(args.addr);
     println!("switchyard listening on http://{addr}/");
-    tracing::info!(%addr, transports = ?config.transports, "serving");
+    let transports: Vec<&str> = config.transports.iter().map(|t| t.as_str()).collect();
+    tracing::info!(%addr, transports = %transports.join(","), "serving");
     match switchyard::run(listener, config, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
