@@ -12,11 +12,14 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-use support::{join, send, within, TestServer};
+use support::{join, send, TestServer};
 use switchyard::protocol::{CloseReason, TransportKind};
 use switchyard::Config;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
+/// Browser waits are longer than the other tests': starting Chromium on a loaded 2-core
+/// machine can take many seconds.
+const BROWSER_WAIT: Duration = Duration::from_secs(30);
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
 /// A chromedriver process on a free loopback port. It leads its own process group, and the
@@ -59,7 +62,7 @@ impl Driver {
             .process_group(0)
             .spawn()
             .expect("start chromedriver");
-        within("chromedriver to listen", async {
+        browser_within("chromedriver to listen", async {
             while tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_err()
@@ -90,7 +93,7 @@ impl Driver {
         let Value::Object(capabilities) = capabilities else {
             unreachable!()
         };
-        within(
+        browser_within(
             "a Chromium session",
             ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
                 .capabilities(capabilities)
@@ -101,17 +104,49 @@ impl Driver {
     }
 }
 
+/// Awaits `future`, failing the test with `what` after [`BROWSER_WAIT`].
+async fn browser_within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BROWSER_WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timeout after {BROWSER_WAIT:?}: {what}"))
+}
+
 /// Evaluates a JS expression in the page.
 async fn eval(browser: &Client, expression: &str) -> Value {
-    browser
-        .execute(&format!("return ({expression});"), vec![])
+    browser_within(
+        &format!("evaluating {expression}"),
+        browser.execute(&format!("return ({expression});"), vec![]),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("evaluating {expression}: {e}"))
+}
+
+/// Loads a page.
+async fn goto(browser: &Client, url: &str) {
+    browser_within(&format!("loading {url}"), browser.goto(url))
         .await
-        .unwrap_or_else(|e| panic!("evaluating {expression}: {e}"))
+        .unwrap_or_else(|e| panic!("loading {url}: {e}"));
+}
+
+/// Clicks the element matching a CSS selector.
+async fn click(browser: &Client, css: &str) {
+    browser_within(&format!("clicking {css}"), async {
+        browser.find(Locator::Css(css)).await?.click().await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+}
+
+/// Ends the browser session.
+async fn close(browser: Client) {
+    browser_within("closing the browser", browser.close())
+        .await
+        .expect("close the browser");
 }
 
 /// Polls a JS expression until it is truthy; fails with `what` after the test timeout.
 async fn wait_until(browser: &Client, what: &str, expression: &str) {
-    let waited = tokio::time::timeout(support::WAIT, async {
+    let waited = tokio::time::timeout(BROWSER_WAIT, async {
         loop {
             let value = eval(browser, expression).await;
             if !matches!(value, Value::Null | Value::Bool(false))
@@ -127,7 +162,9 @@ async fn wait_until(browser: &Client, what: &str, expression: &str) {
     if waited.is_err() {
         let transport = eval(browser, &testid_text("transport")).await;
         let fallbacks = eval(browser, &testid_text("fallbacks")).await;
-        panic!("timeout: {what} (transport {transport}, fallbacks {fallbacks})");
+        panic!(
+            "timeout after {BROWSER_WAIT:?}: {what} (transport {transport}, fallbacks {fallbacks})"
+        );
     }
 }
 
@@ -137,24 +174,24 @@ fn testid_text(testid: &str) -> String {
 }
 
 async fn type_and_send(browser: &Client, text: &str) {
-    let composer = browser
-        .find(Locator::Css("[data-testid=composer]"))
-        .await
-        .expect("composer");
-    composer.send_keys(text).await.expect("type");
-    browser
-        .find(Locator::Css("[data-testid=send]"))
-        .await
-        .expect("send button")
-        .click()
-        .await
-        .expect("click send");
+    browser_within("typing in the composer", async {
+        browser
+            .find(Locator::Css("[data-testid=composer]"))
+            .await?
+            .send_keys(text)
+            .await
+    })
+    .await
+    .expect("type in the composer");
+    click(browser, "[data-testid=send]").await;
 }
 
 async fn screenshot(browser: &Client, name: &str) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&dir).expect("screenshot dir");
-    let png = browser.screenshot().await.expect("screenshot");
+    let png = browser_within("a screenshot", browser.screenshot())
+        .await
+        .expect("screenshot");
     std::fs::write(dir.join(name), png).expect("write screenshot");
 }
 
@@ -182,10 +219,7 @@ async fn auto_mode_connects_over_websocket_and_shows_a_sent_message() {
     let driver = Driver::start().await;
     let browser = driver.browser().await;
     let base = format!("http://{}", server.addr);
-    browser
-        .goto(&format!("{base}/?name=alice&room=auto"))
-        .await
-        .unwrap();
+    goto(&browser, &format!("{base}/?name=alice&room=auto")).await;
     wait_for_transport(&browser, "websocket").await;
     type_and_send(&browser, "hello from chromium").await;
     wait_for_message(&browser, "hello from chromium").await;
@@ -211,7 +245,7 @@ async fn auto_mode_connects_over_websocket_and_shows_a_sent_message() {
     )
     .await;
     screenshot(&browser, "chat.png").await;
-    browser.close().await.unwrap();
+    close(browser).await;
 }
 
 #[tokio::test]
@@ -227,10 +261,7 @@ async fn auto_mode_falls_back_to_sse_when_websocket_is_disabled() {
     let server = TestServer::with_config(config).await;
     let driver = Driver::start().await;
     let browser = driver.browser().await;
-    browser
-        .goto(&format!("http://{}/?room=fallback", server.addr))
-        .await
-        .unwrap();
+    goto(&browser, &format!("http://{}/?room=fallback", server.addr)).await;
     wait_for_transport(&browser, "sse").await;
     wait_until(
         &browser,
@@ -242,7 +273,7 @@ async fn auto_mode_falls_back_to_sse_when_websocket_is_disabled() {
     assert_eq!(trail[0]["transport"], "websocket", "{trail}");
     type_and_send(&browser, "over sse").await;
     wait_for_message(&browser, "over sse").await;
-    browser.close().await.unwrap();
+    close(browser).await;
 }
 
 #[tokio::test]
@@ -251,19 +282,20 @@ async fn each_forced_transport_sends_and_receives() {
     let driver = Driver::start().await;
     let browser = driver.browser().await;
     for kind in TransportKind::ALL {
-        browser
-            .goto(&format!(
+        goto(
+            &browser,
+            &format!(
                 "http://{}/?transport={kind}&room=forced-{kind}&name=f-{kind}",
                 server.addr
-            ))
-            .await
-            .unwrap();
+            ),
+        )
+        .await;
         wait_for_transport(&browser, kind.as_str()).await;
         let text = format!("sent over {kind}");
         type_and_send(&browser, &text).await;
         wait_for_message(&browser, &text).await;
     }
-    browser.close().await.unwrap();
+    close(browser).await;
 }
 
 #[tokio::test]
@@ -273,12 +305,16 @@ async fn two_pages_on_different_transports_chat_and_see_each_other() {
     let ann = driver.browser().await;
     let bob = driver.browser().await;
     let base = format!("http://{}", server.addr);
-    ann.goto(&format!("{base}/?transport=websocket&name=ann&room=duo"))
-        .await
-        .unwrap();
-    bob.goto(&format!("{base}/?transport=long-polling&name=bob&room=duo"))
-        .await
-        .unwrap();
+    goto(
+        &ann,
+        &format!("{base}/?transport=websocket&name=ann&room=duo"),
+    )
+    .await;
+    goto(
+        &bob,
+        &format!("{base}/?transport=long-polling&name=bob&room=duo"),
+    )
+    .await;
     wait_for_transport(&ann, "websocket").await;
     wait_for_transport(&bob, "long-polling").await;
     for page in [&ann, &bob] {
@@ -296,8 +332,8 @@ async fn two_pages_on_different_transports_chat_and_see_each_other() {
     wait_for_message(&bob, "hi bob").await;
     type_and_send(&bob, "hi ann").await;
     wait_for_message(&ann, "hi ann").await;
-    ann.close().await.unwrap();
-    bob.close().await.unwrap();
+    close(ann).await;
+    close(bob).await;
 }
 
 #[tokio::test]
@@ -308,13 +344,14 @@ async fn a_server_side_close_is_resumed_with_nothing_missing_or_repeated() {
     let browser = driver.browser().await;
     for kind in [TransportKind::WebSocket, TransportKind::Sse] {
         let room = format!("drop-{kind}");
-        browser
-            .goto(&format!(
+        goto(
+            &browser,
+            &format!(
                 "http://{}/?transport={kind}&name=carol&room={room}",
                 server.addr
-            ))
-            .await
-            .unwrap();
+            ),
+        )
+        .await;
         wait_for_transport(&browser, kind.as_str()).await;
         wait_until(
             &browser,
@@ -365,7 +402,7 @@ async fn a_server_side_close_is_resumed_with_nothing_missing_or_repeated() {
         }
         wait_for_transport(&browser, kind.as_str()).await;
     }
-    browser.close().await.unwrap();
+    close(browser).await;
 }
 
 #[tokio::test]
@@ -373,10 +410,11 @@ async fn message_text_is_shown_literally_and_never_run() {
     let server = TestServer::start().await;
     let driver = Driver::start().await;
     let browser = driver.browser().await;
-    browser
-        .goto(&format!("http://{}/?room=xss&name=mallory", server.addr))
-        .await
-        .unwrap();
+    goto(
+        &browser,
+        &format!("http://{}/?room=xss&name=mallory", server.addr),
+    )
+    .await;
     wait_for_transport(&browser, "websocket").await;
     let attack = "<img src=x onerror=alert(1)>";
     type_and_send(&browser, attack).await;
@@ -400,7 +438,8 @@ async fn message_text_is_shown_literally_and_never_run() {
         eval(&browser, "window.pwned === undefined").await,
         json!(true)
     );
-    assert!(browser.get_alert_text().await.is_err(), "no alert is open");
+    let alert = browser_within("asking for an alert", browser.get_alert_text()).await;
+    assert!(alert.is_err(), "no alert is open: {alert:?}");
     assert!(
         eval(&browser, &testid_text("messages"))
             .await
@@ -413,7 +452,7 @@ async fn message_text_is_shown_literally_and_never_run() {
                 .unwrap()
                 .contains("<b>eve</b>")
     );
-    browser.close().await.unwrap();
+    close(browser).await;
 }
 
 #[tokio::test]
@@ -421,23 +460,18 @@ async fn the_compare_view_measures_a_burst_on_all_four_transports() {
     let server = TestServer::start().await;
     let driver = Driver::start().await;
     let browser = driver.browser().await;
-    browser
-        .goto(&format!("http://{}/compare?room=cmp", server.addr))
-        .await
-        .unwrap();
+    goto(
+        &browser,
+        &format!("http://{}/compare?room=cmp", server.addr),
+    )
+    .await;
     wait_until(
         &browser,
         "the burst button to be enabled",
         "!document.querySelector('[data-testid=send-burst]').disabled",
     )
     .await;
-    browser
-        .find(Locator::Css("[data-testid=send-burst]"))
-        .await
-        .expect("burst button")
-        .click()
-        .await
-        .expect("click burst");
+    click(&browser, "[data-testid=send-burst]").await;
     for kind in TransportKind::ALL {
         let panel = format!("[data-testid=compare-{kind}]");
         let count =
@@ -458,5 +492,5 @@ async fn the_compare_view_measures_a_burst_on_all_four_transports() {
         .await;
     }
     screenshot(&browser, "compare.png").await;
-    browser.close().await.unwrap();
+    close(browser).await;
 }
