@@ -1,0 +1,130 @@
+//! Criterion benchmarks of the server's hot paths: encoding an event for each transport,
+//! fanning one message out to 1, 100 and 10,000 sessions in the hub, and the replay buffer's
+//! append and resume.
+//!
+//! `cargo bench --bench hot_paths`. Each measurement is kept short (about 2 s) so the whole
+//! `cargo bench` stays within a few minutes.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use switchyard::hub::{Hub, ReplayBuffer};
+use switchyard::protocol::{Command, EncodedEvent, Event, Message};
+use switchyard::transport::{poll_body, sse};
+use switchyard::Config;
+
+fn message_event(text_len: usize) -> EncodedEvent {
+    let message = Message {
+        room: "lobby".into(),
+        id: 123_456,
+        from: "alice".into(),
+        text: "x".repeat(text_len),
+        ts: 1_700_000_000_000_000,
+        client_id: "c-123456".into(),
+    };
+    Event::Message(&message).encode()
+}
+
+fn encoding(c: &mut Criterion) {
+    let mut group = c.benchmark_group("encode");
+    let message = Message {
+        room: "lobby".into(),
+        id: 123_456,
+        from: "alice".into(),
+        text: "x".repeat(64),
+        ts: 1_700_000_000_000_000,
+        client_id: "c-123456".into(),
+    };
+    group.bench_function("shared body (once per broadcast)", |b| {
+        b.iter(|| Event::Message(black_box(&message)).encode())
+    });
+    let event = message_event(64);
+    group.bench_function("websocket frame text", |b| {
+        b.iter(|| black_box(&event).to_json(black_box(42)))
+    });
+    group.bench_function("sse event", |b| {
+        let mut out = Vec::with_capacity(512);
+        b.iter(|| {
+            out.clear();
+            sse::write_event(black_box(42), black_box(&event), &mut out);
+            out.len()
+        })
+    });
+    let one = [(42, event.clone())];
+    group.bench_function("poll reply (long and short polling)", |b| {
+        b.iter(|| poll_body(black_box(&one), None))
+    });
+    group.finish();
+}
+
+/// A hub with `members` sessions in one room; returns the hub and the sender.
+fn room_of(members: usize) -> (Hub, std::sync::Arc<switchyard::hub::Session>) {
+    let hub = Hub::new(Config::default().with_rate_limit(1e12));
+    let mut sender = None;
+    for i in 0..members {
+        let session = hub.create_session(&format!("u{i}")).expect("session");
+        let joined = hub.execute(
+            &session,
+            vec![Ok(Command::Join {
+                room: "lobby".into(),
+            })],
+        );
+        assert!(joined[0].ok);
+        sender.get_or_insert(session);
+    }
+    (hub, sender.expect("at least one member"))
+}
+
+fn fan_out(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fan-out one message");
+    for members in [1usize, 100, 10_000] {
+        let (hub, sender) = room_of(members);
+        let mut n = 0u64;
+        group.throughput(Throughput::Elements(members as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(members), &members, |b, _| {
+            b.iter(|| {
+                n += 1;
+                let send = Command::Send {
+                    room: "lobby".into(),
+                    text: "hello everyone, this is a chat message".into(),
+                    client_id: format!("c{n}"),
+                };
+                hub.execute(&sender, vec![Ok(send)])
+            })
+        });
+    }
+    group.finish();
+}
+
+fn replay(c: &mut Criterion) {
+    let mut group = c.benchmark_group("replay buffer");
+    let event = message_event(64);
+    let mut full = ReplayBuffer::new(1024);
+    for _ in 0..1024 {
+        full.push(event.clone());
+    }
+    group.bench_function("append (full buffer, drops the oldest)", |b| {
+        b.iter(|| full.push(black_box(event.clone())))
+    });
+    let last = full.last_seq();
+    for behind in [1u64, 256] {
+        group.throughput(Throughput::Elements(behind));
+        group.bench_with_input(
+            BenchmarkId::new("resume, events behind", behind),
+            &behind,
+            |b, &behind| b.iter(|| full.after(black_box(last - behind), 256).map(|e| e.len())),
+        );
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = encoding, fan_out, replay
+}
+criterion_main!(benches);
