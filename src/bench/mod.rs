@@ -115,10 +115,11 @@ pub struct BenchArgs {
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
     validate(&args)?;
     let open_files = process::raise_open_files();
+    // Read before pinning: pinning narrows the CPUs this process may use.
+    let machine = Machine::read();
     if args.pin {
         process::pin_self(1).map_err(|e| format!("--pin: cannot pin the generator: {e}"))?;
     }
-    let machine = Machine::read();
     let mut report = Report {
         config: config_json(&args, open_files),
         machine,
