@@ -267,9 +267,8 @@ impl Hub {
             close: close_tx,
         });
         state.last_transport = Some(kind);
-        let last = state.replay.last_seq();
         drop(state);
-        session.wake(last);
+        session.wake();
         tracing::debug!(session = %session.id, transport = %kind, after, "attached");
         Ok(Attachment::new(
             session,

