@@ -153,7 +153,9 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             );
             Ok(response)
         }
-        Endpoint::Sessions => create_session(request, app).await,
+        // The branches that await are boxed: this future is as large as its largest branch,
+        // and a held long poll keeps it alive (~11 KiB per idle long poll unboxed).
+        Endpoint::Sessions => Box::pin(create_session(request, app)).await,
         Endpoint::Session(id) if request.method() == Method::GET => {
             Ok(json_response(StatusCode::OK, &hub.describe(id)?))
         }
@@ -193,10 +195,19 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
                 short_poll::poll(hub, id, after()?)
             } else {
                 enabled(config, TransportKind::LongPolling)?;
-                long_poll::poll(hub, id, after()?, wait.min(config.max_long_poll)).await
+                let after = after()?;
+                // Not kept for the length of the poll.
+                drop(request);
+                Box::pin(long_poll::poll(
+                    hub,
+                    id,
+                    after,
+                    wait.min(config.max_long_poll),
+                ))
+                .await
             }
         }
-        Endpoint::Commands(id) => commands::post(hub, id, request).await,
+        Endpoint::Commands(id) => Box::pin(commands::post(hub, id, request)).await,
     }
 }
 
