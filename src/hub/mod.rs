@@ -587,3 +587,93 @@ impl Chat {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(room: &str) -> Result<Command, ErrorBody> {
+        Ok(Command::Join { room: room.into() })
+    }
+
+    fn send(room: &str, client_id: &str) -> Result<Command, ErrorBody> {
+        Ok(Command::Send {
+            room: room.into(),
+            text: "hi".into(),
+            client_id: client_id.into(),
+        })
+    }
+
+    fn quiet_hub() -> Hub {
+        Hub::new(Config {
+            outbox_capacity: 4,
+            replay_window: 16,
+            ..Config::default().with_rate_limit(1e6)
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stops_reading_is_closed_slow_consumer_and_can_resume() {
+        let hub = quiet_hub();
+        let reader = hub.create_session("reader").unwrap();
+        let writer = hub.create_session("writer").unwrap();
+        hub.execute(&reader, vec![join("r")]);
+        hub.execute(&writer, vec![join("r")]);
+        let mut stream = hub.attach(&reader.id, TransportKind::WebSocket, 0).unwrap();
+        let Delivery::Events(first) = stream.ready(2) else {
+            panic!("events expected")
+        };
+        assert_eq!(first.len(), 2);
+        // The stream never asks for more: five more events put it past the outbox of 4.
+        for i in 0..5 {
+            hub.execute(&writer, vec![send("r", &format!("c{i}"))]);
+        }
+        assert!(matches!(
+            stream.next(16).await,
+            Delivery::Closed(CloseReason::SlowConsumer)
+        ));
+        drop(stream);
+        let mut resumed = hub.attach(&reader.id, TransportKind::Sse, 2).unwrap();
+        let Delivery::Events(rest) = resumed.ready(100) else {
+            panic!("events expected")
+        };
+        let seqs: Vec<u64> = rest.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, (3..=8).collect::<Vec<u64>>(), "nothing lost");
+    }
+
+    #[tokio::test]
+    async fn one_poll_at_a_time_and_a_stream_supersedes_a_poll() {
+        let hub = quiet_hub();
+        let session = hub.create_session("p").unwrap();
+        let mut poll = hub
+            .attach(&session.id, TransportKind::LongPolling, 0)
+            .unwrap();
+        let refused = hub.attach(&session.id, TransportKind::ShortPolling, 0);
+        assert_eq!(refused.unwrap_err().code, ErrorCode::PollInProgress);
+        let _stream = hub
+            .attach(&session.id, TransportKind::WebSocket, 0)
+            .unwrap();
+        assert!(matches!(
+            poll.next(8).await,
+            Delivery::Closed(CloseReason::Superseded)
+        ));
+    }
+
+    #[test]
+    fn an_ended_session_cannot_rejoin_and_leaves_no_trace_in_rooms() {
+        let hub = quiet_hub();
+        let gone = hub.create_session("gone").unwrap();
+        let stays = hub.create_session("stays").unwrap();
+        hub.execute(&stays, vec![join("r")]);
+        hub.execute(&gone, vec![join("r")]);
+        hub.end_session(&gone.id).unwrap();
+        let results = hub.execute(&gone, vec![join("r")]);
+        assert_eq!(
+            results[0].error.as_ref().map(|e| e.code),
+            Some(ErrorCode::UnknownSession)
+        );
+        let chat = lock(&hub.inner.chat);
+        assert_eq!(chat.rooms["r"].online(), vec!["stays"]);
+        assert_eq!(hub.session_count(), 1);
+    }
+}
