@@ -1,13 +1,18 @@
 //! WebSocket: `GET /v1/sessions/{id}/ws?after=N` upgrades; text frames carry commands in
 //! (one object or an array) and events out (one event per frame).
 //!
-//! One task per socket runs a `biased` select over: the heartbeat, the client's frames, and
-//! the session's next events (fed frame by frame and flushed once per batch). A write that
+//! Two tasks per socket. The writer runs a `biased` select over: the hub's close signal, the
+//! heartbeat, the reader's end and the session's next events (fed frame by frame and flushed
+//! once per batch). The reader reads the client's frames and applies their commands; it is a
+//! task of its own so that a delivery does not poll the socket for reading (with
+//! tungstenite that zero-fills the read buffer on every attempt: ~17 % of the server's CPU
+//! per delivery at 1000 subscribers, see docs/benchmarks.md). A write that
 //! blocks is abandoned when the hub closes the transport (`slow_consumer`, `superseded`,
 //! `shutdown`) or when it outlasts two heartbeats. A bad command gets an `error` event; the
 //! socket stays open. The hot loop is generic over `Sink + Stream` so it runs without a socket
 //! in unit tests.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +30,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::{Attachment, Delivery, Hub};
+use crate::hub::{Attachment, Delivery, Hub, Session};
 use crate::protocol::{parse_commands, CloseReason, Command, ErrorBody, ErrorCode};
 
 use super::{full, Body, MAX_BATCH};
@@ -139,26 +144,33 @@ enum End {
 pub async fn serve<S>(socket: S, mut attachment: Attachment, hub: &Hub)
 where
     S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
+    S: Send + 'static,
 {
     let heartbeat = hub.config().heartbeat;
-    let max_bytes = hub.config().max_message_bytes;
-    let session = attachment.session().clone();
     let mut close = attachment.close_signal();
     let mut close_while_writing = attachment.close_signal();
-    let (mut sink, mut stream) = socket.split();
+    let (mut sink, stream) = socket.split();
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    let mut last_heard = Instant::now();
+    let heard = Arc::new(LastHeard::new());
+    // The client's frames are read by a task of their own: polled in the select below, the
+    // socket would be read (and tungstenite's read buffer zero-filled) after every delivery.
+    let mut reader = AbortOnDrop(tokio::spawn(read_commands(
+        stream,
+        hub.clone(),
+        attachment.session().clone(),
+        heard.clone(),
+    )));
 
     let end = loop {
-        // A close from the hub first, then the heartbeat, then the client, then delivery: a
-        // long burst of events must not starve pings or the client's commands.
+        // A close from the hub first, then the heartbeat, then the client leaving, then
+        // delivery: a long burst of events must not starve pings.
         tokio::select! {
             biased;
             reason = async { close.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
                 break End::Closed(reason.unwrap_or(CloseReason::Expired));
             }
             _ = ping.tick() => {
-                if last_heard.elapsed() > heartbeat * 2 {
+                if heard.elapsed() > heartbeat * 2 {
                     break End::Closed(CloseReason::HeartbeatTimeout);
                 }
                 let ping = sink.send(Message::Ping(Default::default()));
@@ -166,23 +178,7 @@ where
                     break end;
                 }
             }
-            incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(text))) => {
-                    last_heard = Instant::now();
-                    handle_text(hub, &session, text.as_bytes(), max_bytes);
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    last_heard = Instant::now();
-                    hub.push_error(&session, &ErrorBody::new(
-                        ErrorCode::BadCommand,
-                        "binary frames are not supported; send commands as JSON text frames",
-                    ), None);
-                }
-                Some(Ok(Message::Close(_))) | None => break End::Gone,
-                Some(Ok(_)) => last_heard = Instant::now(),
-                Some(Err(WsError::Capacity(_))) => break End::TooBig,
-                Some(Err(_)) => break End::Gone,
-            },
+            ended = &mut reader.0 => break ended.unwrap_or(End::Gone),
             delivery = attachment.next(MAX_BATCH) => match delivery {
                 Delivery::Closed(reason) => break End::Closed(reason),
                 Delivery::Events(events) => {
@@ -205,6 +201,7 @@ where
         }
     };
     drop(attachment);
+    reader.0.abort();
     let frame = match end {
         End::Closed(reason) => Some(CloseFrame {
             code: CloseCode::from(reason.ws_code()),
@@ -225,6 +222,76 @@ where
         .await;
     }
     let _ = timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+/// When the client was last heard from, as milliseconds since the socket opened.
+struct LastHeard {
+    opened: Instant,
+    millis: AtomicU64,
+}
+
+impl LastHeard {
+    fn new() -> Self {
+        LastHeard {
+            opened: Instant::now(),
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    fn heard(&self) {
+        let now = self.opened.elapsed().as_millis() as u64;
+        self.millis.store(now, Ordering::Relaxed);
+    }
+
+    fn elapsed(&self) -> Duration {
+        let last = Duration::from_millis(self.millis.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last)
+    }
+}
+
+/// Aborts the reader task when the socket's task ends, however it ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the client's frames and applies their commands until the client leaves.
+async fn read_commands<S>(
+    mut stream: S,
+    hub: Hub,
+    session: Arc<Session>,
+    heard: Arc<LastHeard>,
+) -> End
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let max_bytes = hub.config().max_message_bytes;
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(text))) => {
+                heard.heard();
+                handle_text(&hub, &session, text.as_bytes(), max_bytes);
+            }
+            Some(Ok(Message::Binary(_))) => {
+                heard.heard();
+                hub.push_error(
+                    &session,
+                    &ErrorBody::new(
+                        ErrorCode::BadCommand,
+                        "binary frames are not supported; send commands as JSON text frames",
+                    ),
+                    None,
+                );
+            }
+            Some(Ok(Message::Close(_))) | None => return End::Gone,
+            Some(Ok(_)) => heard.heard(),
+            Some(Err(WsError::Capacity(_))) => return End::TooBig,
+            Some(Err(_)) => return End::Gone,
+        }
+    }
 }
 
 /// Bytes of an unmasked (server-to-client) frame header for a payload of `len` bytes.
