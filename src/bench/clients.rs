@@ -537,3 +537,72 @@ pub async fn publish_http(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(total: u64, lanes: usize) -> Schedule {
+        let schedule = Schedule {
+            run_id: "r1".into(),
+            rate: 100.0,
+            total,
+            warmup: 2,
+            lanes,
+            payload_bytes: 20,
+            t0: OnceLock::new(),
+            window: OnceLock::new(),
+            published: (0..total).map(|_| AtomicBool::new(true)).collect(),
+            publish_errors: AtomicU64::new(0),
+            first_publish_error: Mutex::new(None),
+            stop: CancellationToken::new(),
+        };
+        let t0 = Instant::now();
+        let _ = schedule.t0.set(t0);
+        let _ = schedule.window.set((t0, t0 + Duration::from_secs(60)));
+        schedule
+    }
+
+    #[test]
+    fn texts_carry_their_index_and_payload_length() {
+        let schedule = schedule(10, 1);
+        let text = schedule.text(7);
+        assert_eq!(text.len(), 20);
+        assert_eq!(schedule.index_of(&text), Some(7));
+        assert_eq!(schedule.index_of("other:7:xx"), None);
+        assert_eq!(
+            schedule.index_of(&schedule.text(7).replace(":7:", ":70:")),
+            None
+        );
+    }
+
+    #[test]
+    fn receipts_count_duplicates_reordering_within_a_lane_and_loss() {
+        let schedule = schedule(8, 2);
+        let tally = Tally::new(Subject::Transport(TransportKind::Sse));
+        let mut receipts = Receipts::new(&schedule);
+        let now = Instant::now();
+        // Lanes: 0 carries 0,2,4,6 and 1 carries 1,3,5,7. 3 before 2 is fine (other lanes);
+        // 4 then 2 is out of order within lane 0; 5 twice is a duplicate; 6 and 7 never come.
+        for k in [0, 1, 3, 4, 2, 5, 5] {
+            receipts.message(k, now, &schedule, &tally);
+        }
+        assert_eq!(tally.delivered.load(Ordering::Relaxed), 6);
+        assert_eq!(tally.duplicates.load(Ordering::Relaxed), 1);
+        assert_eq!(tally.out_of_order.load(Ordering::Relaxed), 1);
+        assert_eq!(receipts.lost(&schedule), 2);
+        // Messages 0 and 1 are warm-up: not in the latency histogram.
+        assert_eq!(tally.latency.lock().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn seq_gaps_are_counted() {
+        let schedule = schedule(4, 1);
+        let tally = Tally::new(Subject::Transport(TransportKind::WebSocket));
+        let mut receipts = Receipts::new(&schedule);
+        for seq in [5, 6, 8] {
+            receipts.seq(seq, &tally);
+        }
+        assert_eq!(tally.seq_gaps.load(Ordering::Relaxed), 1);
+    }
+}

@@ -699,6 +699,13 @@ async fn measure_on(
         });
     }
     for row in &rows {
+        if let Some(counted) = row.server_events_delivered.filter(|&n| n != row.delivered) {
+            eprintln!(
+                "  note: {}: the server's /metrics counted {counted} events delivered, the \
+                 bench {} messages (they differ by error events or a reply in flight at the end)",
+                row.transport, row.delivered
+            );
+        }
         eprintln!(
             "  {}: {} delivered, p50 {:.2} ms, p99 {:.2} ms{}",
             row.transport,
