@@ -49,32 +49,45 @@ impl Driver {
                  run scripts/test, which installs it, or apt-get install chromium chromium-driver"
             );
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = tokio::process::Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .process_group(0)
-            .spawn()
-            .expect("start chromedriver");
-        browser_within("chromedriver to listen", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        // The port is picked free and then handed over, so another process may take it in
+        // between: chromedriver then exits at once, and we try again on another port.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let mut child = tokio::process::Command::new(CHROMEDRIVER)
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .process_group(0)
+                .spawn()
+                .expect("start chromedriver");
+            let listening = browser_within("chromedriver to listen", async {
+                loop {
+                    if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .is_ok()
+                    {
+                        return true;
+                    }
+                    if child.try_wait().expect("chromedriver status").is_some() {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            if listening {
+                return Driver {
+                    url: format!("http://127.0.0.1:{port}"),
+                    child,
+                };
             }
-        })
-        .await;
-        Driver {
-            url: format!("http://127.0.0.1:{port}"),
-            child,
         }
+        panic!("chromedriver exited at start five times in a row");
     }
 
     /// A new headless browser session.
