@@ -186,3 +186,32 @@ async fn the_same_conversation_yields_identical_sequences_on_all_four_transports
         assert_eq!(events, reference, "{kind} differs from websocket");
     }
 }
+
+#[tokio::test]
+async fn a_websocket_receives_events_of_every_frame_length() {
+    let server =
+        TestServer::with_config(switchyard::Config::default().with_rate_limit(1000.0)).await;
+    let writer = server.session("writer").await;
+    server.ok(&writer, join("big")).await;
+    // 20 messages of 4000 characters: the history event is over 64 KiB.
+    for i in 0..20 {
+        let text = format!("{i:02}{}", "x".repeat(3998));
+        server
+            .ok(&writer, send("big", &text, &format!("b{i}")))
+            .await;
+    }
+    let reader = server.session("reader").await;
+    let mut ws = server.attach(TransportKind::WebSocket, &reader, 0).await;
+    server
+        .ok(&reader, json!([join("big"), send("big", "short", "s")]))
+        .await;
+    let history = ws.next().await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), 20);
+    assert!(history.to_string().len() > 65_535);
+    assert_eq!(ws.next().await["type"], "presence");
+    assert_eq!(ws.next().await["text"], "short");
+    server
+        .ok(&writer, send("big", &"y".repeat(4000), "mid"))
+        .await;
+    assert_eq!(ws.next().await["text"].as_str().unwrap().len(), 4000);
+}

@@ -21,7 +21,10 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use room::Room;
-pub use session::{Attachment, Delivery, Gap, ReplayBuffer, SentMessages, Session, TokenBucket};
+pub use session::{
+    Attachment, Delivery, DirectSink, Gap, OutboxFull, ReplayBuffer, SentMessages, Session,
+    TokenBucket,
+};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -265,6 +268,7 @@ impl Hub {
             kind,
             acked: state.replay.last_seq().max(cursor),
             close: close_tx,
+            direct: None,
         });
         state.last_transport = Some(kind);
         drop(state);

@@ -148,6 +148,21 @@ impl SentMessages {
     }
 }
 
+/// A transport that takes each event as it is pushed (write-through fan-out) instead of
+/// being woken to fetch it from the replay buffer. `deliver` is called under the session's
+/// lock, in seq order, so it must not block: it writes what the socket takes now and queues
+/// the rest for the transport's own task.
+pub trait DirectSink: Send + Sync + std::fmt::Debug {
+    /// Writes or queues one event. `backlog` marks the events owed at attach time, which do
+    /// not count against the outbox. `Err(OutboxFull)` when more than the outbox capacity of
+    /// live events is queued: the hub then closes the transport with `slow_consumer`.
+    fn deliver(&self, seq: u64, event: &EncodedEvent, backlog: bool) -> Result<(), OutboxFull>;
+}
+
+/// A [`DirectSink`] holds more undelivered events than the outbox capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxFull;
+
 /// The hub's record of the transport attached to a session.
 #[derive(Debug)]
 pub(crate) struct AttachedSlot {
@@ -156,6 +171,8 @@ pub(crate) struct AttachedSlot {
     /// Seq up to which the transport has written (it asked for more after writing it).
     pub(crate) acked: u64,
     pub(crate) close: watch::Sender<Option<CloseReason>>,
+    /// Set for a write-through transport: events go to it as they are pushed.
+    pub(crate) direct: Option<Arc<dyn DirectSink>>,
 }
 
 /// Mutable state of a session, behind its mutex. Never held across an `.await`.
@@ -225,14 +242,19 @@ impl Session {
     /// Appends an event and wakes the attached transport. Closes a stream that has fallen
     /// too far behind. Returns the event's seq, or `None` if the session has ended.
     pub(crate) fn push(&self, event: EncodedEvent) -> Option<u64> {
-        let seq = {
+        let (seq, written_through) = {
             let mut state = self.lock();
             if state.ended {
                 return None;
             }
-            state.push(event, self.outbox_capacity)
+            let seq = state.push(event, self.outbox_capacity);
+            let direct = state.attached.as_ref().is_some_and(|s| s.direct.is_some());
+            (seq, direct)
         };
-        self.wake();
+        // A write-through transport already has the event: nobody waits to be woken.
+        if !written_through {
+            self.wake();
+        }
         Some(seq)
     }
 
@@ -246,11 +268,19 @@ impl SessionState {
     /// Appends an event (the caller wakes the transport once the lock is released). Closes a
     /// stream that has fallen more than `outbox_capacity` events behind.
     pub(crate) fn push(&mut self, event: EncodedEvent, outbox_capacity: u64) -> u64 {
-        let seq = self.replay.push(event);
-        let too_far = self
-            .attached
-            .as_ref()
-            .is_some_and(|slot| !slot.kind.is_poll() && seq - slot.acked > outbox_capacity);
+        let seq = self.replay.last_seq() + 1;
+        let too_far = match self.attached.as_mut() {
+            Some(slot) => match &slot.direct {
+                Some(direct) => {
+                    let delivered = direct.deliver(seq, &event, false);
+                    slot.acked = seq;
+                    delivered.is_err()
+                }
+                None => !slot.kind.is_poll() && seq - slot.acked > outbox_capacity,
+            },
+            None => false,
+        };
+        self.replay.push(event);
         if too_far {
             self.close_attached(CloseReason::SlowConsumer);
         }
@@ -336,6 +366,35 @@ impl Attachment {
     /// transport notice the close while it is blocked writing.
     pub fn close_signal(&self) -> watch::Receiver<Option<CloseReason>> {
         self.close.clone()
+    }
+
+    /// Turns this attachment into a write-through one: the events after the cursor go to
+    /// `sink` now, under the session lock, and every later event as it is pushed, so the
+    /// transport is never woken to fetch them ([`Attachment::next`] then has nothing more to
+    /// hand out). Returns `false` if the hub already detached this transport.
+    pub fn write_through(&mut self, sink: Arc<dyn DirectSink>) -> bool {
+        let mut state = self.session.lock();
+        let Some(slot) = state.attached.as_ref().filter(|slot| slot.id == self.id) else {
+            return false;
+        };
+        debug_assert!(slot.direct.is_none());
+        let backlog = match state.replay.after(self.cursor, usize::MAX) {
+            Ok(backlog) => backlog,
+            Err(_) => {
+                state.close_attached(CloseReason::SlowConsumer);
+                return false;
+            }
+        };
+        for (seq, event) in &backlog {
+            // The backlog owed at attach time never counts against the outbox.
+            let _ = sink.deliver(*seq, event, true);
+        }
+        let last = state.replay.last_seq();
+        let slot = state.attached.as_mut().expect("checked above");
+        slot.acked = last;
+        slot.direct = Some(sink);
+        self.cursor = last;
+        true
     }
 
     /// The events after the cursor that are ready now (at most `max`), without waiting.

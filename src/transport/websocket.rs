@@ -1,39 +1,36 @@
 //! WebSocket: `GET /v1/sessions/{id}/ws?after=N` upgrades; text frames carry commands in
 //! (one object or an array) and events out (one event per frame).
 //!
-//! Two tasks per socket. The writer runs a `biased` select over: the hub's close signal, the
-//! heartbeat, the reader's end and the session's next events (fed frame by frame and flushed
-//! once per batch). The reader reads the client's frames and applies their commands; it is a
-//! task of its own so that a delivery does not poll the socket for reading (with
-//! tungstenite that zero-fills the read buffer on every attempt: ~17 % of the server's CPU
-//! per delivery at 1000 subscribers, see docs/benchmarks.md). A write that
-//! blocks is abandoned when the hub closes the transport (`slow_consumer`, `superseded`,
-//! `shutdown`) or when it outlasts two heartbeats. A bad command gets an `error` event; the
-//! socket stays open. The hot loop is generic over `Sink + Stream` so it runs without a socket
-//! in unit tests.
+//! Events are written through: after the upgrade the attachment hands the socket's
+//! [`SocketWriter`] to the hub, which writes each event's frame as it pushes it (see
+//! `ws_writer.rs`). So one task per socket is enough, and it is woken only for what is rare:
+//! the client's frames (read with tungstenite, commands applied at once), the heartbeat, the
+//! hub's close signal, and writing what queued up while the socket was full. A queue stuck for
+//! two heartbeats closes the socket `heartbeat_timeout`. A bad command gets an `error` event;
+//! the socket stays open.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::StreamExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::{Attachment, Delivery, Hub, Session};
+use crate::hub::{Attachment, Hub};
 use crate::protocol::{parse_commands, CloseReason, Command, ErrorBody, ErrorCode};
 
-use super::{full, Body, MAX_BATCH};
+use super::ws_writer::{ReadSide, SocketWriter};
+use super::{full, Body};
 
 /// Frames larger than this close the socket (1009) instead of getting a `too_large` event,
 /// so a hostile client cannot make the server buffer without bound.
@@ -99,24 +96,32 @@ pub fn upgrade(
     let config = hub.config();
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(config.ws_read_buffer)
-        .write_buffer_size(16 * 1024)
+        // tungstenite writes only pongs and close replies here (events bypass it).
+        .write_buffer_size(0)
         .max_message_size(Some(hard_frame_limit(config.max_message_bytes)))
         .max_frame_size(Some(hard_frame_limit(config.max_message_bytes)));
     let hub = hub.clone();
     tracker.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(ws_config),
-                )
-                .await;
-                serve(socket, attachment, &hub).await;
-                drop(permit);
-            }
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
-        }
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
+        };
+        // Take the TCP stream back from hyper: the hub writes events to its write half.
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => parts,
+            Err(_) => return tracing::error!("upgraded connection is not a TCP stream"),
+        };
+        let (read, write) = parts.io.into_inner().into_split();
+        let writer = Arc::new(SocketWriter::new(
+            write,
+            hub.config().outbox_capacity,
+            attachment.metrics().clone(),
+        ));
+        let read_side = ReadSide::new(read, parts.read_buf, writer.clone());
+        let socket =
+            WebSocketStream::from_raw_socket(read_side, Role::Server, Some(ws_config)).await;
+        serve(socket, writer, attachment, &hub).await;
+        drop(permit);
     });
     let mut response = Response::new(full(""));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -141,185 +146,72 @@ enum End {
 }
 
 /// Serves one upgraded socket until the client leaves or the hub closes the transport.
-pub async fn serve<S>(socket: S, mut attachment: Attachment, hub: &Hub)
-where
-    S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
-    S: Send + 'static,
-{
+async fn serve(
+    mut socket: WebSocketStream<ReadSide>,
+    writer: Arc<SocketWriter>,
+    mut attachment: Attachment,
+    hub: &Hub,
+) {
     let heartbeat = hub.config().heartbeat;
+    let max_bytes = hub.config().max_message_bytes;
+    let session = attachment.session().clone();
     let mut close = attachment.close_signal();
-    let mut close_while_writing = attachment.close_signal();
-    let (mut sink, stream) = socket.split();
+    if !attachment.write_through(writer.clone()) {
+        // Superseded between the handshake and now: say so.
+        let reason = (*close.borrow()).unwrap_or(CloseReason::Superseded);
+        return finish(&writer, End::Closed(reason)).await;
+    }
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    let heard = Arc::new(LastHeard::new());
-    // The client's frames are read by a task of their own: polled in the select below, the
-    // socket would be read (and tungstenite's read buffer zero-filled) after every delivery.
-    let mut reader = AbortOnDrop(tokio::spawn(read_commands(
-        stream,
-        hub.clone(),
-        attachment.session().clone(),
-        heard.clone(),
-    )));
+    let mut last_heard = Instant::now();
 
     let end = loop {
-        // A close from the hub first, then the heartbeat, then the client leaving, then
-        // delivery: a long burst of events must not starve pings.
         tokio::select! {
             biased;
             reason = async { close.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
                 break End::Closed(reason.unwrap_or(CloseReason::Expired));
             }
+            _ = writer.flush_queued() => break End::Gone,
             _ = ping.tick() => {
-                if heard.elapsed() > heartbeat * 2 {
+                let stalled = writer.stalled_for().is_some_and(|t| t > heartbeat * 2);
+                if stalled || last_heard.elapsed() > heartbeat * 2 {
                     break End::Closed(CloseReason::HeartbeatTimeout);
                 }
-                let ping = sink.send(Message::Ping(Default::default()));
-                if let Err(end) = write_unless_closed(ping, &mut close_while_writing, heartbeat * 2).await {
-                    break end;
-                }
+                writer.ping();
             }
-            ended = &mut reader.0 => break ended.unwrap_or(End::Gone),
-            delivery = attachment.next(MAX_BATCH) => match delivery {
-                Delivery::Closed(reason) => break End::Closed(reason),
-                Delivery::Events(events) => {
-                    let mut bytes = 0;
-                    let write = async {
-                        for (seq, event) in &events {
-                            let json = event.to_json(*seq);
-                            bytes += frame_header_len(json.len()) + json.len();
-                            sink.feed(Message::text(json)).await?;
-                        }
-                        sink.flush().await
-                    };
-                    if let Err(end) = write_unless_closed(write, &mut close_while_writing, heartbeat * 2).await {
-                        break end;
-                    }
-                    let metrics = attachment.metrics();
-                    metrics.delivered(attachment.kind(), events.iter().map(|(_, e)| e), bytes);
-                }
-            },
-        }
-    };
-    drop(attachment);
-    reader.0.abort();
-    let frame = match end {
-        End::Closed(reason) => Some(CloseFrame {
-            code: CloseCode::from(reason.ws_code()),
-            reason: reason.as_str().into(),
-        }),
-        End::TooBig => Some(CloseFrame {
-            code: CloseCode::Size,
-            reason: ErrorCode::TooLarge.as_str().into(),
-        }),
-        End::Gone => None,
-    };
-    if let Some(frame) = frame {
-        // The client may be the reason we are closing: never wait on it for long.
-        let _ = timeout(
-            Duration::from_secs(1),
-            sink.send(Message::Close(Some(frame))),
-        )
-        .await;
-    }
-    let _ = timeout(Duration::from_secs(1), sink.close()).await;
-}
-
-/// When the client was last heard from, as milliseconds since the socket opened.
-struct LastHeard {
-    opened: Instant,
-    millis: AtomicU64,
-}
-
-impl LastHeard {
-    fn new() -> Self {
-        LastHeard {
-            opened: Instant::now(),
-            millis: AtomicU64::new(0),
-        }
-    }
-
-    fn heard(&self) {
-        let now = self.opened.elapsed().as_millis() as u64;
-        self.millis.store(now, Ordering::Relaxed);
-    }
-
-    fn elapsed(&self) -> Duration {
-        let last = Duration::from_millis(self.millis.load(Ordering::Relaxed));
-        self.opened.elapsed().saturating_sub(last)
-    }
-}
-
-/// Aborts the reader task when the socket's task ends, however it ends.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Reads the client's frames and applies their commands until the client leaves.
-async fn read_commands<S>(
-    mut stream: S,
-    hub: Hub,
-    session: Arc<Session>,
-    heard: Arc<LastHeard>,
-) -> End
-where
-    S: Stream<Item = Result<Message, WsError>> + Unpin,
-{
-    let max_bytes = hub.config().max_message_bytes;
-    loop {
-        match stream.next().await {
-            Some(Ok(Message::Text(text))) => {
-                heard.heard();
-                handle_text(&hub, &session, text.as_bytes(), max_bytes);
-            }
-            Some(Ok(Message::Binary(_))) => {
-                heard.heard();
-                hub.push_error(
-                    &session,
-                    &ErrorBody::new(
-                        ErrorCode::BadCommand,
-                        "binary frames are not supported; send commands as JSON text frames",
+            incoming = socket.next() => {
+                last_heard = Instant::now();
+                match incoming {
+                    Some(Ok(Message::Text(text))) => handle_text(hub, &session, text.as_bytes(), max_bytes),
+                    Some(Ok(Message::Binary(_))) => hub.push_error(
+                        &session,
+                        &ErrorBody::new(
+                            ErrorCode::BadCommand,
+                            "binary frames are not supported; send commands as JSON text frames",
+                        ),
+                        None,
                     ),
-                    None,
-                );
+                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Ok(_)) => {}
+                    Some(Err(WsError::Capacity(_))) => break End::TooBig,
+                    Some(Err(_)) => break End::Gone,
+                }
             }
-            Some(Ok(Message::Close(_))) | None => return End::Gone,
-            Some(Ok(_)) => heard.heard(),
-            Some(Err(WsError::Capacity(_))) => return End::TooBig,
-            Some(Err(_)) => return End::Gone,
         }
-    }
+    };
+    // Detach first, so the hub writes nothing after the close frame.
+    drop(attachment);
+    finish(&writer, end).await;
 }
 
-/// Bytes of an unmasked (server-to-client) frame header for a payload of `len` bytes.
-fn frame_header_len(len: usize) -> usize {
-    match len {
-        0..=125 => 2,
-        126..=65535 => 4,
-        _ => 10,
+/// Sends the close frame the end calls for and writes what is queued, waiting on the client
+/// for at most a second: it may be the reason we are closing.
+async fn finish(writer: &SocketWriter, end: End) {
+    match end {
+        End::Closed(reason) => writer.close(reason.ws_code(), reason.as_str()),
+        End::TooBig => writer.close(1009, ErrorCode::TooLarge.as_str()),
+        End::Gone => return,
     }
-}
-
-/// Runs a write unless the hub closes the transport first or it outlasts `limit` (a client
-/// that stopped reading). `Ok` when the write finished or the hub closed the transport (the
-/// loop then reads the reason from the attachment).
-async fn write_unless_closed(
-    write: impl std::future::Future<Output = Result<(), WsError>>,
-    close: &mut tokio::sync::watch::Receiver<Option<CloseReason>>,
-    limit: Duration,
-) -> Result<(), End> {
-    tokio::select! {
-        biased;
-        _ = close.wait_for(Option::is_some) => Ok(()),
-        written = timeout(limit, write) => match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Gone),
-            Err(_) => Err(End::Closed(CloseReason::HeartbeatTimeout)),
-        },
-    }
+    writer.drain(Duration::from_secs(1)).await;
 }
 
 /// Applies the commands in one text frame; each failure becomes an `error` event.

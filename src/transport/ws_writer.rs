@@ -1,0 +1,375 @@
+//! The WebSocket's write side: write-through fan-out.
+//!
+//! [`SocketWriter`] owns the socket's write half and is the session's [`DirectSink`]: the
+//! hub hands it each event as it pushes it, and the frame (the per-session header with
+//! `{"seq":N,` and the shared event body, in one vectored write) goes straight to the socket
+//! from the pushing thread. No task is woken per delivery. Only when the socket is full is
+//! the rest queued; the connection's task then writes the queue when the socket turns
+//! writable, coalescing the frames that queued up into vectored writes. Control frames (pings,
+//! pongs, close) take the same path, so frames never interleave.
+//!
+//! More than `outbox_capacity` live frames queued makes `deliver` fail, and the hub closes the
+//! transport with `slow_consumer`: the queue, like every per-session queue, is bounded.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::hub::{DirectSink, OutboxFull};
+use crate::metrics::Metrics;
+use crate::protocol::{EncodedEvent, TransportKind};
+
+/// Frames gathered into one vectored write when the queue is flushed.
+const MAX_SLICES: usize = 64;
+
+/// A frame, or what is left of it, waiting for the socket.
+#[derive(Debug)]
+struct Queued {
+    /// Frame header (plus, for events, the per-session `{"seq":N,`).
+    head: Bytes,
+    /// The shared event body, or empty.
+    body: Bytes,
+    /// Bytes of `head` then `body` already written.
+    written: usize,
+    /// Counts against the outbox (a live event, not backlog or control).
+    live: bool,
+}
+
+impl Queued {
+    /// The unwritten parts, as slices for a vectored write.
+    fn remaining(&self) -> [&[u8]; 2] {
+        if self.written < self.head.len() {
+            [&self.head[self.written..], &self.body]
+        } else {
+            [&self.body[self.written - self.head.len()..], &[]]
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    queue: VecDeque<Queued>,
+    live_queued: usize,
+    /// When the queue last became non-empty: a queue stuck for two heartbeats means the
+    /// client stopped reading.
+    stalled_since: Option<Instant>,
+    /// The socket failed; nothing more is written.
+    failed: bool,
+}
+
+/// The write half of one WebSocket, shared by the hub (events) and the connection's task.
+#[derive(Debug)]
+pub struct SocketWriter {
+    socket: OwnedWriteHalf,
+    state: Mutex<WriterState>,
+    /// Wakes the connection's task when something was queued or the socket failed.
+    queued: Notify,
+    outbox_capacity: usize,
+    metrics: Metrics,
+}
+
+impl SocketWriter {
+    /// A writer for a socket's write half.
+    pub fn new(socket: OwnedWriteHalf, outbox_capacity: usize, metrics: Metrics) -> Self {
+        SocketWriter {
+            socket,
+            state: Mutex::new(WriterState::default()),
+            queued: Notify::new(),
+            outbox_capacity,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes a frame now if nothing is queued and the socket takes it; queues the rest.
+    /// Returns whether more than the outbox capacity of live frames is queued.
+    fn write_frame(&self, head: &[u8], body: &Bytes, live: bool) -> bool {
+        let mut state = self.lock();
+        if state.failed {
+            return false;
+        }
+        let mut written = 0;
+        if state.queue.is_empty() {
+            let total = head.len() + body.len();
+            match self
+                .socket
+                .try_write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+            {
+                Ok(n) if n == total => return false,
+                Ok(n) => written = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    state.failed = true;
+                    self.queued.notify_one();
+                    return false;
+                }
+            }
+            state.stalled_since = Some(Instant::now());
+            self.queued.notify_one();
+        }
+        state.queue.push_back(Queued {
+            head: Bytes::copy_from_slice(head),
+            body: body.clone(),
+            written,
+            live,
+        });
+        if live {
+            state.live_queued += 1;
+        }
+        state.live_queued > self.outbox_capacity
+    }
+
+    /// Writes raw bytes holding whole frames (tungstenite's pongs and close replies, our
+    /// pings and close frame).
+    pub fn write_control(&self, frame: &[u8]) {
+        self.write_frame(frame, &Bytes::new(), false);
+    }
+
+    /// Sends a ping with an empty payload.
+    pub fn ping(&self) {
+        self.write_control(&[0x89, 0x00]);
+    }
+
+    /// Sends a close frame with a code and reason.
+    pub fn close(&self, code: u16, reason: &str) {
+        let reason = &reason.as_bytes()[..reason.len().min(123)];
+        let mut frame = vec![0x88, (reason.len() + 2) as u8];
+        frame.extend_from_slice(&code.to_be_bytes());
+        frame.extend_from_slice(reason);
+        self.write_control(&frame);
+    }
+
+    /// How long the queue has been waiting for the socket, if anything is queued.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        self.lock().stalled_since.map(|since| since.elapsed())
+    }
+
+    /// Writes the queue as far as the socket takes it now. `Ok(true)` when it is empty.
+    fn write_queue(&self) -> io::Result<bool> {
+        let mut state = self.lock();
+        loop {
+            if state.failed {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "socket failed"));
+            }
+            if state.queue.is_empty() {
+                state.stalled_since = None;
+                return Ok(true);
+            }
+            let mut slices = Vec::with_capacity(MAX_SLICES);
+            for frame in state.queue.iter() {
+                if slices.len() + 2 > MAX_SLICES {
+                    break;
+                }
+                for part in frame.remaining() {
+                    if !part.is_empty() {
+                        slices.push(IoSlice::new(part));
+                    }
+                }
+            }
+            let mut written = match self.socket.try_write_vectored(&slices) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => {
+                    state.failed = true;
+                    return Err(e);
+                }
+            };
+            while written > 0 {
+                let front = state
+                    .queue
+                    .front_mut()
+                    .expect("written bytes belong to frames");
+                let left = front.len() - front.written;
+                if written < left {
+                    front.written += written;
+                    break;
+                }
+                written -= left;
+                let done = state.queue.pop_front().expect("front exists");
+                if done.live {
+                    state.live_queued -= 1;
+                }
+            }
+        }
+    }
+
+    /// Waits for something to be queued, then writes the queue until it is empty. Returns an
+    /// error once the socket failed. Cancel-safe: the queue keeps its place.
+    pub async fn flush_queued(&self) -> io::Result<()> {
+        loop {
+            if self.write_queue()? {
+                self.queued.notified().await;
+            } else {
+                self.socket.writable().await?;
+            }
+        }
+    }
+
+    /// Writes what is queued, waiting at most `limit` for the socket.
+    pub async fn drain(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            while let Ok(false) = self.write_queue() {
+                if self.socket.writable().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// A frame's head on the stack: the frame header and `{"seq":N,` (at most 10 + 28 bytes).
+struct Head {
+    bytes: [u8; 40],
+    len: usize,
+}
+
+impl Head {
+    fn new() -> Self {
+        Head {
+            bytes: [0; 40],
+            len: 0,
+        }
+    }
+
+    fn extend(&mut self, data: &[u8]) {
+        self.bytes[self.len..self.len + data.len()].copy_from_slice(data);
+        self.len += data.len();
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// The server-to-client text frame header for a payload of `len` bytes (no mask).
+fn text_frame_header(len: usize, out: &mut Head) {
+    match len {
+        0..=125 => out.extend(&[0x81, len as u8]),
+        126..=65535 => {
+            out.extend(&[0x81, 126]);
+            out.extend(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.extend(&[0x81, 127]);
+            out.extend(&(len as u64).to_be_bytes());
+        }
+    }
+}
+
+impl DirectSink for SocketWriter {
+    fn deliver(&self, seq: u64, event: &EncodedEvent, backlog: bool) -> Result<(), OutboxFull> {
+        let mut digits = itoa::Buffer::new();
+        let seq = digits.format(seq).as_bytes();
+        let mut head = Head::new();
+        text_frame_header(seq.len() + 8 + event.body.len(), &mut head);
+        head.extend(b"{\"seq\":");
+        head.extend(seq);
+        head.extend(b",");
+        let full = self.write_frame(head.as_slice(), &event.body, !backlog);
+        self.metrics.delivered(
+            TransportKind::WebSocket,
+            std::iter::once(event),
+            head.len + event.body.len(),
+        );
+        if full {
+            Err(OutboxFull)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The socket as tungstenite sees it: reads come from the read half (after any bytes hyper
+/// read past the handshake); writes (pongs, close replies) go through the [`SocketWriter`].
+#[derive(Debug)]
+pub struct ReadSide {
+    read: OwnedReadHalf,
+    /// Bytes hyper had read past the upgrade request.
+    leftover: Bytes,
+    writer: Arc<SocketWriter>,
+}
+
+impl ReadSide {
+    /// The read side of an upgraded socket.
+    pub fn new(read: OwnedReadHalf, leftover: Bytes, writer: Arc<SocketWriter>) -> Self {
+        ReadSide {
+            read,
+            leftover,
+            writer,
+        }
+    }
+}
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.leftover.is_empty() {
+            let n = self.leftover.len().min(buf.remaining());
+            let chunk = self.leftover.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ReadSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        frame: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // tungstenite hands over whole frames; queued if the socket is full.
+        self.writer.write_control(frame);
+        Poll::Ready(Ok(frame.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection's task writes whatever had to be queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = ready!(self.poll_flush(cx));
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_headers_use_the_shortest_length_form() {
+        let header = |len| {
+            let mut head = Head::new();
+            text_frame_header(len, &mut head);
+            head.as_slice().to_vec()
+        };
+        assert_eq!(header(125), [0x81, 125]);
+        assert_eq!(header(126), [0x81, 126, 0, 126]);
+        let long = header(70_000);
+        assert_eq!(long[..2], [0x81, 127]);
+        assert_eq!(u64::from_be_bytes(long[2..].try_into().unwrap()), 70_000);
+    }
+}
