@@ -11,6 +11,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use switchyard::hub::{Hub, ReplayBuffer};
 use switchyard::protocol::{Command, EncodedEvent, Event, Message};
+use switchyard::transport::ws_writer::Head;
 use switchyard::transport::{poll_body, sse};
 use switchyard::Config;
 
@@ -40,9 +41,16 @@ fn encoding(c: &mut Criterion) {
         b.iter(|| Event::Message(black_box(&message)).encode())
     });
     let event = message_event(64);
-    group.bench_function("websocket frame text", |b| {
-        b.iter(|| black_box(&event).to_json(black_box(42)))
-    });
+    group.bench_function(
+        "websocket frame head (header + seq; the body is shared)",
+        |b| {
+            b.iter(|| {
+                Head::for_event(black_box(42), black_box(&event).body.len())
+                    .as_slice()
+                    .len()
+            })
+        },
+    );
     group.bench_function("sse event", |b| {
         let mut out = Vec::with_capacity(512);
         b.iter(|| {

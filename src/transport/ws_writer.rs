@@ -235,12 +235,25 @@ impl SocketWriter {
 }
 
 /// A frame's head on the stack: the frame header and `{"seq":N,` (at most 10 + 28 bytes).
-struct Head {
+/// The frame is this head followed by the event's shared body.
+pub struct Head {
     bytes: [u8; 40],
     len: usize,
 }
 
 impl Head {
+    /// The head of the text frame carrying an event with this seq and body length.
+    pub fn for_event(seq: u64, body_len: usize) -> Head {
+        let mut digits = itoa::Buffer::new();
+        let seq = digits.format(seq).as_bytes();
+        let mut head = Head::new();
+        text_frame_header(seq.len() + 8 + body_len, &mut head);
+        head.extend(b"{\"seq\":");
+        head.extend(seq);
+        head.extend(b",");
+        head
+    }
+
     fn new() -> Self {
         Head {
             bytes: [0; 40],
@@ -253,7 +266,8 @@ impl Head {
         self.len += data.len();
     }
 
-    fn as_slice(&self) -> &[u8] {
+    /// The head's bytes.
+    pub fn as_slice(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
 }
@@ -275,13 +289,7 @@ fn text_frame_header(len: usize, out: &mut Head) {
 
 impl DirectSink for SocketWriter {
     fn deliver(&self, seq: u64, event: &EncodedEvent, backlog: bool) -> Result<(), OutboxFull> {
-        let mut digits = itoa::Buffer::new();
-        let seq = digits.format(seq).as_bytes();
-        let mut head = Head::new();
-        text_frame_header(seq.len() + 8 + event.body.len(), &mut head);
-        head.extend(b"{\"seq\":");
-        head.extend(seq);
-        head.extend(b",");
+        let head = Head::for_event(seq, event.body.len());
         let full = self.write_frame(head.as_slice(), &event.body, !backlog);
         self.metrics.delivered(
             TransportKind::WebSocket,
@@ -358,6 +366,21 @@ impl AsyncWrite for ReadSide {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_frame_is_its_head_then_the_shared_body() {
+        let event = crate::protocol::Event::Typing {
+            room: "lobby",
+            user: "ann",
+        }
+        .encode();
+        let head = Head::for_event(42, event.body.len());
+        let mut frame = head.as_slice().to_vec();
+        frame.extend_from_slice(&event.body);
+        let json = event.to_json(42);
+        assert_eq!(frame[..2], [0x81, json.len() as u8]);
+        assert_eq!(&frame[2..], json.as_bytes());
+    }
 
     #[test]
     fn frame_headers_use_the_shortest_length_form() {
