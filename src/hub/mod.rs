@@ -1,8 +1,9 @@
 //! The session core: sessions, rooms and the commands that change them.
 //!
 //! [`Hub`] is a cheap handle (an `Arc` inside) shared by every transport. It owns every piece
-//! of chat state; transports only attach to a session, read its events and hand it commands.
-//! It knows nothing of HTTP, sockets or framing.
+//! of chat state; transports only attach to a session, read its events (or, write-through,
+//! are handed them as they are pushed) and hand it commands. It knows nothing of HTTP, sockets
+//! or framing.
 //!
 //! Locking: one chat mutex orders all room changes and broadcasts, so every member sees a
 //! room's events in the same order; each session has its own mutex for its replay buffer.

@@ -2,10 +2,12 @@
 //! rate limiter and its memory of recent `client_id`s.
 //!
 //! The replay buffer is also the outbox: an attached transport reads events after its cursor
-//! straight from it, so an event is stored once per session whatever the transport. A stream
-//! that falls `outbox_capacity` events behind is closed with `slow_consumer` while the events
-//! it missed are still in the buffer, so the client resumes without a gap. Nothing here knows
-//! about HTTP or rooms.
+//! straight from it, so an event is stored once per session whatever the transport. A
+//! write-through transport ([`DirectSink`], the WebSocket) is instead handed each event as it
+//! is pushed, under the session lock, and keeps only what its socket refused. Either way, a
+//! stream that falls `outbox_capacity` events behind is closed with `slow_consumer` while the
+//! events it missed are still in the buffer, so the client resumes without a gap. Nothing
+//! here knows about HTTP or rooms.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
