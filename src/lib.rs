@@ -15,7 +15,7 @@
 //! - [`config`]: every limit with its default; [`error`]: error code to HTTP status.
 //! - [`metrics`]: counters and latency histograms per transport, served on `GET /metrics`.
 //! - [`demo`]: the embedded demo page and browser client.
-//! - [`bench`]: `switchyard bench`, the load generator comparing the transports; it talks to
+//! - [`bench`](mod@bench): `switchyard bench`, the load generator comparing the transports; it talks to
 //!   a server over HTTP like any client.
 
 #![deny(missing_docs)]
