@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -213,24 +213,22 @@ impl SocketWriter {
     /// error once the socket failed. Cancel-safe: the queue keeps its place.
     pub async fn flush_queued(&self) -> io::Result<()> {
         loop {
-            if self.write_queue()? {
-                self.queued.notified().await;
-            } else {
-                self.socket.writable().await?;
-            }
+            self.write_until_empty().await?;
+            self.queued.notified().await;
         }
     }
 
     /// Writes what is queued, waiting at most `limit` for the socket.
     pub async fn drain(&self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, async {
-            while let Ok(false) = self.write_queue() {
-                if self.socket.writable().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(limit, self.write_until_empty()).await;
+    }
+
+    /// Writes the queue, waiting for the socket whenever it is full, until it is empty.
+    async fn write_until_empty(&self) -> io::Result<()> {
+        while !self.write_queue()? {
+            self.socket.writable().await?;
+        }
+        Ok(())
     }
 }
 
@@ -357,8 +355,8 @@ impl AsyncWrite for ReadSide {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let _ = ready!(self.poll_flush(cx));
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection's task sends the close frame and drops the write half.
         Poll::Ready(Ok(()))
     }
 }
