@@ -106,14 +106,23 @@ impl Driver {
         let Value::Object(capabilities) = capabilities else {
             unreachable!()
         };
-        browser_within(
-            "a Chromium session",
-            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-                .capabilities(capabilities)
-                .connect(&self.url),
-        )
-        .await
-        .expect("connect to chromedriver")
+        // Starting Chromium on a loaded machine occasionally fails once; a second try is
+        // a new browser, not a retried assertion.
+        let mut last_error = None;
+        for _ in 0..3 {
+            let connected = browser_within(
+                "a Chromium session",
+                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                    .capabilities(capabilities.clone())
+                    .connect(&self.url),
+            )
+            .await;
+            match connected {
+                Ok(client) => return client,
+                Err(e) => last_error = Some(e),
+            }
+        }
+        panic!("cannot start a Chromium session through chromedriver: {last_error:?}")
     }
 }
 
