@@ -53,6 +53,23 @@ pub struct Config {
     pub ws_read_buffer: usize,
     /// How long a graceful shutdown waits for connections to close.
     pub shutdown_grace: Duration,
+    /// The kernel's send buffer for each accepted connection (`SO_SNDBUF`); `None` keeps the
+    /// kernel's autotuning (up to `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default). A smaller
+    /// buffer bounds the memory a client that stops reading pins in the kernel, and lets the
+    /// server see it stall sooner.
+    pub socket_send_buffer: Option<usize>,
+    /// Reading a request's headers (hyper's own deadline).
+    pub header_timeout: Duration,
+    /// Reading a request body (`POST /v1/sessions`, `/commands`): past it, 408 `request_timeout`.
+    pub body_timeout: Duration,
+    /// How long one write of a response (a poll reply, a JSON answer) may wait for the client
+    /// to read before the connection is dropped. An open SSE stream waits two heartbeats
+    /// instead and is then closed `slow_consumer`.
+    pub write_timeout: Duration,
+    /// The close of a stream the server decided to end: the WebSocket close handshake (our
+    /// close frame out, the client's back) and the last frames of an SSE stream. Past it the
+    /// connection is dropped, whatever the client does.
+    pub close_timeout: Duration,
     /// Serve the demo from this directory instead of the embedded copy (for page development).
     pub demo_dir: Option<PathBuf>,
 }
@@ -80,6 +97,11 @@ impl Default for Config {
             dedup_window: 64,
             ws_read_buffer: 8 * 1024,
             shutdown_grace: Duration::from_secs(4),
+            socket_send_buffer: None,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
             demo_dir: None,
         }
     }

@@ -12,6 +12,7 @@
 //! - [`transport`]: one module per transport adapting a session to HTTP, plus `/commands`.
 //! - [`router`]: `(method, path)` to handler; origin checks and CORS.
 //! - [`server`]: accept loop, connection cap, graceful shutdown.
+//! - [`connection`]: one connection's write deadlines.
 //! - [`config`]: every limit with its default; [`error`]: error code to HTTP status.
 //! - [`metrics`]: counters and latency histograms per transport, served on `GET /metrics`.
 //! - [`demo`]: the embedded demo page and browser client.
@@ -22,6 +23,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod error;
 pub mod hub;

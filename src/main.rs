@@ -66,6 +66,22 @@ struct ServeArgs {
     /// WebSocket ping and SSE keep-alive interval (e.g. 15s).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
+    /// How long a request body may take to arrive; past it the request gets 408
+    /// `request_timeout`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// How long one write of a response may wait for a client that does not read before the
+    /// connection is dropped.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    write_timeout: Duration,
+    /// How long the server gives a stream it closes to take its last frames and, on a
+    /// WebSocket, to answer the close frame, before it drops the connection.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    close_timeout: Duration,
+    /// The kernel send buffer of each connection, in bytes (SO_SNDBUF); by default the
+    /// kernel sizes it itself (up to 4 MiB on Linux).
+    #[arg(long)]
+    socket_send_buffer: Option<usize>,
     /// Serve the demo page from this directory instead of the copy built into the binary
     /// (for editing the page without rebuilding).
     #[arg(long)]
@@ -80,8 +96,19 @@ impl ServeArgs {
         if self.transports.is_empty() {
             return Err("--transports must name at least one transport".into());
         }
-        if self.heartbeat.is_zero() || self.session_ttl.is_zero() {
-            return Err("--heartbeat and --session-ttl must be positive".into());
+        if [
+            self.heartbeat,
+            self.session_ttl,
+            self.body_timeout,
+            self.write_timeout,
+            self.close_timeout,
+        ]
+        .iter()
+        .any(Duration::is_zero)
+        {
+            return Err(
+                "--heartbeat, --session-ttl and the --*-timeout flags must be positive".into(),
+            );
         }
         if self.max_message_bytes < 256 {
             return Err("--max-message-bytes must be at least 256".into());
@@ -95,6 +122,10 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             session_ttl: self.session_ttl,
             heartbeat: self.heartbeat,
+            body_timeout: self.body_timeout,
+            write_timeout: self.write_timeout,
+            close_timeout: self.close_timeout,
+            socket_send_buffer: self.socket_send_buffer,
             demo_dir: self.demo_dir.clone(),
             ..Config::default()
         }

@@ -174,6 +174,15 @@ impl Metrics {
         metrics.bytes.inc_by(bytes as u64);
     }
 
+    /// Counts one event, created at `created`, whose frame of `bytes` bytes was just written.
+    pub fn delivered_one(&self, kind: TransportKind, created: Instant, bytes: usize) {
+        let metrics = self.transport(kind);
+        let latency = Instant::now().saturating_duration_since(created);
+        metrics.latency.observe(latency.as_secs_f64());
+        metrics.delivered.inc();
+        metrics.bytes.inc_by(bytes as u64);
+    }
+
     /// Counts commands from a session whose last transport was `kind`.
     pub fn commands(&self, kind: Option<TransportKind>, count: usize) {
         let counter = match kind {

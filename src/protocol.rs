@@ -166,6 +166,8 @@ pub enum ErrorCode {
     ServerFull,
     /// The server is shutting down.
     ShuttingDown,
+    /// A request body did not arrive within `--body-timeout`.
+    RequestTimeout,
     /// A fault inside the server; details are logged, never sent.
     Internal,
 }
@@ -192,6 +194,7 @@ impl ErrorCode {
             ErrorCode::ForbiddenOrigin => "forbidden_origin",
             ErrorCode::ServerFull => "server_full",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
         }
     }

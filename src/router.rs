@@ -16,6 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::connection::ConnectionWatch;
 use crate::demo;
 use crate::metrics::NO_TRANSPORT;
 use crate::protocol::{ErrorBody, ErrorCode, TransportKind};
@@ -178,7 +179,13 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
                 .map(|v| v.to_str().unwrap_or("invalid"));
             let after = resume_point(last_event_id, query_param(query, "after"))?;
             let attachment = hub.attach(id, TransportKind::Sse, after)?;
-            Ok(sse::stream(attachment, config.heartbeat))
+            let watch = request.extensions().get::<Arc<ConnectionWatch>>().cloned();
+            Ok(sse::stream(
+                attachment,
+                config.heartbeat,
+                config.close_timeout,
+                watch,
+            ))
         }
         Endpoint::Poll(id) => {
             let wait = match query_param(query, "wait") {
@@ -257,7 +264,7 @@ async fn create_session(
     app: &App,
 ) -> Result<Response<Body>, ErrorBody> {
     let config = app.hub.config();
-    let body = commands::read_body(request, config.max_message_bytes).await?;
+    let body = commands::read_body(request, config.max_message_bytes, config.body_timeout).await?;
     let create: CreateSession = serde_json::from_slice(&body).map_err(|e| {
         ErrorBody::new(
             ErrorCode::BadRequest,

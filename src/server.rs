@@ -1,5 +1,6 @@
 //! The accept loop: a connection cap, TCP_NODELAY, one hyper HTTP/1 connection per socket
-//! (with upgrades for WebSockets) and graceful shutdown.
+//! (with upgrades for WebSockets), its deadlines (headers by hyper, writes by
+//! [`DeadlineIo`]) and graceful shutdown.
 //!
 //! Shutdown is a parameter of [`run`], so tests pass their own signal. On shutdown the
 //! listener closes, the hub closes every attached transport with `shutdown` (WebSocket close
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::connection::{ConnectionWatch, DeadlineIo};
 use crate::hub::Hub;
 use crate::protocol::{ErrorBody, ErrorCode};
 use crate::router;
@@ -121,8 +123,18 @@ async fn serve_connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "set_nodelay failed");
     }
-    let service = service_fn(move |request| {
+    let config = app.hub.config();
+    if let Some(bytes) = config.socket_send_buffer {
+        if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(bytes) {
+            tracing::debug!(%peer, error = %e, "setting SO_SNDBUF failed");
+        }
+    }
+    let header_timeout = config.header_timeout;
+    let watch = ConnectionWatch::new(config.write_timeout);
+    let io = DeadlineIo::new(stream, watch.clone());
+    let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
+        request.extensions_mut().insert(watch.clone());
         async move {
             // A bug must cost one request a 500, not the whole connection.
             let response = AssertUnwindSafe(router::route(request, app))
@@ -140,8 +152,8 @@ async fn serve_connection(
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(stream), service)
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {

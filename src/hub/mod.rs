@@ -240,37 +240,38 @@ impl Hub {
                 "another poll of this session is in progress; one poll at a time",
             ));
         }
-        let cursor = match state.replay.check_resume(after) {
-            Ok(()) => after,
-            Err(Gap::Unknown) => {
-                return Err(ErrorBody::new(
-                    ErrorCode::InvalidAfter,
-                    format!(
-                        "after={after} but this session's last event is {}",
-                        state.replay.last_seq()
-                    ),
-                ))
-            }
-            Err(Gap::TooOld) => match &chat {
-                Some(chat) => self.push_reset(chat, &session, &mut state),
-                // The buffer moved on between the two checks: try again with the chat lock.
-                None => {
-                    drop(state);
-                    return self.attach(session_id, kind, after);
-                }
-            },
+        let gap = state.replay.check_resume(after);
+        if gap == Err(Gap::Unknown) {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidAfter,
+                format!(
+                    "after={after} but this session's last event is {}",
+                    state.replay.last_seq()
+                ),
+            ));
+        }
+        if gap == Err(Gap::TooOld) && chat.is_none() {
+            // The buffer moved on between the two checks: try again with the chat lock.
+            drop(state);
+            return self.attach(session_id, kind, after);
+        }
+        // Closed before a reset is pushed, so the reset and its history go to the new
+        // transport only, never to the one it supersedes.
+        state.close_attached(CloseReason::Superseded);
+        let cursor = match &chat {
+            Some(chat) if gap.is_err() => self.push_reset(chat, &session, &mut state),
+            _ => after,
         };
         drop(chat);
-        state.close_attached(CloseReason::Superseded);
         let id = self.inner.next_attachment.fetch_add(1, Ordering::Relaxed);
         let (close_tx, close_rx) = watch::channel(None);
-        state.attached = Some(AttachedSlot {
+        state.attached = Some(AttachedSlot::new(
             id,
             kind,
-            acked: state.replay.last_seq().max(cursor),
-            close: close_tx,
-            direct: None,
-        });
+            state.replay.last_seq().max(cursor),
+            close_tx,
+            self.inner.metrics.clone(),
+        ));
         state.last_transport = Some(kind);
         drop(state);
         session.wake();

@@ -165,16 +165,58 @@ pub trait DirectSink: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxFull;
 
-/// The hub's record of the transport attached to a session.
+/// Run by the hub when it closes a transport, under the session lock: lets a transport whose
+/// task may be blocked (an SSE stream inside hyper's writer) bound how long it lingers.
+pub(crate) struct CloseHook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for CloseHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CloseHook")
+    }
+}
+
+/// The hub's record of the transport attached to a session. It counts in
+/// `sessions_attached` from the attach until it is dropped, so the gauge moves when the hub
+/// decides, not when the transport's task finally notices.
 #[derive(Debug)]
 pub(crate) struct AttachedSlot {
     pub(crate) id: u64,
     pub(crate) kind: TransportKind,
-    /// Seq up to which the transport has written (it asked for more after writing it).
+    /// Seq up to which events were handed to the transport (written through, or taken by a
+    /// stream for its current write).
     pub(crate) acked: u64,
     pub(crate) close: watch::Sender<Option<CloseReason>>,
     /// Set for a write-through transport: events go to it as they are pushed.
     pub(crate) direct: Option<Arc<dyn DirectSink>>,
+    pub(crate) on_close: Option<CloseHook>,
+    pub(crate) metrics: Metrics,
+}
+
+impl AttachedSlot {
+    pub(crate) fn new(
+        id: u64,
+        kind: TransportKind,
+        acked: u64,
+        close: watch::Sender<Option<CloseReason>>,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.transport(kind).attached.inc();
+        AttachedSlot {
+            id,
+            kind,
+            acked,
+            close,
+            direct: None,
+            on_close: None,
+            metrics,
+        }
+    }
+}
+
+impl Drop for AttachedSlot {
+    fn drop(&mut self) {
+        self.metrics.transport(self.kind).attached.dec();
+    }
 }
 
 /// Mutable state of a session, behind its mutex. Never held across an `.await`.
@@ -292,8 +334,12 @@ impl SessionState {
     /// Closes the attached transport, if any, telling it why; the session counts as
     /// unattached from now on.
     pub(crate) fn close_attached(&mut self, reason: CloseReason) {
-        if let Some(slot) = self.attached.take() {
+        if let Some(mut slot) = self.attached.take() {
             slot.close.send_replace(Some(reason));
+            slot.metrics.closed(slot.kind, reason);
+            if let Some(CloseHook(hook)) = slot.on_close.take() {
+                hook();
+            }
             self.last_seen = Instant::now();
         }
     }
@@ -318,7 +364,7 @@ pub struct Attachment {
     cursor: u64,
     wakeup: Arc<Notify>,
     close: watch::Receiver<Option<CloseReason>>,
-    /// Counts this attachment in `sessions_attached` until it is dropped.
+    /// For the transport to count what it writes.
     metrics: Metrics,
 }
 
@@ -332,7 +378,6 @@ impl Attachment {
         metrics: Metrics,
     ) -> Self {
         let wakeup = session.wakeup.clone();
-        metrics.transport(kind).attached.inc();
         Attachment {
             session,
             id,
@@ -368,6 +413,29 @@ impl Attachment {
     /// transport notice the close while it is blocked writing.
     pub fn close_signal(&self) -> watch::Receiver<Option<CloseReason>> {
         self.close.clone()
+    }
+
+    /// The transport itself decided to close (a silent or stalled client): the hub detaches
+    /// it now and counts the close, as for the closes it decides itself.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.session.lock();
+        if state
+            .attached
+            .as_ref()
+            .is_some_and(|slot| slot.id == self.id)
+        {
+            state.close_attached(reason);
+        }
+    }
+
+    /// Runs `hook` when the hub closes this transport (at once if it already has). The hook
+    /// runs under the session lock: it must only signal, never block.
+    pub fn on_close(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut state = self.session.lock();
+        match state.attached.as_mut().filter(|slot| slot.id == self.id) {
+            Some(slot) => slot.on_close = Some(CloseHook(Box::new(hook))),
+            None => hook(),
+        }
     }
 
     /// Turns this attachment into a write-through one: the events after the cursor go to
@@ -406,17 +474,20 @@ impl Attachment {
             return Delivery::Closed(reason);
         }
         let mut state = self.session.lock();
-        match state.attached.as_mut() {
-            // The backlog present at attach time does not count against the outbox.
-            Some(slot) if slot.id == self.id => slot.acked = slot.acked.max(self.cursor),
+        let state = &mut *state;
+        let Some(slot) = state.attached.as_mut().filter(|slot| slot.id == self.id) else {
             // Detached by the hub; the close signal is already set or about to be read.
-            _ => return Delivery::Closed(self.close.borrow().unwrap_or(CloseReason::Superseded)),
-        }
+            return Delivery::Closed(self.close.borrow().unwrap_or(CloseReason::Superseded));
+        };
         match state.replay.after(self.cursor, max) {
             Ok(events) => {
                 if let Some((seq, _)) = events.last() {
                     self.cursor = *seq;
                 }
+                // What the transport takes now is its to write: the batch in flight never
+                // counts against the outbox (a stream that stops writing is caught by its
+                // write deadline instead).
+                slot.acked = slot.acked.max(self.cursor);
                 Delivery::Events(events)
             }
             // Only reachable if outbox_capacity >= replay_window: the client must resume.
@@ -452,10 +523,6 @@ impl Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        self.metrics.transport(self.kind).attached.dec();
-        if let Some(reason) = *self.close.borrow() {
-            self.metrics.closed(self.kind, reason);
-        }
         let mut state = self.session.lock();
         if state
             .attached

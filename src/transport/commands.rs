@@ -5,6 +5,8 @@
 //! `{"results":[...]}`. If any failed, the status is the first failure's and the body also
 //! carries that failure as `"error"`, so a single command reads like any other HTTP error.
 
+use std::time::Duration;
+
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -24,10 +26,13 @@ struct Reply<'a> {
     error: Option<&'a ErrorBody>,
 }
 
-/// Reads a request body of at most `limit` bytes.
+/// Reads a request body of at most `limit` bytes, arriving within `timeout`. A body that
+/// stalls gets 408 `request_timeout`, and hyper closes the connection (its body was not read
+/// to the end).
 pub async fn read_body(
     request: Request<Incoming>,
     limit: usize,
+    timeout: Duration,
 ) -> Result<bytes::Bytes, ErrorBody> {
     let too_large = || {
         ErrorBody::new(
@@ -38,7 +43,14 @@ pub async fn read_body(
     if request.body().size_hint().lower() > limit as u64 {
         return Err(too_large());
     }
-    match Limited::new(request.into_body(), limit).collect().await {
+    let collect = Limited::new(request.into_body(), limit).collect();
+    let Ok(collected) = tokio::time::timeout(timeout, collect).await else {
+        return Err(ErrorBody::new(
+            ErrorCode::RequestTimeout,
+            format!("the body did not arrive within {} ms", timeout.as_millis()),
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ErrorBody::new(
@@ -55,7 +67,8 @@ pub async fn post(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ErrorBody> {
     let session = hub.session(session_id)?;
-    let body = read_body(request, hub.config().max_message_bytes).await?;
+    let config = hub.config();
+    let body = read_body(request, config.max_message_bytes, config.body_timeout).await?;
     let commands = parse_commands(&body)?;
     let results = hub.execute(&session, commands);
     let transport = session

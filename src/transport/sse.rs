@@ -5,15 +5,22 @@
 //! restarts with every event). When the hub closes the stream it ends with
 //! `event: close` / `data: {"reason": NAME}` and no `id:` line, so that a browser's automatic
 //! reconnect does not move its resume point.
+//!
+//! A stream owns its connection (`connection: close`), so the connection's deadlines are the
+//! stream's: a write that waits two heartbeats for the client closes the stream
+//! `slow_consumer`, and once the hub closes the stream the connection is gone within the close
+//! timeout, even if hyper is stuck writing to a client that stopped reading.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
 use hyper::Response;
 
+use crate::connection::ConnectionWatch;
 use crate::hub::{Attachment, Delivery};
 use crate::protocol::{CloseReason, EncodedEvent};
 
@@ -43,15 +50,44 @@ pub fn close_frame(reason: CloseReason) -> Bytes {
     ))
 }
 
-/// The streaming response for an attached session.
-pub fn stream(mut attachment: Attachment, heartbeat: Duration) -> Response<Body> {
+/// An attached stream and its connection's deadlines. Dropped with the response body, which
+/// hyper does when the connection ends: if a write deadline ended it, the client stopped
+/// reading, and the hub hears so.
+struct Stream {
+    attachment: Attachment,
+    watch: Option<Arc<ConnectionWatch>>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.watch.as_ref().is_some_and(|w| w.timed_out()) {
+            self.attachment.close(CloseReason::SlowConsumer);
+        }
+    }
+}
+
+/// The streaming response for an attached session. `watch` is the connection's, when served
+/// by [`crate::server`].
+pub fn stream(
+    attachment: Attachment,
+    heartbeat: Duration,
+    close_timeout: Duration,
+    watch: Option<Arc<ConnectionWatch>>,
+) -> Response<Body> {
     enum Step {
         Deliver(Delivery),
         KeepAlive,
     }
+    if let Some(watch) = &watch {
+        watch.set_write_timeout(heartbeat * 2);
+        let watch = watch.clone();
+        attachment.on_close(move || watch.end_within(close_timeout));
+    }
+    let mut stream = Stream { attachment, watch };
     let frames = async_stream::stream! {
         yield Ok(Frame::data(Bytes::from_static(PREAMBLE)));
         loop {
+            let attachment = &mut stream.attachment;
             let step = tokio::select! {
                 delivery = attachment.next(MAX_BATCH) => Step::Deliver(delivery),
                 _ = tokio::time::sleep(heartbeat) => Step::KeepAlive,
@@ -65,8 +101,8 @@ pub fn stream(mut attachment: Attachment, heartbeat: Duration) -> Response<Body>
                     let bytes = out.len();
                     yield Ok(Frame::data(Bytes::from(out)));
                     // Resumed when hyper asks for the next frame: this one is in its writer.
-                    let metrics = attachment.metrics();
-                    metrics.delivered(attachment.kind(), events.iter().map(|(_, e)| e), bytes);
+                    let attachment = &stream.attachment;
+                    attachment.metrics().delivered(attachment.kind(), events.iter().map(|(_, e)| e), bytes);
                 }
                 Step::Deliver(Delivery::Closed(reason)) => {
                     yield Ok(Frame::data(close_frame(reason)));
@@ -81,5 +117,6 @@ pub fn stream(mut attachment: Attachment, heartbeat: Duration) -> Response<Body>
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }

@@ -5,27 +5,30 @@
 //! [`SocketWriter`] to the hub, which writes each event's frame as it pushes it (see
 //! `ws_writer.rs`). So one task per socket is enough, and it is woken only for what is rare:
 //! the client's frames (read with tungstenite, commands applied at once), the heartbeat, the
-//! hub's close signal, and writing what queued up while the socket was full. A queue stuck for
-//! two heartbeats closes the socket `heartbeat_timeout`. A bad command gets an `error` event;
-//! the socket stays open.
+//! hub's close signal, and writing what queued up while the socket was full. A client heard
+//! from in no frame for two heartbeats is closed `heartbeat_timeout`; a queue that takes no
+//! byte for two heartbeats, `slow_consumer`. A bad command gets an `error` event; the socket
+//! stays open. Every close, whoever starts it, goes through [`close_handshake`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 
+use crate::connection::DeadlineIo;
 use crate::hub::{Attachment, Hub};
 use crate::protocol::{parse_commands, CloseReason, Command, ErrorBody, ErrorCode};
 
@@ -107,11 +110,11 @@ pub fn upgrade(
             Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
         };
         // Take the TCP stream back from hyper: the hub writes events to its write half.
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        let parts = match upgraded.downcast::<TokioIo<DeadlineIo<TcpStream>>>() {
             Ok(parts) => parts,
             Err(_) => return tracing::error!("upgraded connection is not a TCP stream"),
         };
-        let (read, write) = parts.io.into_inner().into_split();
+        let (read, write) = parts.io.into_inner().into_inner().into_split();
         let writer = Arc::new(SocketWriter::new(
             write,
             hub.config().outbox_capacity,
@@ -137,12 +140,26 @@ pub fn upgrade(
 
 /// How a socket's loop ended.
 enum End {
-    /// The hub closed the transport: send the close code and reason.
+    /// The hub (or this task) closed the transport: send the close code and reason.
     Closed(CloseReason),
-    /// A frame over the hard limit: close with 1009.
-    TooBig,
-    /// The client went away or the socket failed: nothing to send.
+    /// The client sent a close frame: answer it.
+    ClientClosed,
+    /// The client broke the protocol (a frame over the hard limit, invalid UTF-8, a bad
+    /// frame): close with this code; its later frames cannot be parsed.
+    Violation(u16, &'static str),
+    /// The TCP connection ended or failed: nothing to send.
     Gone,
+}
+
+impl End {
+    fn from_read_error(error: WsError) -> End {
+        match error {
+            WsError::Capacity(_) => End::Violation(1009, ErrorCode::TooLarge.as_str()),
+            WsError::Utf8(_) => End::Violation(1007, "invalid_utf8"),
+            WsError::Protocol(_) => End::Violation(1002, "protocol_error"),
+            _ => End::Gone,
+        }
+    }
 }
 
 /// Serves one upgraded socket until the client leaves or the hub closes the transport.
@@ -152,14 +169,19 @@ async fn serve(
     mut attachment: Attachment,
     hub: &Hub,
 ) {
-    let heartbeat = hub.config().heartbeat;
-    let max_bytes = hub.config().max_message_bytes;
+    let config = hub.config();
+    let (heartbeat, max_bytes, close_timeout) = (
+        config.heartbeat,
+        config.max_message_bytes,
+        config.close_timeout,
+    );
     let session = attachment.session().clone();
     let mut close = attachment.close_signal();
     if !attachment.write_through(writer.clone()) {
         // Superseded between the handshake and now: say so.
         let reason = (*close.borrow()).unwrap_or(CloseReason::Superseded);
-        return finish(&writer, End::Closed(reason)).await;
+        drop(attachment);
+        return close_handshake(socket, &writer, End::Closed(reason), close_timeout).await;
     }
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
@@ -172,9 +194,19 @@ async fn serve(
             }
             _ = writer.flush_queued() => break End::Gone,
             _ = ping.tick() => {
-                let stalled = writer.stalled_for().is_some_and(|t| t > heartbeat * 2);
-                if stalled || last_heard.elapsed() > heartbeat * 2 {
-                    break End::Closed(CloseReason::HeartbeatTimeout);
+                writer.check_progress();
+                let silent = last_heard.elapsed() > heartbeat * 2
+                    && !writer.progressed_within(heartbeat * 2);
+                let verdict = if silent {
+                    Some(CloseReason::HeartbeatTimeout)
+                } else if writer.stalled_for().is_some_and(|t| t > heartbeat * 2) {
+                    Some(CloseReason::SlowConsumer)
+                } else {
+                    None
+                };
+                if let Some(reason) = verdict {
+                    attachment.close(reason);
+                    break End::Closed(reason);
                 }
                 writer.ping();
             }
@@ -190,28 +222,79 @@ async fn serve(
                         ),
                         None,
                     ),
-                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
                     Some(Ok(_)) => {}
-                    Some(Err(WsError::Capacity(_))) => break End::TooBig,
-                    Some(Err(_)) => break End::Gone,
+                    Some(Err(error)) => break End::from_read_error(error),
+                    None => break End::Gone,
                 }
             }
         }
     };
     // Detach first, so the hub writes nothing after the close frame.
     drop(attachment);
-    finish(&writer, end).await;
+    close_handshake(socket, &writer, end, close_timeout).await;
 }
 
-/// Sends the close frame the end calls for and writes what is queued, waiting on the client
-/// for at most a second: it may be the reason we are closing.
-async fn finish(writer: &SocketWriter, end: End) {
+/// The one place a WebSocket is closed, for the frames the hub writes through and the ones
+/// tungstenite writes alike. tungstenite keeps the handshake's state and its frames go through
+/// the writer's queue, so nothing follows the close frame; the whole close takes at most
+/// `limit`, whatever the client does.
+///
+/// - The client closed: tungstenite's reply (the client's own code) is written, then the
+///   server drops the connection, as RFC 6455 §7.1.1 asks of servers.
+/// - The server closes: frames not yet begun are dropped (the client resumes from the last
+///   seq it read), the close frame goes next, and the server reads and discards the client's
+///   frames until its close comes back, so a client that was still sending reads the code
+///   instead of a reset.
+/// - A protocol violation: the close frame is written raw (tungstenite cannot parse what
+///   follows) and the input is discarded until the client hangs up.
+async fn close_handshake(
+    mut socket: WebSocketStream<ReadSide>,
+    writer: &SocketWriter,
+    end: End,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
     match end {
-        End::Closed(reason) => writer.close(reason.ws_code(), reason.as_str()),
-        End::TooBig => writer.close(1009, ErrorCode::TooLarge.as_str()),
         End::Gone => return,
+        End::ClientClosed => {
+            let _ = socket.flush().await;
+        }
+        End::Closed(reason) => {
+            writer.discard_unsent();
+            let frame = CloseFrame {
+                code: reason.ws_code().into(),
+                reason: reason.as_str().into(),
+            };
+            if socket.close(Some(frame)).await.is_ok() {
+                let answered = async { while let Some(Ok(_)) = socket.next().await {} };
+                let _ = tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        _ = answered => {}
+                        _ = writer.flush_queued() => {}
+                    }
+                })
+                .await;
+            }
+        }
+        End::Violation(code, reason) => {
+            writer.discard_unsent();
+            writer.close(code, reason);
+            let read = socket.get_mut();
+            let hung_up = async {
+                let mut discard = [0u8; 4096];
+                while matches!(read.read(&mut discard).await, Ok(n) if n > 0) {}
+            };
+            let _ = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    _ = hung_up => {}
+                    _ = writer.flush_queued() => {}
+                }
+            })
+            .await;
+        }
     }
-    writer.drain(Duration::from_secs(1)).await;
+    writer.drain_until(deadline).await;
 }
 
 /// Applies the commands in one text frame; each failure becomes an `error` event.

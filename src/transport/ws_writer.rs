@@ -9,7 +9,10 @@
 //! pongs, close) take the same path, so frames never interleave.
 //!
 //! More than `outbox_capacity` live frames queued makes `deliver` fail, and the hub closes the
-//! transport with `slow_consumer`: the queue, like every per-session queue, is bounded.
+//! transport with `slow_consumer`: the queue, like every per-session queue, is bounded. A
+//! queue that makes no progress (no byte written) for two heartbeats is judged slow too, by
+//! the connection's task; a queue that shrinks steadily is not, however long it stays
+//! non-empty. An event counts as delivered in the metrics when its last byte is written.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -24,6 +27,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::connection::{send_progress, SendProgress};
 use crate::hub::{DirectSink, OutboxFull};
 use crate::metrics::Metrics;
 use crate::protocol::{EncodedEvent, TransportKind};
@@ -42,6 +46,8 @@ struct Queued {
     written: usize,
     /// Counts against the outbox (a live event, not backlog or control).
     live: bool,
+    /// For an event: when it was created, to count its delivery once written.
+    created: Option<std::time::Instant>,
 }
 
 impl Queued {
@@ -63,11 +69,17 @@ impl Queued {
 struct WriterState {
     queue: VecDeque<Queued>,
     live_queued: usize,
-    /// When the queue last became non-empty: a queue stuck for two heartbeats means the
-    /// client stopped reading.
-    stalled_since: Option<Instant>,
+    /// While something is queued: when the socket last took a byte (or the queue formed). A
+    /// queue that waits two heartbeats means the client stopped reading.
+    waiting_since: Option<Instant>,
+    /// When the socket last took bytes of a queue that had formed: the kernel's buffer was
+    /// full, so the client is reading. Its pongs may be stuck behind that backlog, so this
+    /// counts as hearing from it.
+    progressed: Option<Instant>,
     /// The socket failed; nothing more is written.
     failed: bool,
+    /// What the kernel said at the last [`SocketWriter::check_progress`].
+    last_probe: Option<SendProgress>,
 }
 
 /// The write half of one WebSocket, shared by the hub (events) and the connection's task.
@@ -99,7 +111,13 @@ impl SocketWriter {
 
     /// Writes a frame now if nothing is queued and the socket takes it; queues the rest.
     /// Returns whether more than the outbox capacity of live frames is queued.
-    fn write_frame(&self, head: &[u8], body: &Bytes, live: bool) -> bool {
+    fn write_frame(
+        &self,
+        head: &[u8],
+        body: &Bytes,
+        live: bool,
+        created: Option<std::time::Instant>,
+    ) -> bool {
         let mut state = self.lock();
         if state.failed {
             return false;
@@ -111,7 +129,13 @@ impl SocketWriter {
                 .socket
                 .try_write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
             {
-                Ok(n) if n == total => return false,
+                Ok(n) if n == total => {
+                    if let Some(created) = created {
+                        self.metrics
+                            .delivered_one(TransportKind::WebSocket, created, total);
+                    }
+                    return false;
+                }
                 Ok(n) => written = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => {
@@ -120,7 +144,7 @@ impl SocketWriter {
                     return false;
                 }
             }
-            state.stalled_since = Some(Instant::now());
+            state.waiting_since = Some(Instant::now());
             self.queued.notify_one();
         }
         state.queue.push_back(Queued {
@@ -128,6 +152,7 @@ impl SocketWriter {
             body: body.clone(),
             written,
             live,
+            created,
         });
         if live {
             state.live_queued += 1;
@@ -138,7 +163,7 @@ impl SocketWriter {
     /// Writes raw bytes holding whole frames (tungstenite's pongs and close replies, our
     /// pings and close frame).
     pub fn write_control(&self, frame: &[u8]) {
-        self.write_frame(frame, &Bytes::new(), false);
+        self.write_frame(frame, &Bytes::new(), false, None);
     }
 
     /// Sends a ping with an empty payload.
@@ -155,9 +180,52 @@ impl SocketWriter {
         self.write_control(&frame);
     }
 
-    /// How long the queue has been waiting for the socket, if anything is queued.
+    /// How long the queue has waited for the socket to take a byte, if anything is queued.
     pub fn stalled_for(&self) -> Option<Duration> {
-        self.lock().stalled_since.map(|since| since.elapsed())
+        self.lock().waiting_since.map(|since| since.elapsed())
+    }
+
+    /// Asks the kernel how far the client got; the connection's task calls it once per
+    /// heartbeat. Bytes acknowledged while a backlog waited (in the kernel or in our queue)
+    /// mean the client is reading: that counts as hearing from it, and restarts the stall clock
+    /// of our queue. (The kernel lets a writer add bytes only once much of its buffer is free,
+    /// so a slow reader can leave the queue untouched for a long time while it reads.)
+    pub fn check_progress(&self) {
+        let Some(now) = send_progress(self.socket.as_ref()) else {
+            return;
+        };
+        let mut state = self.lock();
+        let backlog = !state.queue.is_empty();
+        if let Some(before) = state.last_probe {
+            if now.acked > before.acked && (before.queued > 0 || backlog) {
+                let at = Instant::now();
+                state.progressed = Some(at);
+                if backlog {
+                    state.waiting_since = Some(at);
+                }
+            }
+        }
+        state.last_probe = Some(now);
+    }
+
+    /// Whether the client read part of a backlog within `window` (see `progressed`).
+    pub fn progressed_within(&self, window: Duration) -> bool {
+        self.lock()
+            .progressed
+            .is_some_and(|at| at.elapsed() <= window)
+    }
+
+    /// Drops the queued frames not yet begun, keeping a frame partly written (the stream must
+    /// stay well-formed): the server is closing, and the close frame goes next. What is
+    /// dropped was never delivered; the client resumes from the last seq it read.
+    pub fn discard_unsent(&self) {
+        let mut state = self.lock();
+        let keep = usize::from(state.queue.front().is_some_and(|f| f.written > 0));
+        state.queue.truncate(keep);
+        state.live_queued = state.queue.iter().filter(|f| f.live).count();
+        if keep == 0 {
+            state.waiting_since = None;
+        }
     }
 
     /// Writes the queue as far as the socket takes it now. `Ok(true)` when it is empty.
@@ -168,7 +236,7 @@ impl SocketWriter {
                 return Err(io::Error::new(io::ErrorKind::BrokenPipe, "socket failed"));
             }
             if state.queue.is_empty() {
-                state.stalled_since = None;
+                state.waiting_since = None;
                 return Ok(true);
             }
             let mut slices = Vec::with_capacity(MAX_SLICES);
@@ -190,6 +258,11 @@ impl SocketWriter {
                     return Err(e);
                 }
             };
+            if written > 0 {
+                let now = Instant::now();
+                state.waiting_since = Some(now);
+                state.progressed = Some(now);
+            }
             while written > 0 {
                 let front = state
                     .queue
@@ -205,6 +278,10 @@ impl SocketWriter {
                 if done.live {
                     state.live_queued -= 1;
                 }
+                if let Some(created) = done.created {
+                    self.metrics
+                        .delivered_one(TransportKind::WebSocket, created, done.len());
+                }
             }
         }
     }
@@ -218,9 +295,9 @@ impl SocketWriter {
         }
     }
 
-    /// Writes what is queued, waiting at most `limit` for the socket.
-    pub async fn drain(&self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, self.write_until_empty()).await;
+    /// Writes what is queued, waiting for the socket until `deadline` at most.
+    pub async fn drain_until(&self, deadline: Instant) {
+        let _ = tokio::time::timeout_at(deadline, self.write_until_empty()).await;
     }
 
     /// Writes the queue, waiting for the socket whenever it is full, until it is empty.
@@ -288,12 +365,7 @@ fn text_frame_header(len: usize, out: &mut Head) {
 impl DirectSink for SocketWriter {
     fn deliver(&self, seq: u64, event: &EncodedEvent, backlog: bool) -> Result<(), OutboxFull> {
         let head = Head::for_event(seq, event.body.len());
-        let full = self.write_frame(head.as_slice(), &event.body, !backlog);
-        self.metrics.delivered(
-            TransportKind::WebSocket,
-            std::iter::once(event),
-            head.len + event.body.len(),
-        );
+        let full = self.write_frame(head.as_slice(), &event.body, !backlog, Some(event.created));
         if full {
             Err(OutboxFull)
         } else {
