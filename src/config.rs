@@ -39,6 +39,14 @@ pub struct Config {
     pub outbox_capacity: usize,
     /// Messages kept per room and sent as `history` on join.
     pub history_len: usize,
+    /// Presence and typing changes are sent at once in a quiet room and at most once per
+    /// interval per room under a storm.
+    pub presence_interval: Duration,
+    /// Rooms up to this many members tell everyone every name; larger rooms tell the count and
+    /// a sample of names.
+    pub presence_list_limit: usize,
+    /// A room's message rate, `(per second, burst)`; `None`: unlimited.
+    pub room_rate_limit: Option<(f64, f64)>,
     /// Rooms one session may be in at once.
     pub max_rooms_per_session: usize,
     /// Rooms kept by the server; the least recently used empty rooms are dropped past this.
@@ -90,6 +98,9 @@ impl Default for Config {
             replay_window: 1024,
             outbox_capacity: 256,
             history_len: 50,
+            presence_interval: Duration::from_millis(250),
+            presence_list_limit: 1000,
+            room_rate_limit: None,
             max_rooms_per_session: 64,
             max_rooms: 10_000,
             max_sessions: 100_000,

@@ -208,6 +208,9 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// What went wrong, for people; may change between versions.
     pub message: String,
+    /// For `rate_limited`: milliseconds after which a retry can succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ErrorBody {
@@ -216,7 +219,15 @@ impl ErrorBody {
         ErrorBody {
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
+    }
+
+    /// The same error, telling the client when a retry can succeed (rounded up to a
+    /// millisecond).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after_ms = Some(wait.as_micros().div_ceil(1000) as u64);
+        self
     }
 }
 
@@ -393,39 +404,44 @@ pub struct Message {
     pub client_id: String,
 }
 
-/// Whether a presence event announces a join or a leave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PresenceAction {
-    /// The user joined.
-    Joined,
-    /// The user left (or their session ended).
-    Left,
-}
-
 /// An event, before it is given a seq. Serialized once per broadcast.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event<'a> {
     /// A chat message.
     Message(&'a Message),
-    /// Someone joined or left a room.
+    /// A room's members, sent to a session right after the room's `history` (on join and
+    /// after a `reset`), and to every member when a large room becomes small again.
     Presence {
         /// The room.
         room: &'a str,
-        /// Who joined or left.
-        user: &'a str,
-        /// Joined or left.
-        action: PresenceAction,
-        /// Names online in the room after the change, in join order.
+        /// Members online.
+        count: usize,
+        /// Their names in join order: everyone when `complete`, else the first few.
         online: Vec<&'a str>,
+        /// Whether `online` names everyone (rooms up to the presence list limit).
+        complete: bool,
     },
-    /// Someone is typing.
+    /// Who joined and left a room since the previous `presence_diff` (or `presence`): one
+    /// event per room per presence interval, the same for every member.
+    PresenceDiff {
+        /// The room.
+        room: &'a str,
+        /// Members online after the change.
+        count: usize,
+        /// Names that joined, in order (apply before `left`).
+        joined: Vec<&'a str>,
+        /// Names that left, in order.
+        left: Vec<&'a str>,
+        /// Whether `joined` and `left` name every change; in a large room they are a sample.
+        complete: bool,
+    },
+    /// Who typed in a room during the last presence interval (a bounded list).
     Typing {
         /// The room.
         room: &'a str,
-        /// Who is typing.
-        user: &'a str,
+        /// Names of the typers, at most a few.
+        users: Vec<&'a str>,
     },
     /// The last messages of a room, sent to a session when it joins or after a reset.
     History {
@@ -443,6 +459,9 @@ pub enum Event<'a> {
         /// For a failed `send`, its `client_id`, so the client knows which send to retry.
         #[serde(skip_serializing_if = "Option::is_none")]
         client_id: Option<&'a str>,
+        /// For `rate_limited`: milliseconds after which a retry can succeed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// The resume point was lost; the client must replace its view (fresh histories follow).
     Reset {
@@ -457,6 +476,7 @@ impl Event<'_> {
         match self {
             Event::Message(_) => "message",
             Event::Presence { .. } => "presence",
+            Event::PresenceDiff { .. } => "presence_diff",
             Event::Typing { .. } => "typing",
             Event::History { .. } => "history",
             Event::Error { .. } => "error",
@@ -510,6 +530,15 @@ impl EncodedEvent {
         out.extend_from_slice(&self.body);
     }
 
+    /// The same event sent again later (a cached `history` or `presence`): shares the bytes,
+    /// with a creation time of now, so delivery latency is measured from this send.
+    pub fn reissue(&self) -> EncodedEvent {
+        EncodedEvent {
+            created: std::time::Instant::now(),
+            ..self.clone()
+        }
+    }
+
     /// The complete JSON object for one recipient, as a string.
     pub fn to_json(&self, seq: u64) -> String {
         let mut out = Vec::with_capacity(self.body.len() + 24);
@@ -526,12 +555,12 @@ mod tests {
     fn encode_splices_seq_in_front() {
         let event = Event::Typing {
             room: "lobby",
-            user: "ann",
+            users: vec!["ann"],
         };
         let json = event.encode().to_json(42);
         assert_eq!(
             json,
-            r#"{"seq":42,"type":"typing","room":"lobby","user":"ann"}"#
+            r#"{"seq":42,"type":"typing","room":"lobby","users":["ann"]}"#
         );
     }
 

@@ -276,7 +276,7 @@ async fn create_session(
         StatusCode::CREATED,
         &SessionCreated {
             session: session.id.clone(),
-            name: session.name.clone(),
+            name: session.name.to_string(),
             transports: config
                 .transports
                 .iter()

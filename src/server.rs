@@ -62,7 +62,7 @@ pub async fn serve(
     let config = hub.config();
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
-    let reaper = hub.spawn_reaper();
+    let timers = hub.spawn_timers();
     let app = Arc::new(App {
         hub,
         tracker: TaskTracker::new(),
@@ -110,7 +110,7 @@ pub async fn serve(
             "connections still open after the grace period; closing them"
         );
     }
-    reaper.abort();
+    timers.abort();
     Ok(())
 }
 

@@ -105,6 +105,7 @@ async fn bad_commands_over_websocket_get_error_events_and_the_socket_stays_open(
     ws_send(&mut ws, join("lobby")).await;
     assert_eq!(ws_event(&mut ws).await["type"], "history");
     assert_eq!(ws_event(&mut ws).await["type"], "presence");
+    assert_eq!(ws_event(&mut ws).await["type"], "presence_diff");
     for (code, body) in bad_commands() {
         within("a ws send", ws.send(Message::text(body.clone())))
             .await

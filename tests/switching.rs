@@ -110,14 +110,15 @@ async fn a_resume_point_older_than_the_replay_window_gets_a_reset_then_fresh_his
         .collect();
     assert_eq!(texts.len(), 30);
     assert_eq!(texts[29], "t29");
-    assert_eq!(events.len(), 2, "nothing but reset and history: {reply}");
-    let seq = events[1]["seq"].as_u64().unwrap();
-    assert_eq!(events[0]["seq"].as_u64().unwrap() + 1, seq);
+    assert_eq!(events[2]["type"], "presence", "the room's members follow its history");
+    assert_eq!(events.len(), 3, "nothing but reset, history and presence: {reply}");
+    let seq = events[2]["seq"].as_u64().unwrap();
+    assert_eq!(events[0]["seq"].as_u64().unwrap() + 2, seq);
 
     // Live events follow the reset on any transport.
     let mut ws = server.attach(TransportKind::WebSocket, &reader, seq).await;
     server.ok(&writer, send("r", "live", "live")).await;
-    let live = ws.next().await;
+    let live = ws.next_of("message").await;
     assert_eq!(live["text"], "live");
 }
 
@@ -192,13 +193,14 @@ async fn a_slow_websocket_consumer_is_disconnected_and_resumes_without_a_gap() {
 async fn sse_resumes_from_last_event_id_which_wins_over_after() {
     let server = TestServer::start().await;
     let session = server.session("sse").await;
-    server.ok(&session, json!([join("a"), join("b")])).await; // seqs 1-4
+    // Seqs 1-6: history, presence and presence_diff of each room.
+    server.ok(&session, json!([join("a"), join("b")])).await;
     let mut stream = server
-        .sse(&session, "?after=0", &[("last-event-id", "3")])
+        .sse(&session, "?after=0", &[("last-event-id", "5")])
         .await;
     let event = stream.next_event().await;
-    assert_eq!(event.id.as_deref(), Some("4"), "{event:?}");
-    assert_eq!(event.event.as_deref(), Some("presence"));
+    assert_eq!(event.id.as_deref(), Some("6"), "{event:?}");
+    assert_eq!(event.event.as_deref(), Some("presence_diff"));
     let (status, _, _) = server
         .request(
             Method::GET,

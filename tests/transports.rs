@@ -19,10 +19,17 @@ async fn each_transport_alone_joins_sends_and_gets_the_echo() {
         assert_eq!(history["type"], "history", "{kind}: {history}");
         assert_eq!(history["room"], room.as_str());
         assert_eq!(history["messages"], json!([]));
+        // The room as it was published (empty), then the change: this session joined.
         let presence = client.next().await;
         assert_eq!(presence["type"], "presence", "{kind}: {presence}");
-        assert_eq!(presence["action"], "joined");
-        assert_eq!(presence["online"], json!([format!("solo-{kind}")]));
+        assert_eq!(
+            (&presence["count"], &presence["online"], &presence["complete"]),
+            (&json!(0), &json!([]), &json!(true))
+        );
+        let diff = client.next().await;
+        assert_eq!(diff["type"], "presence_diff", "{kind}: {diff}");
+        assert_eq!(diff["joined"], json!([format!("solo-{kind}")]));
+        assert_eq!((&diff["left"], &diff["count"]), (&json!([]), &json!(1)));
         let reply = server.ok(&session, send(&room, "hello", "c1")).await;
         assert_eq!(reply["results"][0]["duplicate"], false);
         let echo = client.next().await;
@@ -52,11 +59,12 @@ async fn websocket_carries_commands_too() {
         support::ws_event(&mut ws).await,
         support::ws_event(&mut ws).await,
         support::ws_event(&mut ws).await,
+        support::ws_event(&mut ws).await,
     ]
     .into_iter()
     .map(|e| e["type"].clone())
     .collect();
-    assert_eq!(kinds, vec!["history", "presence", "message"]);
+    assert_eq!(kinds, vec!["history", "presence", "presence_diff", "message"]);
 }
 
 #[tokio::test]
@@ -114,7 +122,12 @@ async fn read_until_message(client: &mut Client, text: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn the_same_conversation_yields_identical_sequences_on_all_four_transports() {
-    let server = TestServer::start().await;
+    // Every presence change is told at once, so the sequence does not depend on timing.
+    let server = TestServer::with_config(switchyard::Config {
+        presence_interval: std::time::Duration::ZERO,
+        ..switchyard::Config::default()
+    })
+    .await;
     let mut observers = Vec::new();
     for kind in TransportKind::ALL {
         let session = server.session(&format!("obs-{kind}")).await;
@@ -209,7 +222,7 @@ async fn a_websocket_receives_events_of_every_frame_length() {
     assert_eq!(history["messages"].as_array().unwrap().len(), 20);
     assert!(history.to_string().len() > 65_535);
     assert_eq!(ws.next().await["type"], "presence");
-    assert_eq!(ws.next().await["text"], "short");
+    assert_eq!(ws.next_of("message").await["text"], "short");
     server
         .ok(&writer, send("big", &"y".repeat(4000), "mid"))
         .await;

@@ -13,15 +13,16 @@
 mod room;
 mod session;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-pub use room::Room;
+use room::Room;
 pub use session::{
     Attachment, Delivery, DirectSink, Gap, OutboxFull, ReplayBuffer, SentMessages, Session,
     TokenBucket,
@@ -30,8 +31,7 @@ pub use session::{
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    validate_name, CloseReason, Command, ErrorBody, ErrorCode, Event, Message, PresenceAction,
-    TransportKind,
+    validate_name, CloseReason, Command, ErrorBody, ErrorCode, Event, Message, TransportKind,
 };
 use session::{AttachedSlot, SessionState};
 
@@ -57,6 +57,8 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Chat {
     rooms: HashMap<String, Room>,
+    /// Rooms with presence or typing changes waiting for their interval to pass.
+    pending_presence: HashSet<String>,
     /// Message ids are server-wide, so they keep increasing in a room that was dropped and
     /// created again.
     last_message_id: u64,
@@ -142,7 +144,8 @@ fn unknown_session(id: &str) -> ErrorBody {
 }
 
 impl Hub {
-    /// A hub with no sessions. Call [`Hub::spawn_reaper`] to expire idle sessions.
+    /// A hub with no sessions. Call [`Hub::spawn_timers`] to expire idle sessions and flush
+    /// coalesced presence.
     pub fn new(config: Config) -> Self {
         Hub {
             inner: Arc::new(Inner {
@@ -184,11 +187,7 @@ impl Hub {
             ));
         }
         let id = format!("{:032x}", rand::random::<u128>());
-        let session = Arc::new(Session::new(
-            id.clone(),
-            name.to_owned(),
-            &self.inner.config,
-        ));
+        let session = Arc::new(Session::new(id.clone(), Arc::from(name), &self.inner.config));
         sessions.insert(id, session.clone());
         tracing::debug!(session = %session.id, name, "session created");
         Ok(session)
@@ -229,7 +228,7 @@ impl Hub {
         let session = self.session(session_id)?;
         let gap = session.lock().replay.check_resume(after);
         // A reset needs the rooms' histories: take the chat lock first, as everywhere.
-        let chat = (gap == Err(Gap::TooOld)).then(|| lock(&self.inner.chat));
+        let mut chat = (gap == Err(Gap::TooOld)).then(|| lock(&self.inner.chat));
         let mut state = session.lock();
         if state.ended {
             return Err(unknown_session(session_id));
@@ -258,7 +257,7 @@ impl Hub {
         // Closed before a reset is pushed, so the reset and its history go to the new
         // transport only, never to the one it supersedes.
         state.close_attached(CloseReason::Superseded);
-        let cursor = match &chat {
+        let cursor = match &mut chat {
             Some(chat) if gap.is_err() => self.push_reset(chat, &session, &mut state),
             _ => after,
         };
@@ -287,15 +286,16 @@ impl Hub {
     }
 
     /// Pushes `reset` and a `history` per joined room; returns the seq just before the reset.
-    fn push_reset(&self, chat: &Chat, session: &Session, state: &mut SessionState) -> u64 {
+    fn push_reset(&self, chat: &mut Chat, session: &Session, state: &mut SessionState) -> u64 {
         let reset = Event::Reset {
             reason: RESET_REPLAY_WINDOW,
         }
         .encode();
         let reset_seq = state.push(reset, session.outbox_capacity);
         for name in state.rooms.clone() {
-            if let Some(room) = chat.rooms.get(&name) {
+            if let Some(room) = chat.rooms.get_mut(&name) {
                 state.push(room.history_event(&name), session.outbox_capacity);
+                state.push(room.snapshot_event(&name), session.outbox_capacity);
             }
         }
         reset_seq - 1
@@ -334,7 +334,8 @@ impl Hub {
                     "more than {} commands/s (burst {}); slow down and retry",
                     config.rate_limit_per_sec, config.rate_limit_burst
                 ),
-            ));
+            )
+            .retry_after(state.limiter.retry_after()));
         }
         Ok(())
     }
@@ -362,9 +363,10 @@ impl Hub {
         }
         match command {
             Command::Join { room } if joined => {
-                let history = chat.rooms.get(&room).map(|r| r.history_event(&room));
-                if let Some(history) = history {
-                    session.push(history);
+                // A fresh view of the room, as on a reset.
+                if let Some(entry) = chat.rooms.get_mut(&room) {
+                    session.push(entry.history_event(&room));
+                    session.push(entry.snapshot_event(&room));
                 }
             }
             Command::Join { room } => {
@@ -380,16 +382,21 @@ impl Hub {
                 if !chat.rooms.contains_key(&room) {
                     chat.make_room_for_one_more(config.max_rooms)?;
                 }
-                let entry = chat.rooms.entry(room.clone()).or_default();
+                let entry = chat
+                    .rooms
+                    .entry(room.clone())
+                    .or_insert_with(|| Room::new(config.room_rate_limit));
                 entry.last_used = tick;
+                // The joiner gets the published view first; its own join reaches it, like
+                // everyone else, in the next presence_diff.
+                session.push(entry.history_event(&room));
+                session.push(entry.snapshot_event(&room));
                 entry.add(session.clone());
                 session.lock().rooms.push(room.clone());
-                session.push(entry.history_event(&room));
-                let presence = entry.presence_event(&room, &session.name, PresenceAction::Joined);
-                entry.broadcast(&presence, None);
+                chat.presence_changed(&room, config);
             }
             Command::Leave { room } => {
-                chat.leave(session, &room, true);
+                chat.leave(session, &room, config);
             }
             Command::Send {
                 room,
@@ -401,20 +408,31 @@ impl Hub {
                     session.push(echo);
                     return Ok(CommandResult::sent(id, true));
                 }
+                let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
+                if let Err(wait) = entry.admit_message() {
+                    let (per_sec, burst) = config.room_rate_limit.unwrap_or_default();
+                    return Err(ErrorBody::new(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "room {room:?} takes at most {per_sec} messages/s (burst {burst}); retry later"
+                        ),
+                    )
+                    .retry_after(wait));
+                }
+                entry.last_used = tick;
                 chat.last_message_id += 1;
                 let id = chat.last_message_id;
                 let message = Arc::new(Message {
                     room: room.clone(),
                     id,
-                    from: session.name.clone(),
+                    from: session.name.to_string(),
                     text,
                     ts: now_micros(),
                     client_id,
                 });
                 let event = Event::Message(&message).encode();
                 let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
-                entry.last_used = tick;
-                entry.broadcast(&event, None);
+                entry.broadcast(&event);
                 entry.record(message.clone(), config.history_len);
                 session
                     .lock()
@@ -423,13 +441,9 @@ impl Hub {
                 return Ok(CommandResult::sent(id, false));
             }
             Command::Typing { room } => {
-                let event = Event::Typing {
-                    room: &room,
-                    user: &session.name,
-                }
-                .encode();
-                if let Some(entry) = chat.rooms.get(&room) {
-                    entry.broadcast(&event, Some(&session.id));
+                if let Some(entry) = chat.rooms.get_mut(&room) {
+                    entry.typing(&session.name);
+                    chat.presence_changed(&room, config);
                 }
             }
         }
@@ -447,6 +461,7 @@ impl Hub {
                 code: error.code,
                 message: &error.message,
                 client_id,
+                retry_after_ms: error.retry_after_ms,
             }
             .encode(),
         );
@@ -458,7 +473,7 @@ impl Hub {
         let state = session.lock();
         Ok(SessionInfo {
             session: session.id.clone(),
-            name: session.name.clone(),
+            name: session.name.to_string(),
             last_seq: state.replay.last_seq(),
             attached: state.attached.as_ref().map(|slot| slot.kind.as_str()),
             rooms: state.rooms.clone(),
@@ -497,7 +512,7 @@ impl Hub {
             state.rooms.clone()
         };
         for room in rooms {
-            chat.leave(session, &room, false);
+            chat.leave(session, &room, &self.inner.config);
         }
         lock(&self.inner.sessions).remove(&session.id);
         tracing::debug!(session = %session.id, only_if_idle, "session ended");
@@ -520,19 +535,58 @@ impl Hub {
         idle.len()
     }
 
-    /// Expires idle sessions in the background until [`Hub::shutdown`].
-    pub fn spawn_reaper(&self) -> tokio::task::JoinHandle<()> {
+    /// Sends the presence and typing changes of every room whose presence interval has
+    /// passed since its last flush; returns how many rooms were flushed.
+    pub fn flush_presence(&self) -> usize {
+        let config = &self.inner.config;
+        let mut chat = lock(&self.inner.chat);
+        let now = Instant::now();
+        let Chat {
+            rooms,
+            pending_presence,
+            ..
+        } = &mut *chat;
+        let before = pending_presence.len();
+        pending_presence.retain(|name| {
+            let Some(room) = rooms.get_mut(name) else {
+                return false;
+            };
+            let due = room
+                .last_flush
+                .is_none_or(|at| now.duration_since(at) >= config.presence_interval);
+            if due && room.has_pending() {
+                flush_room(room, name, config.presence_list_limit, now);
+            }
+            !due
+        });
+        before - pending_presence.len()
+    }
+
+    /// Runs the hub's timers until [`Hub::shutdown`]: expires idle sessions and flushes
+    /// coalesced presence.
+    pub fn spawn_timers(&self) -> tokio::task::JoinHandle<()> {
         let hub = self.clone();
-        let period = (hub.inner.config.session_ttl / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let config = &hub.inner.config;
+        let reap_period =
+            (config.session_ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        // A change waits at most a quarter interval past its due time.
+        let flush_period = (config.presence_interval / 4).max(Duration::from_millis(5));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut reap = tokio::time::interval(reap_period);
+            reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut flush = tokio::time::interval(flush_period);
+            flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !hub.inner.shutting_down.load(Ordering::Acquire) {
-                tick.tick().await;
-                let expired = hub.expire_idle();
-                if expired > 0 {
-                    tracing::info!(expired, "expired idle sessions");
+                tokio::select! {
+                    _ = reap.tick() => {
+                        let expired = hub.expire_idle();
+                        if expired > 0 {
+                            tracing::info!(expired, "expired idle sessions");
+                        }
+                    }
+                    _ = flush.tick() => {
+                        hub.flush_presence();
+                    }
                 }
             }
         })
@@ -549,10 +603,17 @@ impl Hub {
     }
 }
 
+/// Sends a room's pending presence and typing changes to its members.
+fn flush_room(room: &mut Room, name: &str, list_limit: usize, now: Instant) {
+    for event in room.flush(name, list_limit) {
+        room.broadcast(&event);
+    }
+    room.last_flush = Some(now);
+}
+
 impl Chat {
-    /// Removes `session` from `room` and tells the room. `tell_leaver` also sends the
-    /// `presence left` to the leaver itself (an explicit leave, as opposed to expiry).
-    fn leave(&mut self, session: &Arc<Session>, room: &str, tell_leaver: bool) {
+    /// Removes `session` from `room`; the members hear of it in the next presence flush.
+    fn leave(&mut self, session: &Arc<Session>, room: &str, config: &Config) {
         self.tick += 1;
         let tick = self.tick;
         session.lock().rooms.retain(|r| r != room);
@@ -563,10 +624,23 @@ impl Chat {
             return;
         }
         entry.last_used = tick;
-        let presence = entry.presence_event(room, &session.name, PresenceAction::Left);
-        entry.broadcast(&presence, None);
-        if tell_leaver {
-            session.push(presence);
+        self.presence_changed(room, config);
+    }
+
+    /// After a presence or typing change in `room`: flushes it now if the room was quiet for
+    /// a presence interval, or leaves it to [`Hub::flush_presence`].
+    fn presence_changed(&mut self, room: &str, config: &Config) {
+        let Some(entry) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let now = Instant::now();
+        let quiet = entry
+            .last_flush
+            .is_none_or(|at| now.duration_since(at) >= config.presence_interval);
+        if quiet {
+            flush_room(entry, room, config.presence_list_limit, now);
+        } else {
+            self.pending_presence.insert(room.to_owned());
         }
     }
 
@@ -614,6 +688,7 @@ mod tests {
         Hub::new(Config {
             outbox_capacity: 4,
             replay_window: 16,
+            presence_interval: Duration::ZERO,
             ..Config::default().with_rate_limit(1e6)
         })
     }
@@ -644,7 +719,12 @@ mod tests {
             panic!("events expected")
         };
         let seqs: Vec<u64> = rest.iter().map(|(seq, _)| *seq).collect();
-        assert_eq!(seqs, (3..=8).collect::<Vec<u64>>(), "nothing lost");
+        let last = hub.describe(&reader.id).unwrap().last_seq;
+        assert_eq!(seqs, (3..=last).collect::<Vec<u64>>(), "nothing lost");
+        assert_eq!(
+            rest.iter().filter(|(_, e)| e.type_name == "message").count(),
+            5
+        );
     }
 
     #[tokio::test]
@@ -678,8 +758,181 @@ mod tests {
             results[0].error.as_ref().map(|e| e.code),
             Some(ErrorCode::UnknownSession)
         );
+        hub.flush_presence();
         let chat = lock(&hub.inner.chat);
-        assert_eq!(chat.rooms["r"].online(), vec!["stays"]);
+        assert_eq!(chat.rooms["r"].published_names(), vec!["stays"]);
         assert_eq!(hub.session_count(), 1);
+    }
+
+    /// Every event in a session's replay buffer, as the client sees it.
+    fn events_of(session: &Session) -> Vec<serde_json::Value> {
+        let state = session.lock();
+        state
+            .replay
+            .after(0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|(seq, event)| serde_json::from_str(&event.to_json(*seq)).unwrap())
+            .collect()
+    }
+
+    fn of_type<'a>(
+        events: &'a [serde_json::Value],
+        kind: &'a str,
+    ) -> impl Iterator<Item = &'a serde_json::Value> {
+        events.iter().filter(move |e| e["type"] == kind)
+    }
+
+    /// The name list a client builds from a snapshot and the diffs after it.
+    fn names_seen(events: &[serde_json::Value]) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for event in events {
+            let list = |key: &str| -> Vec<String> {
+                event[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            match event["type"].as_str() {
+                Some("presence") => names = list("online"),
+                Some("presence_diff") => {
+                    names.extend(list("joined"));
+                    for gone in list("left") {
+                        let at = names.iter().position(|n| *n == gone).unwrap();
+                        names.remove(at);
+                    }
+                }
+                _ => {}
+            }
+        }
+        names
+    }
+
+    fn coalescing_hub(list_limit: usize) -> Hub {
+        Hub::new(Config {
+            presence_interval: Duration::from_millis(250),
+            presence_list_limit: list_limit,
+            ..Config::default().with_rate_limit(1e6)
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_join_storm_costs_each_member_one_diff_per_interval() {
+        let hub = coalescing_hub(1000);
+        let sessions: Vec<_> = (0..200)
+            .map(|i| hub.create_session(&format!("u{i}")).unwrap())
+            .collect();
+        for session in &sessions {
+            hub.execute(session, vec![join("r")]);
+        }
+        // The first join, in a quiet room, was told at once; the rest wait for the interval.
+        assert_eq!(of_type(&events_of(&sessions[0]), "presence_diff").count(), 1);
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert_eq!(hub.flush_presence(), 1);
+        let everyone: Vec<String> = (0..200).map(|i| format!("u{i}")).collect();
+        let first = events_of(&sessions[0]);
+        assert_eq!(of_type(&first, "presence_diff").count(), 2);
+        assert_eq!(names_seen(&first), everyone);
+        let last = events_of(&sessions[199]);
+        let types: Vec<&str> = last.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["history", "presence", "presence_diff"]);
+        assert_eq!(last[1]["count"], 1, "the published count, before the storm");
+        assert_eq!(last[2]["count"], 200);
+        assert_eq!(names_seen(&last), everyone, "the joiner's view is exact");
+        // A quiet room again: the next leave is told at once.
+        tokio::time::advance(Duration::from_millis(250)).await;
+        hub.execute(&sessions[5], vec![Ok(Command::Leave { room: "r".into() })]);
+        let first = events_of(&sessions[0]);
+        let diff = of_type(&first, "presence_diff").last().unwrap();
+        assert_eq!(diff["left"], serde_json::json!(["u5"]));
+        assert_eq!(diff["count"], 199);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_room_tells_a_count_and_a_sample_until_it_is_small_again() {
+        let hub = coalescing_hub(10);
+        let sessions: Vec<_> = (0..30)
+            .map(|i| hub.create_session(&format!("u{i}")).unwrap())
+            .collect();
+        for session in &sessions {
+            hub.execute(session, vec![join("r")]);
+        }
+        tokio::time::advance(Duration::from_millis(250)).await;
+        hub.flush_presence();
+        let watcher = events_of(&sessions[0]);
+        let diff = of_type(&watcher, "presence_diff").last().unwrap();
+        assert_eq!(diff["count"], 30);
+        assert_eq!(diff["complete"], false);
+        // A joiner of the large room gets the count and a sample.
+        let late = hub.create_session("late").unwrap();
+        hub.execute(&late, vec![join("r")]);
+        let snapshot = of_type(&events_of(&late), "presence").next().unwrap().clone();
+        assert_eq!(snapshot["count"], 30);
+        assert_eq!(snapshot["complete"], false);
+        // Down to 6 members: everyone gets the full list again, in join order.
+        tokio::time::advance(Duration::from_millis(250)).await;
+        for session in sessions.iter().skip(5) {
+            hub.execute(session, vec![Ok(Command::Leave { room: "r".into() })]);
+        }
+        tokio::time::advance(Duration::from_millis(250)).await;
+        hub.flush_presence();
+        let watcher = events_of(&sessions[0]);
+        let full = of_type(&watcher, "presence").last().unwrap();
+        assert_eq!(full["complete"], true);
+        assert_eq!(
+            full["online"],
+            serde_json::json!(["u0", "u1", "u2", "u3", "u4", "late"])
+        );
+        assert_eq!(names_seen(&watcher).len(), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn typing_is_one_event_per_room_per_interval_naming_a_few() {
+        let hub = coalescing_hub(1000);
+        let sessions: Vec<_> = (0..30)
+            .map(|i| hub.create_session(&format!("u{i}")).unwrap())
+            .collect();
+        for session in &sessions {
+            hub.execute(session, vec![join("r")]);
+        }
+        tokio::time::advance(Duration::from_millis(250)).await;
+        hub.flush_presence();
+        tokio::time::advance(Duration::from_millis(250)).await;
+        for _ in 0..5 {
+            for session in &sessions {
+                hub.execute(session, vec![Ok(Command::Typing { room: "r".into() })]);
+            }
+        }
+        tokio::time::advance(Duration::from_millis(250)).await;
+        hub.flush_presence();
+        let typing: Vec<_> = of_type(&events_of(&sessions[0]), "typing").cloned().collect();
+        // The first keystroke in a quiet room at once, then one batch.
+        assert_eq!(typing.len(), 2, "{typing:?}");
+        assert_eq!(typing[0]["users"], serde_json::json!(["u0"]));
+        assert_eq!(
+            typing[1]["users"].as_array().unwrap().len(),
+            room::TYPERS_NAMED
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_room_over_its_message_rate_refuses_sends_with_a_retry_hint() {
+        let hub = Hub::new(Config {
+            room_rate_limit: Some((2.0, 2.0)),
+            ..Config::default()
+        });
+        let ann = hub.create_session("ann").unwrap();
+        hub.execute(&ann, vec![join("r")]);
+        let results = hub.execute(&ann, vec![send("r", "a"), send("r", "b"), send("r", "c")]);
+        assert!(results[0].ok && results[1].ok);
+        let refused = results[2].error.as_ref().unwrap();
+        assert_eq!(refused.code, ErrorCode::RateLimited);
+        assert_eq!(refused.retry_after_ms, Some(500));
+        // A retry of a send that went through is still answered from the dedupe table.
+        assert_eq!(hub.execute(&ann, vec![send("r", "a")])[0].duplicate, Some(true));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(hub.execute(&ann, vec![send("r", "c")])[0].ok);
     }
 }

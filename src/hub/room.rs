@@ -1,34 +1,116 @@
-//! A room: its members in join order and its history ring.
+//! A room: its members, its history ring, its presence and its message rate.
 //!
 //! Rooms fan events out to members' sessions: each event is encoded once by the caller and
 //! the shared bytes are pushed to every member. The hub holds the chat lock around every
 //! call, so all members see a room's events in the same order.
+//!
+//! Presence is a snapshot plus coalesced changes (as Phoenix's `presence_state` and
+//! `presence_diff`). Members know the room as it was *published*: a joiner gets that snapshot
+//! right after the room's history, and joins, leaves and typing since then wait in the room
+//! until [`Room::flush`] turns them into one `presence_diff` (and one `typing`) for every
+//! member. The hub flushes at once in a quiet room and at most once per presence interval in
+//! a busy one, so filling a room of N costs O(N) events, not O(N²). Because the snapshot is
+//! the published state, never the live one, a diff always applies to what its recipient
+//! knows: the joiner learns of its own join from the next diff, like everyone else.
+//!
+//! Up to `list_limit` members, everyone knows every name. Past it, members know the count
+//! and a sample of names: a list of ten thousand names per join is what made large rooms
+//! impossible.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::protocol::{EncodedEvent, Event, Message, PresenceAction};
+use crate::protocol::{EncodedEvent, Event, Message};
 
-use super::session::Session;
+use super::session::{Session, TokenBucket};
+
+/// Names a snapshot or diff carries for a room past the list limit, and the most typers one
+/// `typing` event names.
+pub const PRESENCE_SAMPLE: usize = 50;
+/// Typers named in one `typing` event.
+pub const TYPERS_NAMED: usize = 10;
+
+/// One member: the session and when it joined (to rebuild the name list in join order).
+#[derive(Debug)]
+struct Member {
+    session: Arc<Session>,
+    joined_at: u64,
+}
+
+/// Presence changes not yet told to the members, and what they were last told.
+#[derive(Debug)]
+struct Presence {
+    /// Whether members know every name (the room was at most the list limit at the last
+    /// flush); otherwise they know the count and a sample.
+    exact: bool,
+    /// The names members were last told, in join order (empty unless `exact`).
+    published: Vec<Arc<str>>,
+    /// The count members were last told.
+    published_count: usize,
+    /// Joins and leaves since, in order (at most [`PRESENCE_SAMPLE`] each unless `exact`).
+    joined: Vec<Arc<str>>,
+    left: Vec<Arc<str>>,
+    /// Whether a change waits to be flushed (the lists may be capped).
+    changed: bool,
+    /// Typers since the last flush, each once, at most [`TYPERS_NAMED`].
+    typers: Vec<Arc<str>>,
+    /// The snapshot for joiners, encoded once per published state.
+    snapshot: Option<EncodedEvent>,
+}
 
 /// One chat room.
-#[derive(Debug, Default)]
-pub struct Room {
-    members: Vec<Arc<Session>>,
+#[derive(Debug)]
+pub(crate) struct Room {
+    members: Vec<Member>,
+    /// Position of each member in `members`, by session address.
+    index: HashMap<usize, usize>,
+    joins: u64,
     history: VecDeque<Arc<Message>>,
+    /// The `history` event, encoded once until the history changes.
+    history_event: Option<EncodedEvent>,
+    presence: Presence,
+    /// The room's message rate, when `--room-rate-limit` is set.
+    limiter: Option<TokenBucket>,
     /// Hub-wide tick of the last join/leave/send, to drop the least recently used empty room.
     pub(crate) last_used: u64,
+    /// When presence was last flushed (`None`: never), to coalesce within an interval.
+    pub(crate) last_flush: Option<tokio::time::Instant>,
+}
+
+fn key(session: &Arc<Session>) -> usize {
+    Arc::as_ptr(session) as usize
+}
+
+/// Removes one occurrence of `name` (names need not be unique).
+fn remove_name(names: &mut Vec<Arc<str>>, name: &str) {
+    if let Some(at) = names.iter().position(|n| &**n == name) {
+        names.remove(at);
+    }
 }
 
 impl Room {
-    /// Whether a session is a member.
-    pub fn contains(&self, session: &Session) -> bool {
-        self.members.iter().any(|m| m.id == session.id)
-    }
-
-    /// Number of members.
-    pub fn len(&self) -> usize {
-        self.members.len()
+    /// An empty room; `rate` is the message rate `(per_sec, burst)`, if limited.
+    pub fn new(rate: Option<(f64, f64)>) -> Self {
+        Room {
+            members: Vec::new(),
+            index: HashMap::new(),
+            joins: 0,
+            history: VecDeque::new(),
+            history_event: None,
+            presence: Presence {
+                exact: true,
+                published: Vec::new(),
+                published_count: 0,
+                joined: Vec::new(),
+                left: Vec::new(),
+                changed: false,
+                typers: Vec::new(),
+                snapshot: None,
+            },
+            limiter: rate.map(|(per_sec, burst)| TokenBucket::new(per_sec, burst)),
+            last_used: 0,
+            last_flush: None,
+        }
     }
 
     /// Whether the room has no members.
@@ -36,21 +118,62 @@ impl Room {
         self.members.is_empty()
     }
 
-    /// Adds a member (the caller checked it was not one).
+    /// Adds a member (the caller checked it was not one) and records its join.
     pub fn add(&mut self, session: Arc<Session>) {
-        self.members.push(session);
+        self.joins += 1;
+        self.index.insert(key(&session), self.members.len());
+        let name = session.name.clone();
+        self.members.push(Member {
+            session,
+            joined_at: self.joins,
+        });
+        self.presence.changed = true;
+        if self.presence.exact || self.presence.joined.len() < PRESENCE_SAMPLE {
+            self.presence.joined.push(name);
+        }
     }
 
-    /// Removes a member; returns whether it was one.
-    pub fn remove(&mut self, session: &Session) -> bool {
-        let before = self.members.len();
-        self.members.retain(|m| m.id != session.id);
-        before != self.members.len()
+    /// Removes a member and records its leave; returns whether it was one.
+    pub fn remove(&mut self, session: &Arc<Session>) -> bool {
+        let Some(at) = self.index.remove(&key(session)) else {
+            return false;
+        };
+        let gone = self.members.swap_remove(at);
+        if let Some(moved) = self.members.get(at) {
+            self.index.insert(key(&moved.session), at);
+        }
+        self.presence.changed = true;
+        if self.presence.exact || self.presence.left.len() < PRESENCE_SAMPLE {
+            self.presence.left.push(gone.session.name.clone());
+        }
+        true
     }
 
-    /// Member names in join order.
-    pub fn online(&self) -> Vec<&str> {
-        self.members.iter().map(|m| m.name.as_str()).collect()
+    /// Records that a member is typing.
+    pub fn typing(&mut self, name: &Arc<str>) {
+        let typers = &mut self.presence.typers;
+        if typers.len() < TYPERS_NAMED && !typers.iter().any(|t| t == name) {
+            typers.push(name.clone());
+        }
+    }
+
+    /// Whether presence or typing changes wait to be flushed.
+    pub fn has_pending(&self) -> bool {
+        self.presence.changed || !self.presence.typers.is_empty()
+    }
+
+    /// Takes a token from the room's message rate; `Err` with the wait until the next one.
+    pub fn admit_message(&mut self) -> Result<(), std::time::Duration> {
+        match &mut self.limiter {
+            Some(limiter) => {
+                if limiter.try_take() {
+                    Ok(())
+                } else {
+                    Err(limiter.retry_after())
+                }
+            }
+            None => Ok(()),
+        }
     }
 
     /// Appends a message to the history, keeping the last `keep`.
@@ -59,34 +182,127 @@ impl Room {
         while self.history.len() > keep {
             self.history.pop_front();
         }
+        self.history_event = None;
     }
 
-    /// The `history` event for this room.
-    pub fn history_event(&self, room: &str) -> EncodedEvent {
-        Event::History {
-            room,
-            messages: self.history.iter().map(|m| m.as_ref()).collect(),
-        }
-        .encode()
-    }
-
-    /// The `presence` event after `user` joined or left.
-    pub fn presence_event(&self, room: &str, user: &str, action: PresenceAction) -> EncodedEvent {
-        Event::Presence {
-            room,
-            user,
-            action,
-            online: self.online(),
-        }
-        .encode()
-    }
-
-    /// Pushes an event to every member except `skip` (by session id).
-    pub fn broadcast(&self, event: &EncodedEvent, skip: Option<&str>) {
-        for member in &self.members {
-            if Some(member.id.as_str()) != skip {
-                member.push(event.clone());
+    /// The `history` event for this room, encoded once until a message is recorded.
+    pub fn history_event(&mut self, room: &str) -> EncodedEvent {
+        let history = &self.history;
+        let cached = self.history_event.get_or_insert_with(|| {
+            Event::History {
+                room,
+                messages: history.iter().map(|m| m.as_ref()).collect(),
             }
+            .encode()
+        });
+        cached.reissue()
+    }
+
+    /// The `presence` snapshot for a joiner: the published state, encoded once per flush.
+    pub fn snapshot_event(&mut self, room: &str) -> EncodedEvent {
+        let Room {
+            members, presence, ..
+        } = self;
+        let cached = presence.snapshot.get_or_insert_with(|| {
+            let online: Vec<&str> = if presence.exact {
+                presence.published.iter().map(|n| &**n).collect()
+            } else {
+                members
+                    .iter()
+                    .take(PRESENCE_SAMPLE)
+                    .map(|m| &*m.session.name)
+                    .collect()
+            };
+            Event::Presence {
+                room,
+                count: presence.published_count,
+                online,
+                complete: presence.exact,
+            }
+            .encode()
+        });
+        cached.reissue()
+    }
+
+    /// Turns the changes since the last flush into the events every member gets: a
+    /// `presence_diff` (or, when a large room becomes small again, a full `presence`) and a
+    /// `typing`. Rooms past `list_limit` members publish a count and a sample of names.
+    pub fn flush(&mut self, room: &str, list_limit: usize) -> Vec<EncodedEvent> {
+        let mut events = Vec::new();
+        let count = self.members.len();
+        let presence = &mut self.presence;
+        if presence.changed {
+            let small = count <= list_limit;
+            let joined = std::mem::take(&mut presence.joined);
+            let left = std::mem::take(&mut presence.left);
+            if presence.exact || !small {
+                let sample = |names: &[Arc<str>]| -> Vec<Arc<str>> {
+                    let keep = if small { names.len() } else { PRESENCE_SAMPLE };
+                    names.iter().take(keep).cloned().collect()
+                };
+                let (joined_named, left_named) = (sample(&joined), sample(&left));
+                events.push(
+                    Event::PresenceDiff {
+                        room,
+                        count,
+                        joined: joined_named.iter().map(|n| &**n).collect(),
+                        left: left_named.iter().map(|n| &**n).collect(),
+                        complete: small,
+                    }
+                    .encode(),
+                );
+                if small {
+                    presence.published.extend(joined);
+                    for name in &left {
+                        remove_name(&mut presence.published, name);
+                    }
+                } else {
+                    presence.published = Vec::new();
+                }
+            } else {
+                // Members knew only a count: tell them every name again, in join order.
+                let mut members: Vec<&Member> = self.members.iter().collect();
+                members.sort_by_key(|m| m.joined_at);
+                presence.published = members.iter().map(|m| m.session.name.clone()).collect();
+                events.push(
+                    Event::Presence {
+                        room,
+                        count,
+                        online: presence.published.iter().map(|n| &**n).collect(),
+                        complete: true,
+                    }
+                    .encode(),
+                );
+            }
+            presence.exact = small;
+            presence.published_count = count;
+            presence.changed = false;
+            presence.snapshot = None;
+        }
+        if !presence.typers.is_empty() {
+            let typers = std::mem::take(&mut presence.typers);
+            events.push(
+                Event::Typing {
+                    room,
+                    users: typers.iter().map(|n| &**n).collect(),
+                }
+                .encode(),
+            );
+        }
+        events
+    }
+
+    /// Names online as members were last told, in join order (everyone while the room is
+    /// small).
+    #[cfg(test)]
+    pub fn published_names(&self) -> Vec<&str> {
+        self.presence.published.iter().map(|n| &**n).collect()
+    }
+
+    /// Pushes an event to every member.
+    pub fn broadcast(&self, event: &EncodedEvent) {
+        for member in &self.members {
+            member.session.push(event.clone());
         }
     }
 }

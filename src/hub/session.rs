@@ -107,6 +107,12 @@ impl TokenBucket {
         }
     }
 
+    /// How long until a token is there (zero if one is).
+    pub fn retry_after(&self) -> std::time::Duration {
+        let missing = (1.0 - self.tokens).max(0.0);
+        std::time::Duration::from_secs_f64(missing / self.per_sec)
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self) -> bool {
         let now = Instant::now();
@@ -241,8 +247,8 @@ pub(crate) struct SessionState {
 pub struct Session {
     /// 128-bit random id, hex.
     pub id: String,
-    /// User name, validated at creation.
-    pub name: String,
+    /// User name, validated at creation (shared with the presence lists it appears in).
+    pub name: Arc<str>,
     pub(crate) state: Mutex<SessionState>,
     /// Wakes the attached transport after a push. A `Notify` rather than a `watch`: the
     /// transport reads the seq from the replay buffer anyway, and `watch::send_replace` wakes
@@ -253,7 +259,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(id: String, name: String, config: &crate::config::Config) -> Self {
+    pub(crate) fn new(id: String, name: Arc<str>, config: &crate::config::Config) -> Self {
         Session {
             id,
             name,

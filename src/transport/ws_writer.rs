@@ -441,7 +441,7 @@ mod tests {
     fn an_event_frame_is_its_head_then_the_shared_body() {
         let event = crate::protocol::Event::Typing {
             room: "lobby",
-            user: "ann",
+            users: vec!["ann"],
         }
         .encode();
         let head = Head::for_event(42, event.body.len());
