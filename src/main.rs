@@ -66,6 +66,18 @@ struct ServeArgs {
     /// WebSocket ping and SSE keep-alive interval (e.g. 15s).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
+    /// Presence and typing changes are sent at once in a quiet room and at most once per
+    /// this interval per room under a storm (e.g. 250ms).
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    presence_interval: Duration,
+    /// Rooms up to this many members tell everyone every member's name; larger rooms tell
+    /// the count and a sample of names.
+    #[arg(long, default_value_t = 1000)]
+    presence_list_limit: usize,
+    /// A room's message rate: RATE messages/s sustained, or RATE:BURST (burst defaults to
+    /// twice the rate). Off by default.
+    #[arg(long, value_parser = parse_rate)]
+    room_rate_limit: Option<(f64, f64)>,
     /// How long a request body may take to arrive; past it the request gets 408
     /// `request_timeout`.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -86,6 +98,21 @@ struct ServeArgs {
     /// (for editing the page without rebuilding).
     #[arg(long)]
     demo_dir: Option<std::path::PathBuf>,
+}
+
+/// `RATE` or `RATE:BURST`, both positive.
+fn parse_rate(raw: &str) -> Result<(f64, f64), String> {
+    let number = |s: &str| -> Result<f64, String> {
+        s.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| *n > 0.0 && n.is_finite())
+            .ok_or_else(|| format!("{s:?} is not a positive number"))
+    };
+    match raw.split_once(':') {
+        Some((rate, burst)) => Ok((number(rate)?, number(burst)?)),
+        None => number(raw).map(|rate| (rate, rate * 2.0)),
+    }
 }
 
 impl ServeArgs {
@@ -122,6 +149,9 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             session_ttl: self.session_ttl,
             heartbeat: self.heartbeat,
+            presence_interval: self.presence_interval,
+            presence_list_limit: self.presence_list_limit,
+            room_rate_limit: self.room_rate_limit,
             body_timeout: self.body_timeout,
             write_timeout: self.write_timeout,
             close_timeout: self.close_timeout,

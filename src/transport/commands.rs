@@ -17,7 +17,7 @@ use crate::hub::{CommandResult, Hub};
 use crate::metrics::NO_TRANSPORT;
 use crate::protocol::{parse_commands, ErrorBody, ErrorCode};
 
-use super::{json_response, Body};
+use super::{json_response, set_retry_after, Body};
 
 #[derive(Serialize)]
 struct Reply<'a> {
@@ -79,11 +79,15 @@ pub async fn post(
     }
     let error = results.iter().find_map(|r| r.error.as_ref());
     let code = error.map_or(StatusCode::OK, |e| status(e.code));
-    Ok(json_response(
+    let mut response = json_response(
         code,
         &Reply {
             results: &results,
             error,
         },
-    ))
+    );
+    if let Some(seconds) = error.and_then(|e| e.retry_after_ms) {
+        set_retry_after(&mut response, seconds);
+    }
+    Ok(response)
 }

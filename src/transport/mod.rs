@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
@@ -51,9 +51,23 @@ pub fn json_bytes_response(status: StatusCode, bytes: impl Into<Bytes>) -> Respo
     response
 }
 
-/// The response for an error: its status and `{"error":{"code","message"}}`.
+/// The response for an error: its status and `{"error":{"code","message"}}`, with
+/// `Retry-After` (whole seconds, rounded up) when the error says when to retry.
 pub fn error_response(error: ErrorBody) -> Response<Body> {
-    json_response(status(error.code), &HttpError { error })
+    let retry_after = error.retry_after_ms;
+    let mut response = json_response(status(error.code), &HttpError { error });
+    if let Some(ms) = retry_after {
+        set_retry_after(&mut response, ms);
+    }
+    response
+}
+
+/// `Retry-After` for a wait of `ms` milliseconds: whole seconds, rounded up, at least 1.
+pub fn set_retry_after(response: &mut Response<Body>, ms: u64) {
+    let seconds = ms.div_ceil(1000).max(1);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(seconds));
 }
 
 /// Answers a poll with what the attachment delivered, counting it in the metrics.
