@@ -347,6 +347,20 @@ async fn command(http: &mut Http, session: &str, body: String) -> Result<(), Str
     }
 }
 
+/// A session's last seq, as `GET /v1/sessions/{id}` reports it.
+async fn last_seq(http: &mut Http, session: &str) -> Result<u64, String> {
+    let path = format!("/v1/sessions/{session}");
+    let (status, reply) = http
+        .call(Method::GET, &path, "")
+        .await
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let info: serde_json::Value = serde_json::from_slice(&reply)
+        .map_err(|e| format!("GET {path} answered {status} with no JSON: {e}"))?;
+    info["last_seq"]
+        .as_u64()
+        .ok_or_else(|| format!("GET {path} answered {status} without last_seq: {info}"))
+}
+
 /// Reads `switchyard_events_delivered_total` per transport from `/metrics`.
 async fn scrape_delivered(connector: &Connector) -> Option<Vec<(String, u64)>> {
     let wire = Arc::new(WireCounters::default());
@@ -435,10 +449,9 @@ async fn measure_on(
         args.duration
     );
 
-    // Sessions join before any transport attaches, so the presence flood of N joins lands in
-    // replay buffers and the transports start after it (resuming from each session's last
-    // seq). Joins go one at a time: session j of T then knows its last seq is T + 1 - j
-    // (its history, its own presence, one presence per later joiner).
+    // Sessions join before any transport attaches, so the presence of N joins lands in
+    // replay buffers and the transports start after it, each resuming from its session's
+    // last seq as the server reports it.
     let mut groups = Vec::new();
     let mut control = connector
         .http(&control_wire)
@@ -474,11 +487,12 @@ async fn measure_on(
             subscriptions,
         });
     }
-    let joiners = all_sessions.len() as u64;
     let join = serde_json::json!({"type": "join", "room": room}).to_string();
-    for (j, (g, i, session)) in all_sessions.iter().enumerate() {
+    for (_, _, session) in &all_sessions {
         command(&mut control, session, join.clone()).await?;
-        groups[*g].subscriptions[*i].after = joiners + 1 - j as u64;
+    }
+    for (g, i, session) in &all_sessions {
+        groups[*g].subscriptions[*i].after = last_seq(&mut control, session).await?;
     }
 
     // Attach every subscriber; lane L publishes through subscriber L of the first group.
