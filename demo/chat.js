@@ -8,6 +8,7 @@ const MAX_KEPT = 500; // messages kept per room
 const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within this share a header
 const TYPING_SHOWN_MS = 4000;
 const TYPING_SENT_EVERY_MS = 2500;
+const NAMES_SHOWN = 100; // the presence list shows at most this many names
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -23,6 +24,7 @@ const el = {
   joinInput: $('join-input'),
   presenceCount: $('presence-count'),
   presenceList: $('presence-list'),
+  presenceMore: $('presence-more'),
   roomTitle: $('room-title'),
   roomMeta: $('room-meta'),
   leave: $('leave-button'),
@@ -98,13 +100,19 @@ function wire(c) {
   c.on('history', mine(onHistory));
   c.on('message', mine(onMessage));
   c.on('presence', mine(onPresence));
+  c.on('presence_diff', mine(onPresenceDiff));
   c.on('typing', mine(onTyping));
   c.on('reset', mine(() => {
     // Fresh histories follow; until then show the rooms as empty rather than stale.
     for (const state of rooms.values()) state.items = state.items.filter((item) => item.pending);
     renderRoom();
   }));
-  c.on('error', mine((error) => showToast(`${error.code}: ${error.message}`)));
+  c.on('error', mine((error) => {
+    // A rate-limited send is sent again by the client after retry_after_ms; only its final
+    // failure (if any) is worth a word, and sendText reports that.
+    if (error.code === 'rate_limited' && error.client_id) return;
+    showToast(`${error.code}: ${error.message}`);
+  }));
 }
 
 async function restart() {
@@ -297,26 +305,48 @@ function onMessage(message) {
   }
 }
 
+// A `presence` replaces the room's view (the client library already applied it).
 function onPresence(event) {
+  if (event.room === current && rooms.has(event.room)) renderPresence();
+}
+
+// A `presence_diff`: one notice per diff ("ann joined", "ann, bob and 3 others left"), and
+// none when the room is above the server's list limit (the names are then only a sample).
+function onPresenceDiff(event) {
   const state = rooms.get(event.room);
-  if (!state) return; // our own `left` after leaving
-  if (event.user !== myName) {
-    const notice = { kind: 'notice', text: `${event.user} ${event.action}`, ts: Date.now() * 1000 };
-    state.items.push(notice);
-    trim(state);
-    if (event.room === current) appendItem(notice, state);
+  if (!state) return; // a diff still in flight after we left
+  if (event.complete !== false) {
+    for (const [names, verb] of [[event.joined, 'joined'], [event.left, 'left']]) {
+      const others = (names || []).filter((name) => name !== myName);
+      if (others.length === 0) continue;
+      const notice = { kind: 'notice', text: `${listNames(others)} ${verb}`, ts: Date.now() * 1000 };
+      state.items.push(notice);
+      trim(state);
+      if (event.room === current) appendItem(notice, state);
+    }
   }
   if (event.room === current) renderPresence();
 }
 
+// A `typing` names everyone who typed in the room lately, us included: show the others.
 function onTyping(event) {
   const state = rooms.get(event.room);
-  if (!state || event.user === myName) return;
-  state.typing.set(event.user, Date.now() + TYPING_SHOWN_MS);
+  if (!state || !client) return;
+  const others = client.othersTyping(event);
+  if (others.length === 0) return;
+  const until = Date.now() + TYPING_SHOWN_MS;
+  for (const user of others) state.typing.set(user, until);
   if (event.room === current) renderTyping();
   setTimeout(() => {
     if (event.room === current) renderTyping();
   }, TYPING_SHOWN_MS + 50);
+}
+
+function listNames(names) {
+  if (names.length === 1) return names[0];
+  if (names.length === 2) return `${names[0]} and ${names[1]}`;
+  if (names.length === 3) return `${names[0]}, ${names[1]} and ${names[2]}`;
+  return `${names[0]}, ${names[1]} and ${names.length - 2} others`;
 }
 
 function appendItem(item, state) {
@@ -410,12 +440,23 @@ function sendText(room, text) {
 
 // ---- presence and typing ----
 
+// The count is the server's; the list shows at most NAMES_SHOWN names, so a room of ten
+// thousand stays cheap to render, and says how many it leaves out.
 function renderPresence() {
-  const online = current && client ? client.online(current) : [];
-  el.presenceCount.textContent = String(online.length);
-  el.roomMeta.textContent = current ? `${online.length} online` : 'Join a room from the sidebar';
+  const presence = current && client ? client.presence(current) : null;
+  const count = presence ? presence.count : 0;
+  const online = presence ? presence.online : [];
+  const shown = online.slice(0, NAMES_SHOWN);
+  el.presenceCount.textContent = String(count);
+  el.roomMeta.textContent = current ? `${count.toLocaleString()} online` : 'Join a room from the sidebar';
   el.presenceList.replaceChildren();
-  for (const name of online) {
+  if (!presence || presence.complete) {
+    el.presenceMore.textContent = count > shown.length ? `and ${(count - shown.length).toLocaleString()} more` : '';
+  } else {
+    el.presenceMore.textContent = `showing some of ${count.toLocaleString()}`;
+  }
+  el.presenceMore.hidden = !el.presenceMore.textContent;
+  for (const name of shown) {
     const li = document.createElement('li');
     const avatar = document.createElement('span');
     avatar.className = 'avatar small';

@@ -19,8 +19,11 @@ export const CLOSE_REASONS = Object.freeze({
 
 /** Events a handler can subscribe to with `client.on(type, handler)`. */
 export const EVENT_TYPES = Object.freeze([
-  'message', 'presence', 'typing', 'history', 'error', 'reset', 'state', 'transport',
+  'message', 'presence', 'presence_diff', 'typing', 'history', 'error', 'reset', 'state', 'transport',
 ]);
+
+/** Event types the server sends, which are also the SSE `event:` names (`error` aside). */
+const SERVER_EVENT_TYPES = Object.freeze(['message', 'presence', 'presence_diff', 'typing', 'history', 'reset']);
 
 const DEFAULTS = Object.freeze({
   transports: TRANSPORTS,
@@ -39,6 +42,10 @@ const MAX_TEXT_CHARS = 4000;
 const STABLE_AFTER_MS = 5000;
 /** Extra time a long poll may take beyond its `wait` before it is presumed dead. */
 const LONG_POLL_GRACE_MS = 15000;
+/** A send refused with `rate_limited` this many times rejects with that error. */
+const MAX_RATE_LIMITED = 10;
+/** The wait before retrying a `rate_limited` command when the server gives no hint. */
+const RATE_LIMITED_WAIT_MS = 1200;
 /** Codes of HTTP command failures that a retry cannot fix. */
 const FINAL_CODES = new Set([
   'bad_command', 'too_large', 'invalid_room', 'invalid_name', 'invalid_text', 'not_in_room',
@@ -103,7 +110,10 @@ export class Client {
     this.fallbacks = [];
     /** Seq of the last event delivered; resume point of the next attach. */
     this.lastSeq = 0;
-    /** Joined rooms: name -> `{online: [names], lastMessageId}`. */
+    /**
+     * Joined rooms: name -> `{online: [names], count, complete, lastMessageId}`, presence as
+     * of the last `presence` snapshot and the `presence_diff` events after it.
+     */
     this.rooms = new Map();
 
     this._handlers = new Map();
@@ -135,7 +145,10 @@ export class Client {
     this._handlers.get(type)?.delete(handler);
   }
 
-  /** Joins a room (created on first join). The server answers with `history` and `presence`. */
+  /**
+   * Joins a room (created on first join). The server answers with `history` and a `presence`
+   * snapshot of the room without you; your own join arrives in the next `presence_diff`.
+   */
   async join(room) {
     checkRoom(room);
     if (!this.rooms.has(room)) this.rooms.set(room, newRoomState());
@@ -154,10 +167,15 @@ export class Client {
     await this._command({ type: 'leave', room });
   }
 
-  /** Tells the other members of a joined room that this user is typing. */
+  /**
+   * Tells the members of a joined room that this user is typing. The server names the typers
+   * in one `typing` event per room per presence interval, sent to every member (this session
+   * included: see {@link Client#othersTyping}). Not retried when rate limited: a late
+   * typing indication is worse than none.
+   */
   async typing(room) {
     if (!this.rooms.has(room)) return;
-    await this._command({ type: 'typing', room }).catch(() => {});
+    await this._command({ type: 'typing', room }, { retryRateLimited: false }).catch(() => {});
   }
 
   /**
@@ -187,9 +205,34 @@ export class Client {
     return promise;
   }
 
-  /** Names online in a joined room, as of the last presence event. */
+  /**
+   * Names online in a joined room, in join order, as of the last presence event. When the
+   * room is larger than the server's presence list limit this is only a sample (see
+   * {@link Client#presence}); [] for a room not joined.
+   */
   online(room) {
     return [...(this.rooms.get(room)?.online || [])];
+  }
+
+  /** Members online in a joined room (authoritative even when the name list is a sample). */
+  count(room) {
+    return this.rooms.get(room)?.count || 0;
+  }
+
+  /**
+   * A joined room's presence: `{count, online: [names], complete}`. `complete` false means
+   * the room is above the server's presence list limit: `online` is a sample (possibly
+   * stale) and only `count` is exact. null for a room not joined.
+   */
+  presence(room) {
+    const state = this.rooms.get(room);
+    if (!state) return null;
+    return { count: state.count, online: [...state.online], complete: state.complete };
+  }
+
+  /** The names in a `typing` event other than this session's own (the server names everyone). */
+  othersTyping(event) {
+    return (event?.users || []).filter((name) => name !== this.name);
   }
 
   /**
@@ -226,7 +269,7 @@ export class Client {
     this._reconnectNow();
   }
 
-  /** Ends the session on the server (its rooms see `presence left`) and stops the client. */
+  /** Ends the session on the server (its rooms see it `left` in a `presence_diff`) and stops the client. */
   async close() {
     if (this.state === 'closed') return;
     this._cancelFlows();
@@ -572,7 +615,12 @@ export class Client {
       }
       case 'presence': {
         const room = this.rooms.get(event.room);
-        if (room) room.online = [...event.online];
+        if (room) applyPresence(room, event);
+        break;
+      }
+      case 'presence_diff': {
+        const room = this.rooms.get(event.room);
+        if (room) applyPresenceDiff(room, event);
         break;
       }
       case 'reset':
@@ -583,8 +631,13 @@ export class Client {
         for (const room of this.rooms.keys()) this._command({ type: 'join', room }).catch(() => {});
         return;
       case 'error':
-        if (event.code === 'rate_limited') this._retryWebSocketSendSoon(event.client_id);
-        else if (event.client_id) this._failWebSocketSend(event);
+        if (event.code === 'rate_limited') {
+          const refused = new SwitchyardError(event.code, event.message);
+          refused.retryAfterMs = event.retry_after_ms;
+          this._retryRateLimitedSend(this._pending.get(event.client_id), event.retry_after_ms, refused);
+        } else if (event.client_id) {
+          this._failWebSocketSend(event);
+        }
         break;
       default:
         break;
@@ -613,19 +666,23 @@ export class Client {
 
   // ---- commands ----
 
-  /** Sends a command over the open WebSocket, else `POST /commands`. */
-  async _command(command) {
+  /**
+   * Sends a command over the open WebSocket, else `POST /commands`. `options.retryRateLimited`
+   * (default true): whether `POST /commands` retries a 429 itself.
+   */
+  async _command(command, options = {}) {
     await this._sessionReady;
     this._ensureNotClosed();
     const active = this._active;
     if (active && active.name === 'websocket' && active.sendCommand(command)) {
       return { ok: true, via: 'websocket' };
     }
-    return this._post(command);
+    return this._post(command, options);
   }
 
-  async _post(command, attempt = 0) {
+  async _post(command, options = {}, attempt = 0) {
     const sessionId = this.sessionId;
+    const again = () => this._post(command, options, attempt + 1);
     let response;
     try {
       response = await fetch(this._url(`/v1/sessions/${sessionId}/commands`), {
@@ -636,36 +693,58 @@ export class Client {
     } catch (error) {
       if (attempt < 3 && this.state !== 'closed') {
         await sleep(jitter(500 * 2 ** attempt));
-        return this._post(command, attempt + 1);
+        return again();
       }
       throw new SwitchyardError('network', `command not delivered: ${error.message}`);
     }
     const body = await response.json().catch(() => null);
     if (response.ok) return { ...(body?.results?.[0] || { ok: true }), via: 'http' };
     const error = body?.error || { code: `http_${response.status}`, message: `HTTP ${response.status}` };
-    if (response.status === 429 && attempt < 8 && this.state !== 'closed') {
-      await sleep(jitter(600 * 2 ** Math.min(attempt, 3)));
-      return this._post(command, attempt + 1);
+    if (response.status === 408 || error.code === 'request_timeout') {
+      // The body did not reach the server in time: nothing was applied. Like a network error.
+      if (attempt < 3 && this.state !== 'closed') {
+        await sleep(jitter(500 * 2 ** attempt));
+        return again();
+      }
+      throw new SwitchyardError('request_timeout', error.message, response.status);
+    }
+    if (response.status === 429) {
+      const retryAfterMs = retryAfter(error, response);
+      if (options.retryRateLimited !== false && attempt < 8 && this.state !== 'closed') {
+        await sleep(rateLimitedWait(retryAfterMs, jitter(600 * 2 ** Math.min(attempt, 3))));
+        return again();
+      }
+      const refused = new SwitchyardError(error.code, error.message, response.status);
+      refused.retryAfterMs = retryAfterMs;
+      throw refused;
     }
     if (error.code === 'unknown_session' && attempt < 2 && this.state !== 'closed') {
       if (sessionId === this.sessionId) this._renew('unknown_session');
       await this._sessionReady;
-      return this._post(command, attempt + 1);
+      return again();
     }
     throw new SwitchyardError(error.code, error.message, response.status);
   }
 
-  _attemptSend(entry) {
+  /** Sends (or sends again) a pending send; `counted` false for a retry after `rate_limited`. */
+  _attemptSend(entry, counted = true) {
     if (this._pending.get(entry.clientId) !== entry) return;
-    entry.attempts += 1;
+    if (counted) entry.attempts += 1;
     clearTimeout(entry.timer);
     entry.timer = setTimeout(() => this._sendTimedOut(entry), this._sendTimeoutMs());
     entry.via = null;
-    this._command({ type: 'send', room: entry.room, text: entry.text, client_id: entry.clientId })
+    // A 429 comes back here rather than being retried inside _post, so the wait it asks for
+    // replaces the echo timer instead of racing it.
+    this._command({ type: 'send', room: entry.room, text: entry.text, client_id: entry.clientId }, { retryRateLimited: false })
       .then((result) => { entry.via = result.via; })
       .catch((error) => {
-        // Network trouble is retried by the timer; anything else will not get better.
-        if (error.code !== 'network' && error.code !== 'rate_limited') this._finishSend(entry, error);
+        if (error.code === 'rate_limited') {
+          this._retryRateLimitedSend(entry, error.retryAfterMs, error);
+        } else if (error.code !== 'network' && error.code !== 'request_timeout') {
+          // Network trouble and a body that arrived too late (408: nothing was applied) are
+          // retried by the timer, with the same client_id; anything else will not get better.
+          this._finishSend(entry, error);
+        }
       });
   }
 
@@ -685,12 +764,21 @@ export class Client {
     entry.reject(error);
   }
 
-  /** A send refused over the WebSocket with `rate_limited`: retry it (same client_id) soon. */
-  _retryWebSocketSendSoon(clientId) {
-    const entry = this._pending.get(clientId);
-    if (!entry) return;
+  /**
+   * A send refused with `rate_limited` (over HTTP or as a WebSocket `error` event): nothing
+   * was applied, so send it again with the same client_id once the server's `retry_after_ms`
+   * has passed (about a second without one). Refusals do not count as attempts, but after
+   * MAX_RATE_LIMITED of them the send rejects with the server's error.
+   */
+  _retryRateLimitedSend(entry, retryAfterMs, error) {
+    if (!entry || this._pending.get(entry.clientId) !== entry) return;
     clearTimeout(entry.timer);
-    entry.timer = setTimeout(() => this._attemptSend(entry), jitter(1200));
+    entry.refusals = (entry.refusals || 0) + 1;
+    if (entry.refusals >= MAX_RATE_LIMITED) {
+      this._finishSend(entry, error);
+      return;
+    }
+    entry.timer = setTimeout(() => this._attemptSend(entry, false), rateLimitedWait(retryAfterMs, jitter(RATE_LIMITED_WAIT_MS)));
   }
 
   /** A send refused over the WebSocket for good (not_in_room, invalid_text, ...). */
@@ -748,8 +836,63 @@ export class Client {
   }
 }
 
+/**
+ * A room's state before the server has described it. `synced` turns true with the first
+ * `presence` snapshot: diffs before it (in flight from an earlier membership) are ignored.
+ */
 function newRoomState() {
-  return { online: [], lastMessageId: 0 };
+  return { online: [], count: 0, complete: true, synced: false, lastMessageId: 0 };
+}
+
+/** A `presence` event (a snapshot, or a full list again): replaces the room's view. */
+function applyPresence(room, event) {
+  room.online = Array.isArray(event.online) ? [...event.online] : [];
+  room.count = typeof event.count === 'number' ? event.count : room.online.length;
+  room.complete = event.complete !== false;
+  room.synced = true;
+}
+
+/**
+ * A `presence_diff`: who joined and who left since the previous diff or snapshot. `joined`
+ * is applied first (appended in order), then `left` (one occurrence of each name removed:
+ * names are not unique). Above the list limit (`complete` false) the names are a sample, so
+ * only the count is kept.
+ */
+function applyPresenceDiff(room, event) {
+  if (!room.synced) return;
+  if (typeof event.count === 'number') room.count = event.count;
+  if (event.complete === false || !room.complete) {
+    room.complete = false;
+    return;
+  }
+  room.online.push(...(event.joined || []));
+  for (const name of event.left || []) {
+    const at = room.online.indexOf(name);
+    if (at >= 0) room.online.splice(at, 1);
+  }
+  // A complete list always matches the count; if it does not, the list is not to be trusted.
+  if (room.online.length !== room.count) room.complete = false;
+}
+
+/** The server's retry hint of a `rate_limited` error: `retry_after_ms`, else `Retry-After`. */
+function retryAfter(error, response) {
+  if (typeof error?.retry_after_ms === 'number') return error.retry_after_ms;
+  // Cross-origin, the header is hidden unless exposed: then null, not a wait of 0.
+  const header = response?.headers?.get('retry-after');
+  const seconds = header ? Number(header) : NaN;
+  return Number.isFinite(seconds) && seconds >= 0 ? seconds * 1000 : undefined;
+}
+
+/**
+ * How long to wait before retrying a `rate_limited` command: the server's hint plus a little
+ * spread (so refused clients do not all come back at once, never less than the hint), else
+ * `fallbackMs`.
+ */
+function rateLimitedWait(retryAfterMs, fallbackMs) {
+  if (typeof retryAfterMs === 'number' && retryAfterMs >= 0) {
+    return retryAfterMs + Math.random() * Math.min(250, 50 + retryAfterMs / 4);
+  }
+  return fallbackMs;
 }
 
 function checkRoom(room) {
@@ -893,7 +1036,7 @@ class SseTransport extends Transport {
     this.source = source;
     const onData = (message) => this._eventJson(message.data);
     source.onopen = () => this._open();
-    for (const type of ['message', 'presence', 'typing', 'history', 'reset']) {
+    for (const type of SERVER_EVENT_TYPES) {
       source.addEventListener(type, onData);
     }
     // `error` is both the server's error event (it has data) and EventSource's own failure.

@@ -452,6 +452,7 @@ async fn measure_on(
     // Sessions join before any transport attaches, so the presence of N joins lands in
     // replay buffers and the transports start after it, each resuming from its session's
     // last seq as the server reports it.
+    let setup_started = Instant::now();
     let mut groups = Vec::new();
     let mut control = connector
         .http(&control_wire)
@@ -561,6 +562,10 @@ async fn measure_on(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let join_secs = setup_started.elapsed().as_secs_f64();
+    eprintln!(
+        "  {expected_ready} members joined with transports attached in {join_secs:.2} s"
+    );
     let metrics_before = scrape_delivered(&connector).await;
 
     // The schedule: message k is due at t0 + k / rate.
@@ -690,6 +695,7 @@ async fn measure_on(
             transport: name.to_owned(),
             clients: args.clients,
             rate: args.rate,
+            join_secs,
             published,
             publish_errors,
             delivered: tally.delivered.load(Ordering::Relaxed),

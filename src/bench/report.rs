@@ -53,6 +53,9 @@ pub struct Row {
     pub clients: usize,
     /// Messages per second published.
     pub rate: f64,
+    /// Seconds from the first session's creation to the last member's join with its
+    /// transport attached (with `--concurrent`, for all transports together).
+    pub join_secs: f64,
     /// Messages the server accepted.
     pub published: u64,
     /// Messages the publishers could not send.
@@ -150,16 +153,16 @@ fn opt(value: Option<f64>, digits: usize) -> String {
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<14} {:>6} {:>5} {:>9} {:>5} {:>4} {:>4} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7} {:>8} {:>6}\n",
-        "transport", "subs", "rate", "delivered", "lost", "dup", "ooo", "deliv/s",
+        "{:<14} {:>6} {:>7} {:>5} {:>9} {:>5} {:>4} {:>4} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7} {:>8} {:>6}\n",
+        "transport", "subs", "join s", "rate", "delivered", "lost", "dup", "ooo", "deliv/s",
         "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "B/deliv", "srv us/d", "srv %",
         "srv MiB", "gen %"
     ));
     for row in rows {
         let l = &row.latency_ms;
         out.push_str(&format!(
-            "{:<14} {:>6} {:>5} {:>9} {:>5} {:>4} {:>4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.0} {:>8} {:>7} {:>8} {:>6}\n",
-            row.transport, row.clients, row.rate, row.delivered, row.lost, row.duplicated,
+            "{:<14} {:>6} {:>7.2} {:>5} {:>9} {:>5} {:>4} {:>4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.0} {:>8} {:>7} {:>8} {:>6}\n",
+            row.transport, row.clients, row.join_secs, row.rate, row.delivered, row.lost, row.duplicated,
             row.out_of_order, row.deliveries_per_sec, l.p50, l.p90, l.p99, l.p999, l.max,
             row.bytes_per_delivery, opt(row.server_cpu_us_per_delivery, 2),
             opt(row.server_cpu_percent, 0),
