@@ -181,7 +181,7 @@ async fn serve(
         // Superseded between the handshake and now: say so.
         let reason = (*close.borrow()).unwrap_or(CloseReason::Superseded);
         drop(attachment);
-        return close_handshake(socket, &writer, End::Closed(reason), close_timeout).await;
+        return Box::pin(close_handshake(socket, &writer, End::Closed(reason), close_timeout)).await;
     }
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
@@ -232,7 +232,8 @@ async fn serve(
     };
     // Detach first, so the hub writes nothing after the close frame.
     drop(attachment);
-    close_handshake(socket, &writer, end, close_timeout).await;
+    // Boxed: an idle socket's task is as large as its future, and the close is rare.
+    Box::pin(close_handshake(socket, &writer, end, close_timeout)).await;
 }
 
 /// The one place a WebSocket is closed, for the frames the hub writes through and the ones
@@ -282,7 +283,7 @@ async fn close_handshake(
             writer.close(code, reason);
             let read = socket.get_mut();
             let hung_up = async {
-                let mut discard = [0u8; 4096];
+                let mut discard = vec![0u8; 4096];
                 while matches!(read.read(&mut discard).await, Ok(n) if n > 0) {}
             };
             let _ = tokio::time::timeout_at(deadline, async {
