@@ -9,10 +9,10 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use switchyard::hub::{Hub, ReplayBuffer};
-use switchyard::protocol::{Command, EncodedEvent, Event, Message};
+use switchyard::hub::{Delivery, Hub};
+use switchyard::protocol::{Command, EncodedEvent, Event, Message, TransportKind};
 use switchyard::transport::ws_writer::Head;
-use switchyard::transport::{poll_body, sse};
+use switchyard::transport::{poll_body, sse, WRITE_BATCH};
 use switchyard::Config;
 
 fn message_event(text_len: usize) -> EncodedEvent {
@@ -106,22 +106,42 @@ fn fan_out(c: &mut Criterion) {
 }
 
 fn replay(c: &mut Criterion) {
+    // Through the public API: the replay buffer is the hub's own.
     let mut group = c.benchmark_group("replay buffer");
-    let event = message_event(64);
-    let mut full = ReplayBuffer::new(1024);
-    for _ in 0..1024 {
-        full.push(event.clone());
+    let (hub, session) = room_of(1);
+    let mut n = 0u64;
+    let mut send = move || {
+        n += 1;
+        Command::Send {
+            room: "lobby".into(),
+            text: "hello everyone, this is a chat message".into(),
+            client_id: format!("r{n}"),
+        }
+    };
+    for _ in 0..1100 {
+        hub.execute(&session, vec![Ok(send())]);
     }
-    group.bench_function("append (full buffer, drops the oldest)", |b| {
-        b.iter(|| full.push(black_box(event.clone())))
-    });
-    let last = full.last_seq();
+    group.bench_function(
+        "append (full buffer, drops the oldest): a send to a room of one",
+        |b| b.iter(|| hub.execute(&session, vec![Ok(send())])),
+    );
+    let last = hub.describe(&session.id).expect("session").last_seq;
     for behind in [1u64, 256] {
         group.throughput(Throughput::Elements(behind));
         group.bench_with_input(
-            BenchmarkId::new("resume, events behind", behind),
+            BenchmarkId::new("attach and read, events behind", behind),
             &behind,
-            |b, &behind| b.iter(|| full.after(black_box(last - behind), 256).map(|e| e.len())),
+            |b, &behind| {
+                b.iter(|| {
+                    let mut poll = hub
+                        .attach(&session.id, TransportKind::ShortPolling, last - behind)
+                        .expect("attach");
+                    match poll.ready(WRITE_BATCH) {
+                        Delivery::Events(events) => events.len(),
+                        Delivery::Closed(_) => 0,
+                    }
+                })
+            },
         );
     }
     group.finish();

@@ -34,9 +34,16 @@ pub struct Config {
     pub short_poll: Duration,
     /// Events kept per session for resume.
     pub replay_window: usize,
+    /// Bytes kept per session for resume (event bodies count in full even where shared);
+    /// the newest event is kept whatever its size.
+    pub replay_bytes: usize,
     /// Undelivered events an attached stream may fall behind before it is closed with
-    /// `slow_consumer`. Smaller than the replay window, so the client can still resume.
+    /// `slow_consumer`: three quarters of the replay window, so a burst of small events does
+    /// not close a reader that keeps up, and the client can still resume.
     pub outbox_capacity: usize,
+    /// Bytes of undelivered events an attached stream may fall behind (with more than one
+    /// event) before it is closed with `slow_consumer`. Smaller than `replay_bytes`.
+    pub outbox_bytes: usize,
     /// Messages kept per room and sent as `history` on join.
     pub history_len: usize,
     /// Presence and typing changes are sent at once in a quiet room and at most once per
@@ -96,7 +103,9 @@ impl Default for Config {
             max_long_poll: Duration::from_millis(60_000),
             short_poll: Duration::from_millis(1000),
             replay_window: 1024,
-            outbox_capacity: 256,
+            replay_bytes: 4 << 20,
+            outbox_capacity: 768,
+            outbox_bytes: 1 << 20,
             history_len: 50,
             presence_interval: Duration::from_millis(250),
             presence_list_limit: 1000,

@@ -66,6 +66,14 @@ struct ServeArgs {
     /// WebSocket ping and SSE keep-alive interval (e.g. 15s).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
+    /// Bytes of events kept per session for resume (the newest event is kept whatever its
+    /// size); an older resume point gets `reset`.
+    #[arg(long, default_value_t = 4 << 20)]
+    replay_bytes: usize,
+    /// Bytes of undelivered events a WebSocket or SSE stream may fall behind before it is
+    /// closed `slow_consumer` (a single larger event is let through).
+    #[arg(long, default_value_t = 1 << 20)]
+    outbox_bytes: usize,
     /// Presence and typing changes are sent at once in a quiet room and at most once per
     /// this interval per room under a storm (e.g. 250ms).
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
@@ -137,6 +145,9 @@ impl ServeArgs {
                 "--heartbeat, --session-ttl and the --*-timeout flags must be positive".into(),
             );
         }
+        if self.outbox_bytes >= self.replay_bytes {
+            return Err("--outbox-bytes must be smaller than --replay-bytes, so a client closed as slow can resume".into());
+        }
         if self.max_message_bytes < 256 {
             return Err("--max-message-bytes must be at least 256".into());
         }
@@ -149,6 +160,8 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             session_ttl: self.session_ttl,
             heartbeat: self.heartbeat,
+            replay_bytes: self.replay_bytes,
+            outbox_bytes: self.outbox_bytes,
             presence_interval: self.presence_interval,
             presence_list_limit: self.presence_list_limit,
             room_rate_limit: self.room_rate_limit,

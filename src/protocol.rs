@@ -21,7 +21,7 @@ pub const MAX_TEXT_LEN: usize = 4000;
 /// Longest `client_id`, in characters.
 pub const MAX_CLIENT_ID_LEN: usize = 64;
 /// Most commands accepted in one batch (one HTTP body or one WebSocket frame).
-pub const MAX_BATCH: usize = 100;
+pub const MAX_COMMANDS_PER_REQUEST: usize = 100;
 
 /// The four ways a client can attach to its session. The names are the wire names used in
 /// negotiation, flags, docs and the demo.
@@ -345,9 +345,9 @@ pub fn parse_commands(input: &[u8]) -> Result<Vec<Result<Command, ErrorBody>>, E
             if items.is_empty() {
                 return Err(bad_command("empty command batch"));
             }
-            if items.len() > MAX_BATCH {
+            if items.len() > MAX_COMMANDS_PER_REQUEST {
                 return Err(bad_command(format!(
-                    "a batch holds at most {MAX_BATCH} commands, got {}",
+                    "a batch holds at most {MAX_COMMANDS_PER_REQUEST} commands, got {}",
                     items.len()
                 )));
             }

@@ -249,6 +249,8 @@ pub struct SessionCreated {
     pub long_poll_ms: u64,
     /// Suggested short-poll interval.
     pub short_poll_ms: u64,
+    /// How long presence and typing changes may be held to coalesce them.
+    pub presence_interval_ms: u64,
     /// Events kept for resume.
     pub replay_window: usize,
     /// Largest command frame or body.
@@ -285,6 +287,7 @@ async fn create_session(
             heartbeat_ms: config.heartbeat.as_millis() as u64,
             long_poll_ms: config.long_poll.as_millis() as u64,
             short_poll_ms: config.short_poll.as_millis() as u64,
+            presence_interval_ms: config.presence_interval.as_millis() as u64,
             replay_window: config.replay_window,
             max_message_bytes: config.max_message_bytes,
             rate_limit_per_sec: config.rate_limit_per_sec,

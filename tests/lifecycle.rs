@@ -161,7 +161,10 @@ async fn delete_ends_the_session_closes_its_transport_and_leaves_its_rooms() {
             break event;
         }
     };
-    assert_eq!((&left["left"], &left["count"]), (&json!(["ann"]), &json!(1)));
+    assert_eq!(
+        (&left["left"], &left["count"]),
+        (&json!(["ann"]), &json!(1))
+    );
     let (status, _) = server.poll(&ann, 0, 0).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }

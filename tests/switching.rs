@@ -110,8 +110,15 @@ async fn a_resume_point_older_than_the_replay_window_gets_a_reset_then_fresh_his
         .collect();
     assert_eq!(texts.len(), 30);
     assert_eq!(texts[29], "t29");
-    assert_eq!(events[2]["type"], "presence", "the room's members follow its history");
-    assert_eq!(events.len(), 3, "nothing but reset, history and presence: {reply}");
+    assert_eq!(
+        events[2]["type"], "presence",
+        "the room's members follow its history"
+    );
+    assert_eq!(
+        events.len(),
+        3,
+        "nothing but reset, history and presence: {reply}"
+    );
     let seq = events[2]["seq"].as_u64().unwrap();
     assert_eq!(events[0]["seq"].as_u64().unwrap() + 2, seq);
 
@@ -128,6 +135,7 @@ async fn a_slow_websocket_consumer_is_disconnected_and_resumes_without_a_gap() {
     let config = Config {
         max_message_bytes: 1 << 20,
         replay_window: 8192,
+        replay_bytes: 64 << 20,
         ..Config::default().with_rate_limit(1_000_000.0)
     };
     let server = TestServer::with_config(config).await;

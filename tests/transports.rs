@@ -23,7 +23,11 @@ async fn each_transport_alone_joins_sends_and_gets_the_echo() {
         let presence = client.next().await;
         assert_eq!(presence["type"], "presence", "{kind}: {presence}");
         assert_eq!(
-            (&presence["count"], &presence["online"], &presence["complete"]),
+            (
+                &presence["count"],
+                &presence["online"],
+                &presence["complete"]
+            ),
             (&json!(0), &json!([]), &json!(true))
         );
         let diff = client.next().await;
@@ -64,7 +68,10 @@ async fn websocket_carries_commands_too() {
     .into_iter()
     .map(|e| e["type"].clone())
     .collect();
-    assert_eq!(kinds, vec!["history", "presence", "presence_diff", "message"]);
+    assert_eq!(
+        kinds,
+        vec!["history", "presence", "presence_diff", "message"]
+    );
 }
 
 #[tokio::test]
@@ -190,8 +197,20 @@ async fn the_same_conversation_yields_identical_sequences_on_all_four_transports
     assert_eq!(
         types,
         [
-            "presence", "presence", "presence", "message", "typing", "message", "message",
-            "typing", "presence", "message", "message", "presence", "message", "message"
+            "presence_diff",
+            "presence_diff",
+            "presence_diff",
+            "message",
+            "typing",
+            "message",
+            "message",
+            "typing",
+            "presence_diff",
+            "message",
+            "message",
+            "presence_diff",
+            "message",
+            "message"
         ],
         "{reference:#?}"
     );

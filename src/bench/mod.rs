@@ -286,15 +286,19 @@ impl Target {
 #[derive(Deserialize)]
 struct Created {
     session: String,
+    /// How long the server may hold presence changes (0 from servers that do not say).
+    #[serde(default)]
+    presence_interval_ms: u64,
 }
 
-/// Creates `count` sessions over a few parallel connections.
+/// Creates `count` sessions over a few parallel connections; returns their ids and the
+/// server's presence interval.
 async fn create_sessions(
     connector: &Arc<Connector>,
     wire: &Arc<WireCounters>,
     prefix: &str,
     count: usize,
-) -> Result<Vec<String>, String> {
+) -> Result<(Vec<String>, Duration), String> {
     let workers = 8.min(count.max(1));
     let mut set = JoinSet::new();
     for worker in 0..workers {
@@ -317,18 +321,21 @@ async fn create_sessions(
                     ));
                 }
                 let created: Created = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-                made.push((i, created.session));
+                made.push((i, created));
             }
             Ok::<_, String>(made)
         });
     }
     let mut sessions = vec![String::new(); count];
+    let mut presence_interval = Duration::ZERO;
     while let Some(done) = set.join_next().await {
-        for (i, id) in done.map_err(|e| e.to_string())?? {
-            sessions[i] = id;
+        for (i, created) in done.map_err(|e| e.to_string())?? {
+            sessions[i] = created.session;
+            presence_interval =
+                presence_interval.max(Duration::from_millis(created.presence_interval_ms));
         }
     }
-    Ok(sessions)
+    Ok((sessions, presence_interval))
 }
 
 async fn command(http: &mut Http, session: &str, body: String) -> Result<(), String> {
@@ -453,6 +460,7 @@ async fn measure_on(
     // replay buffers and the transports start after it, each resuming from its session's
     // last seq as the server reports it.
     let setup_started = Instant::now();
+    let mut presence_interval = Duration::ZERO;
     let mut groups = Vec::new();
     let mut control = connector
         .http(&control_wire)
@@ -465,7 +473,10 @@ async fn measure_on(
             Subject::Baseline => vec![String::new(); args.clients],
             Subject::Transport(_) => {
                 let prefix = format!("b{g}-");
-                create_sessions(&connector, &control_wire, &prefix, args.clients).await?
+                let (ids, interval) =
+                    create_sessions(&connector, &control_wire, &prefix, args.clients).await?;
+                presence_interval = presence_interval.max(interval);
+                ids
             }
         };
         for (i, s) in sessions.iter().enumerate() {
@@ -563,9 +574,10 @@ async fn measure_on(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let join_secs = setup_started.elapsed().as_secs_f64();
-    eprintln!(
-        "  {expected_ready} members joined with transports attached in {join_secs:.2} s"
-    );
+    eprintln!("  {expected_ready} members joined with transports attached in {join_secs:.2} s");
+    // The joins' last presence_diff may still be held by the server: let it go out before
+    // the server's counters are read, so they count only the run's messages.
+    tokio::time::sleep(presence_interval * 2).await;
     let metrics_before = scrape_delivered(&connector).await;
 
     // The schedule: message k is due at t0 + k / rate.
@@ -774,11 +786,11 @@ async fn idle_on(
     let wire = Arc::new(WireCounters::default());
     eprintln!("{kind}: opening {sessions} idle sessions");
     // Warm the server up (allocator arenas, runtime) with one session before the first reading.
-    let warm = create_sessions(&connector, &wire, "w", 1).await?;
+    let (warm, _) = create_sessions(&connector, &wire, "w", 1).await?;
     drop(warm);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_before, _) = server.memory().ok_or("cannot read the server's memory")?;
-    let ids = create_sessions(&connector, &wire, "i", sessions).await?;
+    let (ids, _) = create_sessions(&connector, &wire, "i", sessions).await?;
     let schedule = Arc::new(Schedule {
         run_id: "idle".into(),
         rate: 1.0,

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use room::Room;
 pub use session::{
-    Attachment, Delivery, DirectSink, Gap, OutboxFull, ReplayBuffer, SentMessages, Session,
+    Attachment, BatchLimit, Budget, Delivery, DirectSink, Gap, OutboxFull, SentMessages, Session,
     TokenBucket,
 };
 
@@ -187,7 +187,11 @@ impl Hub {
             ));
         }
         let id = format!("{:032x}", rand::random::<u128>());
-        let session = Arc::new(Session::new(id.clone(), Arc::from(name), &self.inner.config));
+        let session = Arc::new(Session::new(
+            id.clone(),
+            Arc::from(name),
+            &self.inner.config,
+        ));
         sessions.insert(id, session.clone());
         tracing::debug!(session = %session.id, name, "session created");
         Ok(session)
@@ -291,11 +295,11 @@ impl Hub {
             reason: RESET_REPLAY_WINDOW,
         }
         .encode();
-        let reset_seq = state.push(reset, session.outbox_capacity);
+        let reset_seq = state.push(reset, session.outbox);
         for name in state.rooms.clone() {
             if let Some(room) = chat.rooms.get_mut(&name) {
-                state.push(room.history_event(&name), session.outbox_capacity);
-                state.push(room.snapshot_event(&name), session.outbox_capacity);
+                state.push(room.history_event(&name), session.outbox);
+                state.push(room.snapshot_event(&name), session.outbox);
             }
         }
         reset_seq - 1
@@ -701,7 +705,7 @@ mod tests {
         hub.execute(&reader, vec![join("r")]);
         hub.execute(&writer, vec![join("r")]);
         let mut stream = hub.attach(&reader.id, TransportKind::WebSocket, 0).unwrap();
-        let Delivery::Events(first) = stream.ready(2) else {
+        let Delivery::Events(first) = stream.ready(BatchLimit::events(2)) else {
             panic!("events expected")
         };
         assert_eq!(first.len(), 2);
@@ -710,19 +714,21 @@ mod tests {
             hub.execute(&writer, vec![send("r", &format!("c{i}"))]);
         }
         assert!(matches!(
-            stream.next(16).await,
+            stream.next(BatchLimit::events(16)).await,
             Delivery::Closed(CloseReason::SlowConsumer)
         ));
         drop(stream);
         let mut resumed = hub.attach(&reader.id, TransportKind::Sse, 2).unwrap();
-        let Delivery::Events(rest) = resumed.ready(100) else {
+        let Delivery::Events(rest) = resumed.ready(BatchLimit::events(100)) else {
             panic!("events expected")
         };
         let seqs: Vec<u64> = rest.iter().map(|(seq, _)| *seq).collect();
         let last = hub.describe(&reader.id).unwrap().last_seq;
         assert_eq!(seqs, (3..=last).collect::<Vec<u64>>(), "nothing lost");
         assert_eq!(
-            rest.iter().filter(|(_, e)| e.type_name == "message").count(),
+            rest.iter()
+                .filter(|(_, e)| e.type_name == "message")
+                .count(),
             5
         );
     }
@@ -740,7 +746,7 @@ mod tests {
             .attach(&session.id, TransportKind::WebSocket, 0)
             .unwrap();
         assert!(matches!(
-            poll.next(8).await,
+            poll.next(BatchLimit::events(8)).await,
             Delivery::Closed(CloseReason::Superseded)
         ));
     }
@@ -769,7 +775,7 @@ mod tests {
         let state = session.lock();
         state
             .replay
-            .after(0, usize::MAX)
+            .after(0, BatchLimit::ALL)
             .unwrap()
             .iter()
             .map(|(seq, event)| serde_json::from_str(&event.to_json(*seq)).unwrap())
@@ -828,7 +834,10 @@ mod tests {
             hub.execute(session, vec![join("r")]);
         }
         // The first join, in a quiet room, was told at once; the rest wait for the interval.
-        assert_eq!(of_type(&events_of(&sessions[0]), "presence_diff").count(), 1);
+        assert_eq!(
+            of_type(&events_of(&sessions[0]), "presence_diff").count(),
+            1
+        );
         tokio::time::advance(Duration::from_millis(250)).await;
         assert_eq!(hub.flush_presence(), 1);
         let everyone: Vec<String> = (0..200).map(|i| format!("u{i}")).collect();
@@ -868,7 +877,10 @@ mod tests {
         // A joiner of the large room gets the count and a sample.
         let late = hub.create_session("late").unwrap();
         hub.execute(&late, vec![join("r")]);
-        let snapshot = of_type(&events_of(&late), "presence").next().unwrap().clone();
+        let snapshot = of_type(&events_of(&late), "presence")
+            .next()
+            .unwrap()
+            .clone();
         assert_eq!(snapshot["count"], 30);
         assert_eq!(snapshot["complete"], false);
         // Down to 6 members: everyone gets the full list again, in join order.
@@ -907,7 +919,9 @@ mod tests {
         }
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
-        let typing: Vec<_> = of_type(&events_of(&sessions[0]), "typing").cloned().collect();
+        let typing: Vec<_> = of_type(&events_of(&sessions[0]), "typing")
+            .cloned()
+            .collect();
         // The first keystroke in a quiet room at once, then one batch.
         assert_eq!(typing.len(), 2, "{typing:?}");
         assert_eq!(typing[0]["users"], serde_json::json!(["u0"]));
@@ -931,7 +945,10 @@ mod tests {
         assert_eq!(refused.code, ErrorCode::RateLimited);
         assert_eq!(refused.retry_after_ms, Some(500));
         // A retry of a send that went through is still answered from the dedupe table.
-        assert_eq!(hub.execute(&ann, vec![send("r", "a")])[0].duplicate, Some(true));
+        assert_eq!(
+            hub.execute(&ann, vec![send("r", "a")])[0].duplicate,
+            Some(true)
+        );
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(hub.execute(&ann, vec![send("r", "c")])[0].ok);
     }

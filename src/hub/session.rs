@@ -18,13 +18,52 @@ use tokio::time::Instant;
 use crate::metrics::Metrics;
 use crate::protocol::{CloseReason, EncodedEvent, TransportKind};
 
-/// The last `replay_window` events of a session, numbered by seq.
+/// What one event costs a replay buffer or an outbox: its body and the entry holding it.
+pub(crate) fn event_cost(event: &EncodedEvent) -> u64 {
+    event.body.len() as u64 + 64
+}
+
+/// How much one write may take: at most `events` events and, past the first, `bytes` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimit {
+    /// Events at most.
+    pub events: usize,
+    /// Bytes at most (event bodies plus a small per-event cost); the first event is always
+    /// taken, however large.
+    pub bytes: u64,
+}
+
+impl BatchLimit {
+    /// At most `events` events, whatever their bytes.
+    pub const fn events(events: usize) -> BatchLimit {
+        BatchLimit {
+            events,
+            bytes: u64::MAX,
+        }
+    }
+
+    /// No limit.
+    pub const ALL: BatchLimit = BatchLimit {
+        events: usize::MAX,
+        bytes: u64::MAX,
+    };
+}
+
+/// The last events of a session, numbered by seq: at most `capacity` events and, past the
+/// newest one, `byte_budget` bytes. Bodies shared with other sessions count in full, so the
+/// budget bounds what one session can hold whatever its client does.
 #[derive(Debug)]
-pub struct ReplayBuffer {
+pub(crate) struct ReplayBuffer {
     /// Seq of `events[0]`; when empty, the seq the next event will get.
     first_seq: u64,
-    events: VecDeque<EncodedEvent>,
+    /// Each event with the byte count pushed up to and including it.
+    events: VecDeque<(EncodedEvent, u64)>,
     capacity: usize,
+    byte_budget: u64,
+    /// Bytes of the events kept.
+    bytes: u64,
+    /// Bytes of every event ever pushed.
+    pushed: u64,
 }
 
 /// The events a resume point asks for are no longer (or never were) in the buffer.
@@ -37,12 +76,16 @@ pub enum Gap {
 }
 
 impl ReplayBuffer {
-    /// An empty buffer keeping at most `capacity` events; the first event gets seq 1.
-    pub fn new(capacity: usize) -> Self {
+    /// An empty buffer keeping at most `capacity` events and `byte_budget` bytes (always at
+    /// least the newest event); the first event gets seq 1.
+    pub fn new(capacity: usize, byte_budget: u64) -> Self {
         ReplayBuffer {
             first_seq: 1,
             events: VecDeque::new(),
             capacity: capacity.max(1),
+            byte_budget,
+            bytes: 0,
+            pushed: 0,
         }
     }
 
@@ -51,13 +94,20 @@ impl ReplayBuffer {
         self.first_seq + self.events.len() as u64 - 1
     }
 
-    /// Appends an event and returns its seq, dropping the oldest one when full.
+    /// Appends an event and returns its seq, dropping the oldest ones past the budgets.
     pub fn push(&mut self, event: EncodedEvent) -> u64 {
-        if self.events.len() == self.capacity {
-            self.events.pop_front();
-            self.first_seq += 1;
+        let cost = event_cost(&event);
+        self.pushed += cost;
+        self.bytes += cost;
+        self.events.push_back((event, self.pushed));
+        while self.events.len() > self.capacity
+            || (self.bytes > self.byte_budget && self.events.len() > 1)
+        {
+            if let Some((oldest, _)) = self.events.pop_front() {
+                self.bytes -= event_cost(&oldest);
+                self.first_seq += 1;
+            }
         }
-        self.events.push_back(event);
         self.last_seq()
     }
 
@@ -72,18 +122,33 @@ impl ReplayBuffer {
         }
     }
 
-    /// Up to `max` events with seq > `after`, oldest first.
-    pub fn after(&self, after: u64, max: usize) -> Result<Vec<(u64, EncodedEvent)>, Gap> {
+    /// Bytes of the events with seq > `after` (`u64::MAX` if some are gone).
+    pub fn bytes_after(&self, after: u64) -> u64 {
+        match self.check_resume(after) {
+            Err(Gap::TooOld) => u64::MAX,
+            Err(Gap::Unknown) => 0,
+            Ok(()) if after + 1 == self.first_seq => self.bytes,
+            Ok(()) => {
+                let (_, through_after) = &self.events[(after - self.first_seq) as usize];
+                self.pushed - through_after
+            }
+        }
+    }
+
+    /// Events with seq > `after`, oldest first, as many as `limit` allows.
+    pub fn after(&self, after: u64, limit: BatchLimit) -> Result<Vec<(u64, EncodedEvent)>, Gap> {
         self.check_resume(after)?;
         let start = (after + 1 - self.first_seq) as usize;
-        Ok(self
-            .events
-            .iter()
-            .skip(start)
-            .take(max)
-            .enumerate()
-            .map(|(i, e)| (after + 1 + i as u64, e.clone()))
-            .collect())
+        let mut bytes = 0;
+        let mut batch = Vec::new();
+        for (i, (event, _)) in self.events.iter().skip(start).enumerate() {
+            bytes += event_cost(event);
+            if i == limit.events || (i > 0 && bytes > limit.bytes) {
+                break;
+            }
+            batch.push((after + 1 + i as u64, event.clone()));
+        }
+        Ok(batch)
     }
 }
 
@@ -255,7 +320,23 @@ pub struct Session {
     /// through eight `Notify` shards (eight lock round-trips per push, 6 % of the server's
     /// time at 1000 WebSocket subscribers); `notify_waiters` takes one.
     pub(crate) wakeup: Arc<Notify>,
-    pub(crate) outbox_capacity: u64,
+    pub(crate) outbox: Budget,
+}
+
+/// How far an attached stream may fall behind before it is closed `slow_consumer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Events not yet handed to the transport.
+    pub events: u64,
+    /// Their bytes; a single event over it alone is let through.
+    pub bytes: u64,
+}
+
+impl Budget {
+    /// Whether `events` events of `bytes` bytes are over this budget.
+    pub fn exceeded_by(&self, events: u64, bytes: u64) -> bool {
+        events > self.events || (events > 1 && bytes > self.bytes)
+    }
 }
 
 impl Session {
@@ -264,7 +345,7 @@ impl Session {
             id,
             name,
             state: Mutex::new(SessionState {
-                replay: ReplayBuffer::new(config.replay_window),
+                replay: ReplayBuffer::new(config.replay_window, config.replay_bytes as u64),
                 attached: None,
                 last_transport: None,
                 rooms: Vec::new(),
@@ -274,7 +355,10 @@ impl Session {
                 ended: false,
             }),
             wakeup: Arc::new(Notify::new()),
-            outbox_capacity: config.outbox_capacity as u64,
+            outbox: Budget {
+                events: config.outbox_capacity as u64,
+                bytes: config.outbox_bytes as u64,
+            },
         }
     }
 
@@ -282,6 +366,11 @@ impl Session {
     /// ignored: the state is updated in small steps that leave it consistent.
     pub(crate) fn lock(&self) -> MutexGuard<'_, SessionState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How far an attached stream of this session may fall behind.
+    pub fn outbox_budget(&self) -> Budget {
+        self.outbox
     }
 
     /// The kind of the transport attached last, if any ever was.
@@ -297,7 +386,7 @@ impl Session {
             if state.ended {
                 return None;
             }
-            let seq = state.push(event, self.outbox_capacity);
+            let seq = state.push(event, self.outbox);
             let direct = state.attached.as_ref().is_some_and(|s| s.direct.is_some());
             (seq, direct)
         };
@@ -316,8 +405,8 @@ impl Session {
 
 impl SessionState {
     /// Appends an event (the caller wakes the transport once the lock is released). Closes a
-    /// stream that has fallen more than `outbox_capacity` events behind.
-    pub(crate) fn push(&mut self, event: EncodedEvent, outbox_capacity: u64) -> u64 {
+    /// stream that has fallen more than its outbox budget behind.
+    pub(crate) fn push(&mut self, event: EncodedEvent, outbox: Budget) -> u64 {
         let seq = self.replay.last_seq() + 1;
         let too_far = match self.attached.as_mut() {
             Some(slot) => match &slot.direct {
@@ -326,7 +415,13 @@ impl SessionState {
                     slot.acked = seq;
                     delivered.is_err()
                 }
-                None => !slot.kind.is_poll() && seq - slot.acked > outbox_capacity,
+                None => {
+                    !slot.kind.is_poll() && {
+                        let bytes = self.replay.bytes_after(slot.acked);
+                        outbox
+                            .exceeded_by(seq - slot.acked, bytes.saturating_add(event_cost(&event)))
+                    }
+                }
             },
             None => false,
         };
@@ -454,7 +549,7 @@ impl Attachment {
             return false;
         };
         debug_assert!(slot.direct.is_none());
-        let backlog = match state.replay.after(self.cursor, usize::MAX) {
+        let backlog = match state.replay.after(self.cursor, BatchLimit::ALL) {
             Ok(backlog) => backlog,
             Err(_) => {
                 state.close_attached(CloseReason::SlowConsumer);
@@ -475,7 +570,7 @@ impl Attachment {
 
     /// The events after the cursor that are ready now (at most `max`), without waiting.
     /// Calling it again means the previous batch was written.
-    pub fn ready(&mut self, max: usize) -> Delivery {
+    pub fn ready(&mut self, limit: BatchLimit) -> Delivery {
         if let Some(reason) = *self.close.borrow() {
             return Delivery::Closed(reason);
         }
@@ -485,7 +580,7 @@ impl Attachment {
             // Detached by the hub; the close signal is already set or about to be read.
             return Delivery::Closed(self.close.borrow().unwrap_or(CloseReason::Superseded));
         };
-        match state.replay.after(self.cursor, max) {
+        match state.replay.after(self.cursor, limit) {
             Ok(events) => {
                 if let Some((seq, _)) = events.last() {
                     self.cursor = *seq;
@@ -506,7 +601,7 @@ impl Attachment {
 
     /// Waits until there are events after the cursor (returning at most `max`) or the hub
     /// closes this transport. Cancel-safe: nothing is handed out unless it returns.
-    pub async fn next(&mut self, max: usize) -> Delivery {
+    pub async fn next(&mut self, limit: BatchLimit) -> Delivery {
         let wakeup = self.wakeup.clone();
         loop {
             // Register for the wake-up *before* reading the buffer, so a push racing with
@@ -514,7 +609,7 @@ impl Attachment {
             let notified = wakeup.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.ready(max) {
+            match self.ready(limit) {
                 Delivery::Events(events) if events.is_empty() => {}
                 other => return other,
             }
@@ -556,18 +651,52 @@ mod tests {
 
     #[test]
     fn replay_buffer_resumes_inside_window_and_reports_gaps() {
-        let mut buffer = ReplayBuffer::new(3);
+        let ten = BatchLimit {
+            events: 10,
+            bytes: u64::MAX,
+        };
+        let mut buffer = ReplayBuffer::new(3, u64::MAX);
         assert_eq!(buffer.last_seq(), 0);
-        assert_eq!(buffer.after(0, 10).unwrap().len(), 0);
+        assert_eq!(buffer.after(0, ten).unwrap().len(), 0);
         for n in 1..=5 {
             assert_eq!(buffer.push(event(n)), n);
         }
-        let seqs: Vec<u64> = buffer.after(2, 10).unwrap().iter().map(|e| e.0).collect();
+        let seqs: Vec<u64> = buffer.after(2, ten).unwrap().iter().map(|e| e.0).collect();
         assert_eq!(seqs, vec![3, 4, 5]);
-        assert_eq!(buffer.after(3, 1).unwrap()[0].0, 4);
-        assert_eq!(buffer.after(1, 10).unwrap_err(), Gap::TooOld);
-        assert_eq!(buffer.after(6, 10).unwrap_err(), Gap::Unknown);
-        assert!(buffer.after(5, 10).unwrap().is_empty());
+        let one = BatchLimit { events: 1, ..ten };
+        assert_eq!(buffer.after(3, one).unwrap()[0].0, 4);
+        assert_eq!(buffer.after(1, ten).unwrap_err(), Gap::TooOld);
+        assert_eq!(buffer.after(6, ten).unwrap_err(), Gap::Unknown);
+        assert!(buffer.after(5, ten).unwrap().is_empty());
+    }
+
+    #[test]
+    fn replay_buffer_keeps_to_its_byte_budget_but_always_the_newest_event() {
+        let small = event(1);
+        let cost = event_cost(&small);
+        let mut buffer = ReplayBuffer::new(100, cost * 3);
+        for n in 1..=5 {
+            buffer.push(event(n));
+        }
+        assert_eq!(buffer.after(1, BatchLimit::ALL).unwrap_err(), Gap::TooOld);
+        assert_eq!(buffer.after(2, BatchLimit::ALL).unwrap().len(), 3);
+        assert_eq!(buffer.bytes_after(2), cost * 3);
+        assert_eq!(buffer.bytes_after(4), cost);
+        assert_eq!(buffer.bytes_after(1), u64::MAX, "events after 1 are gone");
+        // One event over the whole budget is still kept, alone.
+        let huge = Event::Reset {
+            reason: &"x".repeat(1000),
+        }
+        .encode();
+        assert_eq!(buffer.push(huge), 6);
+        assert_eq!(buffer.after(5, BatchLimit::ALL).unwrap().len(), 1);
+        assert_eq!(buffer.after(4, BatchLimit::ALL).unwrap_err(), Gap::TooOld);
+        // A batch stops at its byte limit, but takes the first event whatever its size.
+        let limit = BatchLimit {
+            events: 10,
+            bytes: 10,
+        };
+        assert_eq!(buffer.after(5, limit).unwrap().len(), 1);
     }
 
     #[test]

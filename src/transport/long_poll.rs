@@ -9,7 +9,7 @@ use hyper::Response;
 use crate::hub::{Delivery, Hub};
 use crate::protocol::{ErrorBody, TransportKind};
 
-use super::{answer_poll, Body, MAX_BATCH};
+use super::{answer_poll, Body, WRITE_BATCH};
 
 /// Holds a long poll until events, the wait, or a close.
 pub async fn poll(
@@ -20,7 +20,7 @@ pub async fn poll(
 ) -> Result<Response<Body>, ErrorBody> {
     let mut attachment = hub.attach(session_id, TransportKind::LongPolling, after)?;
     let delivery = tokio::select! {
-        delivery = attachment.next(MAX_BATCH) => delivery,
+        delivery = attachment.next(WRITE_BATCH) => delivery,
         _ = tokio::time::sleep(wait) => Delivery::Events(Vec::new()),
     };
     Ok(answer_poll(&attachment, delivery))

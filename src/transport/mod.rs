@@ -21,14 +21,18 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::error::{status, HttpError};
-use crate::hub::{Attachment, Delivery};
+use crate::hub::{Attachment, BatchLimit, Delivery};
 use crate::protocol::{CloseReason, EncodedEvent, ErrorBody, ErrorCode};
 
 /// Every response body: a full buffer or a stream (SSE).
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// Most events handed to a transport per write.
-pub const MAX_BATCH: usize = 256;
+/// Most a transport takes for one write (an SSE chunk, a poll reply): 256 events or 256 KiB,
+/// whichever comes first (a single larger event goes alone).
+pub const WRITE_BATCH: BatchLimit = BatchLimit {
+    events: 256,
+    bytes: 256 * 1024,
+};
 
 /// A body holding these bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {

@@ -7,11 +7,11 @@ use hyper::Response;
 use crate::hub::Hub;
 use crate::protocol::{ErrorBody, TransportKind};
 
-use super::{answer_poll, Body, MAX_BATCH};
+use super::{answer_poll, Body, WRITE_BATCH};
 
 /// Answers a short poll.
 pub fn poll(hub: &Hub, session_id: &str, after: u64) -> Result<Response<Body>, ErrorBody> {
     let mut attachment = hub.attach(session_id, TransportKind::ShortPolling, after)?;
-    let delivery = attachment.ready(MAX_BATCH);
+    let delivery = attachment.ready(WRITE_BATCH);
     Ok(answer_poll(&attachment, delivery))
 }

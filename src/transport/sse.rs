@@ -24,7 +24,7 @@ use crate::connection::ConnectionWatch;
 use crate::hub::{Attachment, Delivery};
 use crate::protocol::{CloseReason, EncodedEvent};
 
-use super::{Body, MAX_BATCH};
+use super::{Body, WRITE_BATCH};
 
 /// Sent first: tells EventSource how long to wait before reconnecting by itself, and gets the
 /// headers and a first byte through any buffering proxy.
@@ -89,7 +89,7 @@ pub fn stream(
         loop {
             let attachment = &mut stream.attachment;
             let step = tokio::select! {
-                delivery = attachment.next(MAX_BATCH) => Step::Deliver(delivery),
+                delivery = attachment.next(WRITE_BATCH) => Step::Deliver(delivery),
                 _ = tokio::time::sleep(heartbeat) => Step::KeepAlive,
             };
             match step {

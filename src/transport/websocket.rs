@@ -32,7 +32,7 @@ use crate::connection::DeadlineIo;
 use crate::hub::{Attachment, Hub};
 use crate::protocol::{parse_commands, CloseReason, Command, ErrorBody, ErrorCode};
 
-use super::ws_writer::{ReadSide, SocketWriter};
+use super::ws_writer::{ReadSide, SocketWriter, Stop};
 use super::{full, Body};
 
 /// Frames larger than this close the socket (1009) instead of getting a `too_large` event,
@@ -117,7 +117,7 @@ pub fn upgrade(
         let (read, write) = parts.io.into_inner().into_inner().into_split();
         let writer = Arc::new(SocketWriter::new(
             write,
-            hub.config().outbox_capacity,
+            attachment.session().outbox_budget(),
             attachment.metrics().clone(),
         ));
         let read_side = ReadSide::new(read, parts.read_buf, writer.clone());
@@ -181,7 +181,13 @@ async fn serve(
         // Superseded between the handshake and now: say so.
         let reason = (*close.borrow()).unwrap_or(CloseReason::Superseded);
         drop(attachment);
-        return Box::pin(close_handshake(socket, &writer, End::Closed(reason), close_timeout)).await;
+        return Box::pin(close_handshake(
+            socket,
+            &writer,
+            End::Closed(reason),
+            close_timeout,
+        ))
+        .await;
     }
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
@@ -192,7 +198,13 @@ async fn serve(
             reason = async { close.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
                 break End::Closed(reason.unwrap_or(CloseReason::Expired));
             }
-            _ = writer.flush_queued() => break End::Gone,
+            stop = writer.flush_queued() => match stop {
+                Stop::Failed => break End::Gone,
+                Stop::Overflowed => {
+                    attachment.close(CloseReason::SlowConsumer);
+                    break End::Closed(CloseReason::SlowConsumer);
+                }
+            },
             _ = ping.tick() => {
                 writer.check_progress();
                 let silent = last_heard.elapsed() > heartbeat * 2

@@ -8,8 +8,11 @@
 //! writable, coalescing the frames that queued up into vectored writes. Control frames (pings,
 //! pongs, close) take the same path, so frames never interleave.
 //!
-//! More than `outbox_capacity` live frames queued makes `deliver` fail, and the hub closes the
-//! transport with `slow_consumer`: the queue, like every per-session queue, is bounded. A
+//! More live frames queued than the outbox budget (events, or bytes past the first frame)
+//! makes `deliver` fail, and the hub closes the transport with `slow_consumer`: the queue, like
+//! every per-session queue, is bounded. Control frames count against the bytes too, and a pong
+//! not yet begun is replaced by the next, so a client that floods pings without reading queues
+//! one pong, not thousands. A
 //! queue that makes no progress (no byte written) for two heartbeats is judged slow too, by
 //! the connection's task; a queue that shrinks steadily is not, however long it stays
 //! non-empty. An event counts as delivered in the metrics when its last byte is written.
@@ -28,7 +31,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::connection::{send_progress, SendProgress};
-use crate::hub::{DirectSink, OutboxFull};
+use crate::hub::{Budget, DirectSink, OutboxFull};
 use crate::metrics::Metrics;
 use crate::protocol::{EncodedEvent, TransportKind};
 
@@ -68,7 +71,13 @@ impl Queued {
 #[derive(Debug, Default)]
 struct WriterState {
     queue: VecDeque<Queued>,
-    live_queued: usize,
+    /// Live events queued, and their bytes.
+    live_queued: u64,
+    live_bytes: u64,
+    /// Bytes of every frame queued (events and control frames).
+    queued_bytes: u64,
+    /// Control frames went over the budget: the connection's task closes the socket.
+    overflowed: bool,
     /// While something is queued: when the socket last took a byte (or the queue formed). A
     /// queue that waits two heartbeats means the client stopped reading.
     waiting_since: Option<Instant>,
@@ -89,18 +98,32 @@ pub struct SocketWriter {
     state: Mutex<WriterState>,
     /// Wakes the connection's task when something was queued or the socket failed.
     queued: Notify,
-    outbox_capacity: usize,
+    outbox: Budget,
     metrics: Metrics,
+}
+
+/// Why [`SocketWriter::flush_queued`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The socket failed.
+    Failed,
+    /// Control frames queued past the budget: the client sends and does not read.
+    Overflowed,
+}
+
+/// Whether a whole frame in `bytes` is a pong.
+fn is_pong(frame: &[u8]) -> bool {
+    frame.first().is_some_and(|b| b & 0x0f == 0x0a)
 }
 
 impl SocketWriter {
     /// A writer for a socket's write half.
-    pub fn new(socket: OwnedWriteHalf, outbox_capacity: usize, metrics: Metrics) -> Self {
+    pub fn new(socket: OwnedWriteHalf, outbox: Budget, metrics: Metrics) -> Self {
         SocketWriter {
             socket,
             state: Mutex::new(WriterState::default()),
             queued: Notify::new(),
-            outbox_capacity,
+            outbox,
             metrics,
         }
     }
@@ -110,7 +133,7 @@ impl SocketWriter {
     }
 
     /// Writes a frame now if nothing is queued and the socket takes it; queues the rest.
-    /// Returns whether more than the outbox capacity of live frames is queued.
+    /// Returns whether the live frames queued are over the outbox budget.
     fn write_frame(
         &self,
         head: &[u8],
@@ -147,23 +170,50 @@ impl SocketWriter {
             state.waiting_since = Some(Instant::now());
             self.queued.notify_one();
         }
-        state.queue.push_back(Queued {
+        let frame = Queued {
             head: Bytes::copy_from_slice(head),
             body: body.clone(),
             written,
             live,
             created,
-        });
+        };
+        let bytes = frame.len() as u64;
+        state.queued_bytes += bytes;
+        state.queue.push_back(frame);
         if live {
             state.live_queued += 1;
+            state.live_bytes += bytes;
         }
-        state.live_queued > self.outbox_capacity
+        self.outbox.exceeded_by(state.live_queued, state.live_bytes)
     }
 
     /// Writes raw bytes holding whole frames (tungstenite's pongs and close replies, our
     /// pings and close frame).
     pub fn write_control(&self, frame: &[u8]) {
+        {
+            let mut state = self.lock();
+            if is_pong(frame) {
+                // A pong answers the latest ping: replace one that has not begun.
+                if let Some(waiting) = state
+                    .queue
+                    .iter_mut()
+                    .skip(1)
+                    .find(|f| f.created.is_none() && !f.live && is_pong(&f.head))
+                {
+                    waiting.head = Bytes::copy_from_slice(frame);
+                    return;
+                }
+            }
+        }
         self.write_frame(frame, &Bytes::new(), false, None);
+        let mut state = self.lock();
+        if self
+            .outbox
+            .exceeded_by(state.queue.len() as u64, state.queued_bytes)
+        {
+            state.overflowed = true;
+            self.queued.notify_one();
+        }
     }
 
     /// Sends a ping with an empty payload.
@@ -222,7 +272,15 @@ impl SocketWriter {
         let mut state = self.lock();
         let keep = usize::from(state.queue.front().is_some_and(|f| f.written > 0));
         state.queue.truncate(keep);
-        state.live_queued = state.queue.iter().filter(|f| f.live).count();
+        let live: Vec<u64> = state
+            .queue
+            .iter()
+            .filter(|f| f.live)
+            .map(|f| f.len() as u64)
+            .collect();
+        state.live_queued = live.len() as u64;
+        state.live_bytes = live.iter().sum();
+        state.queued_bytes = state.queue.iter().map(|f| f.len() as u64).sum();
         if keep == 0 {
             state.waiting_since = None;
         }
@@ -275,8 +333,10 @@ impl SocketWriter {
                 }
                 written -= left;
                 let done = state.queue.pop_front().expect("front exists");
+                state.queued_bytes -= done.len() as u64;
                 if done.live {
                     state.live_queued -= 1;
+                    state.live_bytes -= done.len() as u64;
                 }
                 if let Some(created) = done.created {
                     self.metrics
@@ -286,11 +346,17 @@ impl SocketWriter {
         }
     }
 
-    /// Waits for something to be queued, then writes the queue until it is empty. Returns an
-    /// error once the socket failed. Cancel-safe: the queue keeps its place.
-    pub async fn flush_queued(&self) -> io::Result<()> {
+    /// Waits for something to be queued, then writes the queue until it is empty. Returns
+    /// once the socket failed or control frames overflowed. Cancel-safe: the queue keeps its
+    /// place.
+    pub async fn flush_queued(&self) -> Stop {
         loop {
-            self.write_until_empty().await?;
+            if self.lock().overflowed {
+                return Stop::Overflowed;
+            }
+            if self.write_until_empty().await.is_err() {
+                return Stop::Failed;
+            }
             self.queued.notified().await;
         }
     }
