@@ -298,8 +298,8 @@ impl Hub {
         let reset_seq = state.push(reset, session.outbox);
         for name in state.rooms.clone() {
             if let Some(room) = chat.rooms.get_mut(&name) {
-                state.push(room.history_event(&name), session.outbox);
-                state.push(room.snapshot_event(&name), session.outbox);
+                state.push_keeping(room.history_event(&name), session.outbox, reset_seq);
+                state.push_keeping(room.snapshot_event(&name), session.outbox, reset_seq);
             }
         }
         reset_seq - 1
@@ -951,5 +951,33 @@ mod tests {
         );
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(hub.execute(&ann, vec![send("r", "c")])[0].ok);
+    }
+
+    #[test]
+    fn a_rejoin_shares_the_rooms_encoded_history_instead_of_copying_it() {
+        let hub = quiet_hub();
+        let writer = hub.create_session("writer").unwrap();
+        hub.execute(&writer, vec![join("r")]);
+        for i in 0..10 {
+            hub.execute(&writer, vec![send("r", &format!("w{i}"))]);
+        }
+        let reader = hub.create_session("reader").unwrap();
+        for _ in 0..3 {
+            hub.execute(&reader, vec![join("r")]);
+        }
+        let state = reader.lock();
+        let histories: Vec<*const u8> = state
+            .replay
+            .after(0, BatchLimit::ALL)
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| e.type_name == "history")
+            .map(|(_, e)| e.body.as_ptr())
+            .collect();
+        assert_eq!(histories.len(), 3);
+        assert!(
+            histories.windows(2).all(|w| w[0] == w[1]),
+            "one encoding, shared"
+        );
     }
 }

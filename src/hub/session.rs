@@ -95,13 +95,21 @@ impl ReplayBuffer {
     }
 
     /// Appends an event and returns its seq, dropping the oldest ones past the budgets.
+    #[cfg(test)]
     pub fn push(&mut self, event: EncodedEvent) -> u64 {
+        self.push_keeping(event, self.last_seq() + 1)
+    }
+
+    /// Appends an event like [`ReplayBuffer::push`], but the byte budget drops no event from
+    /// seq `keep_from` on: a `reset` and the histories after it stay together, whatever their
+    /// size, until later events push them out.
+    pub fn push_keeping(&mut self, event: EncodedEvent, keep_from: u64) -> u64 {
         let cost = event_cost(&event);
         self.pushed += cost;
         self.bytes += cost;
         self.events.push_back((event, self.pushed));
         while self.events.len() > self.capacity
-            || (self.bytes > self.byte_budget && self.events.len() > 1)
+            || (self.bytes > self.byte_budget && self.first_seq < keep_from)
         {
             if let Some((oldest, _)) = self.events.pop_front() {
                 self.bytes -= event_cost(&oldest);
@@ -408,6 +416,18 @@ impl SessionState {
     /// stream that has fallen more than its outbox budget behind.
     pub(crate) fn push(&mut self, event: EncodedEvent, outbox: Budget) -> u64 {
         let seq = self.replay.last_seq() + 1;
+        self.push_keeping(event, outbox, seq)
+    }
+
+    /// [`SessionState::push`], keeping every event from seq `keep_from` on within the byte
+    /// budget (see [`ReplayBuffer::push_keeping`]).
+    pub(crate) fn push_keeping(
+        &mut self,
+        event: EncodedEvent,
+        outbox: Budget,
+        keep_from: u64,
+    ) -> u64 {
+        let seq = self.replay.last_seq() + 1;
         let too_far = match self.attached.as_mut() {
             Some(slot) => match &slot.direct {
                 Some(direct) => {
@@ -425,7 +445,7 @@ impl SessionState {
             },
             None => false,
         };
-        self.replay.push(event);
+        self.replay.push_keeping(event, keep_from);
         if too_far {
             self.close_attached(CloseReason::SlowConsumer);
         }
@@ -697,6 +717,23 @@ mod tests {
             bytes: 10,
         };
         assert_eq!(buffer.after(5, limit).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_reset_and_its_histories_stay_together_past_the_byte_budget() {
+        let cost = event_cost(&event(1));
+        let mut buffer = ReplayBuffer::new(100, cost * 2);
+        buffer.push(event(1));
+        let reset = buffer.push(event(2));
+        for n in 3..=6 {
+            buffer.push_keeping(event(n), reset);
+        }
+        assert_eq!(buffer.after(reset - 1, BatchLimit::ALL).unwrap().len(), 5);
+        assert_eq!(buffer.after(0, BatchLimit::ALL).unwrap_err(), Gap::TooOld);
+        // The next ordinary event lets the budget apply again.
+        buffer.push(event(7));
+        assert_eq!(buffer.after(5, BatchLimit::ALL).unwrap().len(), 2);
+        assert_eq!(buffer.after(4, BatchLimit::ALL).unwrap_err(), Gap::TooOld);
     }
 
     #[test]
