@@ -54,6 +54,11 @@ pub struct Config {
     pub presence_list_limit: usize,
     /// A room's message rate, `(per second, burst)`; `None`: unlimited.
     pub room_rate_limit: Option<(f64, f64)>,
+    /// Sessions one client address may create, `(per second, burst)`; `None`: unlimited.
+    pub session_rate_limit: Option<(f64, f64)>,
+    /// Whether loopback peers count against `session_rate_limit` (by default they are
+    /// exempt, for local tools and the bench).
+    pub session_rate_limit_loopback: bool,
     /// Rooms one session may be in at once.
     pub max_rooms_per_session: usize,
     /// Rooms kept by the server; the least recently used empty rooms are dropped past this.
@@ -110,6 +115,8 @@ impl Default for Config {
             presence_interval: Duration::from_millis(250),
             presence_list_limit: 1000,
             room_rate_limit: None,
+            session_rate_limit: Some((10.0, 30.0)),
+            session_rate_limit_loopback: false,
             max_rooms_per_session: 64,
             max_rooms: 10_000,
             max_sessions: 100_000,

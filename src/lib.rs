@@ -13,6 +13,7 @@
 //! - [`router`]: `(method, path)` to handler; origin checks and CORS.
 //! - [`server`]: accept loop, connection cap, graceful shutdown.
 //! - [`connection`]: one connection's write deadlines.
+//! - [`admission`]: the per-address rate limit on session creation.
 //! - [`config`]: every limit with its default; [`error`]: error code to HTTP status.
 //! - [`metrics`]: counters and latency histograms per transport, served on `GET /metrics`.
 //! - [`demo`]: the embedded demo page and browser client.
@@ -21,6 +22,7 @@
 
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod bench;
 pub mod config;
 pub mod connection;

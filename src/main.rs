@@ -86,6 +86,12 @@ struct ServeArgs {
     /// twice the rate). Off by default.
     #[arg(long, value_parser = parse_rate)]
     room_rate_limit: Option<(f64, f64)>,
+    /// Sessions one client address may create: RATE per second, or RATE:BURST, or `off`.
+    #[arg(long, default_value = "10:30", value_parser = parse_optional_rate)]
+    session_rate_limit: Option<(f64, f64)>,
+    /// Count loopback clients against --session-rate-limit too (they are exempt by default).
+    #[arg(long)]
+    session_rate_limit_loopback: bool,
     /// How long a request body may take to arrive; past it the request gets 408
     /// `request_timeout`.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -120,6 +126,15 @@ fn parse_rate(raw: &str) -> Result<(f64, f64), String> {
     match raw.split_once(':') {
         Some((rate, burst)) => Ok((number(rate)?, number(burst)?)),
         None => number(raw).map(|rate| (rate, rate * 2.0)),
+    }
+}
+
+/// `off`, or a rate as [`parse_rate`] reads it.
+fn parse_optional_rate(raw: &str) -> Result<Option<(f64, f64)>, String> {
+    if raw == "off" {
+        Ok(None)
+    } else {
+        parse_rate(raw).map(Some)
     }
 }
 
@@ -165,6 +180,8 @@ impl ServeArgs {
             presence_interval: self.presence_interval,
             presence_list_limit: self.presence_list_limit,
             room_rate_limit: self.room_rate_limit,
+            session_rate_limit: self.session_rate_limit,
+            session_rate_limit_loopback: self.session_rate_limit_loopback,
             body_timeout: self.body_timeout,
             write_timeout: self.write_timeout,
             close_timeout: self.close_timeout,

@@ -20,7 +20,7 @@ use crate::connection::ConnectionWatch;
 use crate::demo;
 use crate::metrics::NO_TRANSPORT;
 use crate::protocol::{ErrorBody, ErrorCode, TransportKind};
-use crate::server::App;
+use crate::server::{App, Peer};
 use crate::transport::{
     commands, error_response, full, json_response, long_poll, query_param, resume_point,
     short_poll, sse, websocket, Body,
@@ -266,6 +266,15 @@ async fn create_session(
     app: &App,
 ) -> Result<Response<Body>, ErrorBody> {
     let config = app.hub.config();
+    if let Some(Peer(peer)) = request.extensions().get::<Peer>().copied() {
+        if let Err(wait) = app.session_limiter.admit(peer.ip()) {
+            return Err(ErrorBody::new(
+                ErrorCode::RateLimited,
+                format!("too many sessions created from {}; retry later", peer.ip()),
+            )
+            .retry_after(wait));
+        }
+    }
     let body = commands::read_body(request, config.max_message_bytes, config.body_timeout).await?;
     let create: CreateSession = serde_json::from_slice(&body).map_err(|e| {
         ErrorBody::new(

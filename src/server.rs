@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::AddressLimiter;
 use crate::config::Config;
 use crate::connection::{ConnectionWatch, DeadlineIo};
 use crate::hub::Hub;
@@ -42,7 +43,13 @@ pub struct App {
     /// One permit per open TCP connection. An upgraded WebSocket takes its own permit: hyper
     /// ends the HTTP connection (and drops its permit) at the upgrade.
     pub connections: Arc<Semaphore>,
+    /// Session creations per client address.
+    pub session_limiter: AddressLimiter,
 }
+
+/// The client address of a request's connection, in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
 
 /// Serves on `listener` until `shutdown` completes, then shuts down gracefully.
 pub async fn run(
@@ -63,10 +70,15 @@ pub async fn serve(
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let timers = hub.spawn_timers();
+    let session_limiter = AddressLimiter::new(
+        config.session_rate_limit,
+        config.session_rate_limit_loopback,
+    );
     let app = Arc::new(App {
         hub,
         tracker: TaskTracker::new(),
         connections: connections.clone(),
+        session_limiter,
     });
     let closing = CancellationToken::new();
     tokio::pin!(shutdown);
@@ -135,6 +147,7 @@ async fn serve_connection(
     let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
         request.extensions_mut().insert(watch.clone());
+        request.extensions_mut().insert(Peer(peer));
         async move {
             // A bug must cost one request a 500, not the whole connection.
             let response = AssertUnwindSafe(router::route(request, app))

@@ -231,6 +231,81 @@ async fn the_rate_limit_answers_429_over_http_and_an_error_event_over_websocket(
 }
 
 #[tokio::test]
+async fn a_room_over_its_message_rate_answers_429_with_when_to_retry() {
+    let server = TestServer::with_config(Config {
+        room_rate_limit: Some((1.0, 2.0)),
+        ..Config::default()
+    })
+    .await;
+    let ann = server.session("ann").await;
+    let bob = server.session("bob").await;
+    server.ok(&ann, join("busy")).await;
+    server.ok(&bob, join("busy")).await;
+    server.ok(&ann, send("busy", "one", "a1")).await;
+    server.ok(&bob, send("busy", "two", "b1")).await;
+    // The room's burst of 2 is spent, whoever sent it.
+    let (status, headers, body) = server
+        .request(
+            Method::POST,
+            &format!("/v1/sessions/{ann}/commands"),
+            &[],
+            send("busy", "three", "a2").to_string(),
+        )
+        .await;
+    let reply: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{reply}");
+    assert_eq!(reply["error"]["code"], "rate_limited");
+    let wait = reply["error"]["retry_after_ms"].as_u64().unwrap();
+    assert!((1..=1000).contains(&wait), "{reply}");
+    assert_eq!(headers["retry-after"], "1");
+    // Other rooms are not affected.
+    server
+        .ok(&ann, json!([join("calm"), send("calm", "fine", "a3")]))
+        .await;
+    // Over the WebSocket, the refused send's error event names its client_id and the wait.
+    let mut ws = server.websocket(&bob, 0).await;
+    ws_send(&mut ws, send("busy", "four", "b2")).await;
+    let refused = loop {
+        let event = ws_event(&mut ws).await;
+        if event["type"] == "error" {
+            break event;
+        }
+    };
+    assert_eq!(refused["code"], "rate_limited");
+    assert_eq!(refused["client_id"], "b2");
+    assert!(refused["retry_after_ms"].as_u64().is_some(), "{refused}");
+}
+
+#[tokio::test]
+async fn session_creation_is_rate_limited_per_client_address() {
+    let server = TestServer::with_config(Config {
+        session_rate_limit: Some((1.0, 2.0)),
+        session_rate_limit_loopback: true,
+        ..Config::default()
+    })
+    .await;
+    server.session("one").await;
+    server.session("two").await;
+    let (status, headers, body) = server
+        .request(Method::POST, "/v1/sessions", &[], r#"{"name":"three"}"#)
+        .await;
+    let reply: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{reply}");
+    assert_eq!(reply["error"]["code"], "rate_limited");
+    assert!(reply["error"]["retry_after_ms"].as_u64().unwrap() > 0);
+    assert_eq!(headers["retry-after"], "1");
+    // Loopback clients are exempt by default.
+    let exempt = TestServer::with_config(Config {
+        session_rate_limit: Some((1.0, 1.0)),
+        ..Config::default()
+    })
+    .await;
+    for i in 0..5 {
+        exempt.session(&format!("local{i}")).await;
+    }
+}
+
+#[tokio::test]
 async fn http_errors_have_stable_codes() {
     let config = Config {
         transports: vec![TransportKind::WebSocket, TransportKind::Sse],

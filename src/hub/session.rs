@@ -180,6 +180,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has refilled to its burst.
+    pub fn is_full(&self) -> bool {
+        let elapsed = Instant::now().duration_since(self.refilled).as_secs_f64();
+        self.tokens + elapsed * self.per_sec >= self.burst
+    }
+
     /// How long until a token is there (zero if one is).
     pub fn retry_after(&self) -> std::time::Duration {
         let missing = (1.0 - self.tokens).max(0.0);
