@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use crate::protocol::TransportKind;
 
+/// Descriptors kept free of connections for the listener, logs and the process itself.
+pub const RESERVED_FILES: usize = 64;
+
 /// The server's settings. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -66,7 +69,9 @@ pub struct Config {
     /// Sessions the server holds at once.
     pub max_sessions: usize,
     /// TCP connections served at once; further connections wait in the listen backlog.
-    pub max_connections: usize,
+    /// `None`: the open-files limit (raised to its hard limit at start) less
+    /// [`RESERVED_FILES`], so the server never fails an `accept` for want of descriptors.
+    pub max_connections: Option<usize>,
     /// Recent `client_id`s remembered per session to recognise retried sends.
     pub dedup_window: usize,
     /// tungstenite's read buffer per WebSocket (its own default is 128 KiB per connection).
@@ -120,7 +125,7 @@ impl Default for Config {
             max_rooms_per_session: 64,
             max_rooms: 10_000,
             max_sessions: 100_000,
-            max_connections: 50_000,
+            max_connections: None,
             dedup_window: 64,
             ws_read_buffer: 8 * 1024,
             shutdown_grace: Duration::from_secs(4),
@@ -135,6 +140,17 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The connection cap in force: the configured one, or the open-files limit less
+    /// [`RESERVED_FILES`] (raising the soft limit to the hard one first).
+    pub fn connection_cap(&self) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            let files = rlimit::increase_nofile_limit(u64::MAX)
+                .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
+                .unwrap_or(1024);
+            (files as usize).saturating_sub(RESERVED_FILES).max(1)
+        })
+    }
+
     /// Whether a transport is enabled.
     pub fn enabled(&self, kind: TransportKind) -> bool {
         self.transports.contains(&kind)

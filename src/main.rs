@@ -86,6 +86,10 @@ struct ServeArgs {
     /// twice the rate). Off by default.
     #[arg(long, value_parser = parse_rate)]
     room_rate_limit: Option<(f64, f64)>,
+    /// TCP connections served at once (default: the open-files limit, raised to its hard
+    /// limit, less 64).
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Sessions one client address may create: RATE per second, or RATE:BURST, or `off`.
     #[arg(long, default_value = "10:30", value_parser = parse_optional_rate)]
     session_rate_limit: Option<(f64, f64)>,
@@ -180,6 +184,7 @@ impl ServeArgs {
             presence_interval: self.presence_interval,
             presence_list_limit: self.presence_list_limit,
             room_rate_limit: self.room_rate_limit,
+            max_connections: self.max_connections,
             session_rate_limit: self.session_rate_limit,
             session_rate_limit_loopback: self.session_rate_limit_loopback,
             body_timeout: self.body_timeout,

@@ -68,7 +68,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let config = hub.config();
     let grace = config.shutdown_grace;
-    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let cap = config.connection_cap();
+    tracing::debug!(cap, "connection cap");
+    let connections = Arc::new(Semaphore::new(cap));
     let timers = hub.spawn_timers();
     let session_limiter = AddressLimiter::new(
         config.session_rate_limit,
