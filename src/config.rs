@@ -62,6 +62,9 @@ pub struct Config {
     /// Whether loopback peers count against `session_rate_limit` (by default they are
     /// exempt, for local tools and the bench).
     pub session_rate_limit_loopback: bool,
+    /// Threads that push events into sessions (and write WebSocket frames through); sessions
+    /// are split among them. Default: the number of cores.
+    pub fanout_threads: usize,
     /// Rooms one session may be in at once.
     pub max_rooms_per_session: usize,
     /// Rooms kept by the server; the least recently used empty rooms are dropped past this.
@@ -122,6 +125,7 @@ impl Default for Config {
             room_rate_limit: None,
             session_rate_limit: Some((10.0, 30.0)),
             session_rate_limit_loopback: false,
+            fanout_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_rooms_per_session: 64,
             max_rooms: 10_000,
             max_sessions: 100_000,

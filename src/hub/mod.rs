@@ -10,11 +10,12 @@
 //! The order is always chat, then the session registry, then a session. No lock is held
 //! across an `.await`.
 
+mod fanout;
 mod room;
 mod session;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,9 +32,11 @@ pub use session::{
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    validate_name, CloseReason, Command, ErrorBody, ErrorCode, Event, Message, TransportKind,
+    validate_name, CloseReason, Command, EncodedEvent, ErrorBody, ErrorCode, Event, Message,
+    TransportKind,
 };
-use session::{AttachedSlot, SessionState};
+use fanout::Fanout;
+use session::AttachedSlot;
 
 /// Reason carried by the `reset` event when the resume point is older than the replay buffer.
 pub const RESET_REPLAY_WINDOW: &str = "replay_window_exceeded";
@@ -51,11 +54,15 @@ struct Inner {
     chat: Mutex<Chat>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     next_attachment: AtomicU64,
+    /// Hands out fan-out shards to new sessions, round robin.
+    next_shard: AtomicUsize,
     shutting_down: AtomicBool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Chat {
+    /// Pushes what is decided here into the sessions, on every core, in this order.
+    fanout: Fanout,
     rooms: HashMap<String, Room>,
     /// Rooms with presence or typing changes waiting for their interval to pass.
     pending_presence: HashSet<String>,
@@ -147,13 +154,21 @@ impl Hub {
     /// A hub with no sessions. Call [`Hub::spawn_timers`] to expire idle sessions and flush
     /// coalesced presence.
     pub fn new(config: Config) -> Self {
+        let fanout_threads = config.fanout_threads;
         Hub {
             inner: Arc::new(Inner {
                 config,
                 metrics: Metrics::new(),
-                chat: Mutex::new(Chat::default()),
+                chat: Mutex::new(Chat {
+                    fanout: Fanout::new(fanout_threads),
+                    rooms: HashMap::new(),
+                    pending_presence: HashSet::new(),
+                    last_message_id: 0,
+                    tick: 0,
+                }),
                 sessions: Mutex::new(HashMap::new()),
                 next_attachment: AtomicU64::new(1),
+                next_shard: AtomicUsize::new(0),
                 shutting_down: AtomicBool::new(false),
             }),
         }
@@ -187,10 +202,12 @@ impl Hub {
             ));
         }
         let id = format!("{:032x}", rand::random::<u128>());
+        let shard = self.inner.next_shard.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(
             id.clone(),
             Arc::from(name),
             &self.inner.config,
+            shard,
         ));
         sessions.insert(id, session.clone());
         tracing::debug!(session = %session.id, name, "session created");
@@ -258,14 +275,21 @@ impl Hub {
             drop(state);
             return self.attach(session_id, kind, after);
         }
-        // Closed before a reset is pushed, so the reset and its history go to the new
+        // Closed before a reset is queued, so the reset and its history go to the new
         // transport only, never to the one it supersedes.
         state.close_attached(CloseReason::Superseded);
-        let cursor = match &mut chat {
-            Some(chat) if gap.is_err() => self.push_reset(chat, &session, &mut state),
-            _ => after,
+        // A resume point too old: the new transport starts after the newest event, and a
+        // `reset` with each room's history follows, queued in the hub's order (so nothing of a
+        // room comes between its history and what follows it).
+        let reset = match &mut chat {
+            Some(chat) if gap.is_err() => Some(reset_events(chat, &state.rooms)),
+            _ => None,
         };
-        drop(chat);
+        let cursor = if reset.is_some() {
+            state.replay.last_seq()
+        } else {
+            after
+        };
         let id = self.inner.next_attachment.fetch_add(1, Ordering::Relaxed);
         let (close_tx, close_rx) = watch::channel(None);
         state.attached = Some(AttachedSlot::new(
@@ -277,6 +301,11 @@ impl Hub {
         ));
         state.last_transport = Some(kind);
         drop(state);
+        // Queued without the session's lock: a fan-out thread may be waiting for it.
+        if let (Some(chat), Some(events)) = (&chat, reset) {
+            chat.fanout.one(&session, events);
+        }
+        drop(chat);
         session.wake();
         tracing::debug!(session = %session.id, transport = %kind, after, "attached");
         Ok(Attachment::new(
@@ -287,22 +316,6 @@ impl Hub {
             close_rx,
             self.inner.metrics.clone(),
         ))
-    }
-
-    /// Pushes `reset` and a `history` per joined room; returns the seq just before the reset.
-    fn push_reset(&self, chat: &mut Chat, session: &Session, state: &mut SessionState) -> u64 {
-        let reset = Event::Reset {
-            reason: RESET_REPLAY_WINDOW,
-        }
-        .encode();
-        let reset_seq = state.push(reset, session.outbox);
-        for name in state.rooms.clone() {
-            if let Some(room) = chat.rooms.get_mut(&name) {
-                state.push_keeping(room.history_event(&name), session.outbox, reset_seq);
-                state.push_keeping(room.snapshot_event(&name), session.outbox, reset_seq);
-            }
-        }
-        reset_seq - 1
     }
 
     /// Applies commands in order, each counting toward the session's rate limit.
@@ -365,12 +378,13 @@ impl Hub {
                 format!("not in room {room_name:?}; join it first"),
             ));
         }
+        let chat = &mut *chat;
         match command {
             Command::Join { room } if joined => {
                 // A fresh view of the room, as on a reset.
                 if let Some(entry) = chat.rooms.get_mut(&room) {
-                    session.push(entry.history_event(&room));
-                    session.push(entry.snapshot_event(&room));
+                    let view = vec![entry.history_event(&room), entry.snapshot_event(&room)];
+                    chat.fanout.one(session, view);
                 }
             }
             Command::Join { room } => {
@@ -386,15 +400,17 @@ impl Hub {
                 if !chat.rooms.contains_key(&room) {
                     chat.make_room_for_one_more(config.max_rooms)?;
                 }
+                let shards = chat.fanout.shards();
                 let entry = chat
                     .rooms
                     .entry(room.clone())
-                    .or_insert_with(|| Room::new(config.room_rate_limit));
+                    .or_insert_with(|| Room::new(shards, config.room_rate_limit));
                 entry.last_used = tick;
                 // The joiner gets the published view first; its own join reaches it, like
                 // everyone else, in the next presence_diff.
-                session.push(entry.history_event(&room));
-                session.push(entry.snapshot_event(&room));
+                let view = vec![entry.history_event(&room), entry.snapshot_event(&room)];
+                chat.fanout.one(session, view);
+                let entry = chat.rooms.get_mut(&room).expect("created above");
                 entry.add(session.clone());
                 session.lock().rooms.push(room.clone());
                 chat.presence_changed(&room, config);
@@ -409,7 +425,7 @@ impl Hub {
             } => {
                 let earlier = session.lock().sent.get(&client_id).cloned();
                 if let Some((id, echo)) = earlier {
-                    session.push(echo);
+                    chat.fanout.one(session, vec![echo]);
                     return Ok(CommandResult::sent(id, true));
                 }
                 let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
@@ -436,7 +452,7 @@ impl Hub {
                 });
                 let event = Event::Message(&message).encode();
                 let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
-                entry.broadcast(&event);
+                chat.fanout.room(entry.members(), event.clone());
                 entry.record(message.clone(), config.history_len);
                 session
                     .lock()
@@ -456,19 +472,19 @@ impl Hub {
 
     /// Sends an `error` event to one session (for commands that arrived on its WebSocket);
     /// `client_id` names the failed `send`, if it was one.
-    pub fn push_error(&self, session: &Session, error: &ErrorBody, client_id: Option<&str>) {
+    pub fn push_error(&self, session: &Arc<Session>, error: &ErrorBody, client_id: Option<&str>) {
         self.inner
             .metrics
             .error(TransportKind::WebSocket.as_str(), error.code);
-        session.push(
-            Event::Error {
-                code: error.code,
-                message: &error.message,
-                client_id,
-                retry_after_ms: error.retry_after_ms,
-            }
-            .encode(),
-        );
+        let event = Event::Error {
+            code: error.code,
+            message: &error.message,
+            client_id,
+            retry_after_ms: error.retry_after_ms,
+        }
+        .encode();
+        // In the hub's order, after the events of the commands before it.
+        lock(&self.inner.chat).fanout.one(session, vec![event]);
     }
 
     /// Describes a session: its seq, attached transport and rooms.
@@ -539,6 +555,12 @@ impl Hub {
         idle.len()
     }
 
+    /// Waits until every event decided so far is in its sessions' replay buffers (events reach
+    /// them through the fan-out threads, a moment after the command that made them returns).
+    pub fn settle(&self) {
+        lock(&self.inner.chat).fanout.settle();
+    }
+
     /// Sends the presence and typing changes of every room whose presence interval has
     /// passed since its last flush; returns how many rooms were flushed.
     pub fn flush_presence(&self) -> usize {
@@ -548,6 +570,7 @@ impl Hub {
         let Chat {
             rooms,
             pending_presence,
+            fanout,
             ..
         } = &mut *chat;
         let before = pending_presence.len();
@@ -559,7 +582,7 @@ impl Hub {
                 .last_flush
                 .is_none_or(|at| now.duration_since(at) >= config.presence_interval);
             if due && room.has_pending() {
-                flush_room(room, name, config.presence_list_limit, now);
+                flush_room(fanout, room, name, config.presence_list_limit, now);
             }
             !due
         });
@@ -608,11 +631,26 @@ impl Hub {
 }
 
 /// Sends a room's pending presence and typing changes to its members.
-fn flush_room(room: &mut Room, name: &str, list_limit: usize, now: Instant) {
+fn flush_room(fanout: &Fanout, room: &mut Room, name: &str, list_limit: usize, now: Instant) {
     for event in room.flush(name, list_limit) {
-        room.broadcast(&event);
+        fanout.room(room.members(), event);
     }
     room.last_flush = Some(now);
+}
+
+/// A `reset`, then each of `rooms`' history and presence.
+fn reset_events(chat: &mut Chat, rooms: &[String]) -> Vec<EncodedEvent> {
+    let mut events = vec![Event::Reset {
+        reason: RESET_REPLAY_WINDOW,
+    }
+    .encode()];
+    for name in rooms {
+        if let Some(room) = chat.rooms.get_mut(name) {
+            events.push(room.history_event(name));
+            events.push(room.snapshot_event(name));
+        }
+    }
+    events
 }
 
 impl Chat {
@@ -642,7 +680,7 @@ impl Chat {
             .last_flush
             .is_none_or(|at| now.duration_since(at) >= config.presence_interval);
         if quiet {
-            flush_room(entry, room, config.presence_list_limit, now);
+            flush_room(&self.fanout, entry, room, config.presence_list_limit, now);
         } else {
             self.pending_presence.insert(room.to_owned());
         }
@@ -704,6 +742,7 @@ mod tests {
         let writer = hub.create_session("writer").unwrap();
         hub.execute(&reader, vec![join("r")]);
         hub.execute(&writer, vec![join("r")]);
+        hub.settle();
         let mut stream = hub.attach(&reader.id, TransportKind::WebSocket, 0).unwrap();
         let Delivery::Events(first) = stream.ready(BatchLimit::events(2)) else {
             panic!("events expected")
@@ -718,6 +757,7 @@ mod tests {
             Delivery::Closed(CloseReason::SlowConsumer)
         ));
         drop(stream);
+        hub.settle();
         let mut resumed = hub.attach(&reader.id, TransportKind::Sse, 2).unwrap();
         let Delivery::Events(rest) = resumed.ready(BatchLimit::events(100)) else {
             panic!("events expected")
@@ -770,8 +810,10 @@ mod tests {
         assert_eq!(hub.session_count(), 1);
     }
 
-    /// Every event in a session's replay buffer, as the client sees it.
-    fn events_of(session: &Session) -> Vec<serde_json::Value> {
+    /// Every event in a session's replay buffer, as the client sees it, once the fan-out has
+    /// pushed what the hub decided so far.
+    fn events_of(hub: &Hub, session: &Session) -> Vec<serde_json::Value> {
+        hub.settle();
         let state = session.lock();
         state
             .replay
@@ -835,16 +877,16 @@ mod tests {
         }
         // The first join, in a quiet room, was told at once; the rest wait for the interval.
         assert_eq!(
-            of_type(&events_of(&sessions[0]), "presence_diff").count(),
+            of_type(&events_of(&hub, &sessions[0]), "presence_diff").count(),
             1
         );
         tokio::time::advance(Duration::from_millis(250)).await;
         assert_eq!(hub.flush_presence(), 1);
         let everyone: Vec<String> = (0..200).map(|i| format!("u{i}")).collect();
-        let first = events_of(&sessions[0]);
+        let first = events_of(&hub, &sessions[0]);
         assert_eq!(of_type(&first, "presence_diff").count(), 2);
         assert_eq!(names_seen(&first), everyone);
-        let last = events_of(&sessions[199]);
+        let last = events_of(&hub, &sessions[199]);
         let types: Vec<&str> = last.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(types, ["history", "presence", "presence_diff"]);
         assert_eq!(last[1]["count"], 1, "the published count, before the storm");
@@ -853,7 +895,7 @@ mod tests {
         // A quiet room again: the next leave is told at once.
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.execute(&sessions[5], vec![Ok(Command::Leave { room: "r".into() })]);
-        let first = events_of(&sessions[0]);
+        let first = events_of(&hub, &sessions[0]);
         let diff = of_type(&first, "presence_diff").last().unwrap();
         assert_eq!(diff["left"], serde_json::json!(["u5"]));
         assert_eq!(diff["count"], 199);
@@ -870,14 +912,14 @@ mod tests {
         }
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
-        let watcher = events_of(&sessions[0]);
+        let watcher = events_of(&hub, &sessions[0]);
         let diff = of_type(&watcher, "presence_diff").last().unwrap();
         assert_eq!(diff["count"], 30);
         assert_eq!(diff["complete"], false);
         // A joiner of the large room gets the count and a sample.
         let late = hub.create_session("late").unwrap();
         hub.execute(&late, vec![join("r")]);
-        let snapshot = of_type(&events_of(&late), "presence")
+        let snapshot = of_type(&events_of(&hub, &late), "presence")
             .next()
             .unwrap()
             .clone();
@@ -890,7 +932,7 @@ mod tests {
         }
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
-        let watcher = events_of(&sessions[0]);
+        let watcher = events_of(&hub, &sessions[0]);
         let full = of_type(&watcher, "presence").last().unwrap();
         assert_eq!(full["complete"], true);
         assert_eq!(
@@ -919,7 +961,7 @@ mod tests {
         }
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
-        let typing: Vec<_> = of_type(&events_of(&sessions[0]), "typing")
+        let typing: Vec<_> = of_type(&events_of(&hub, &sessions[0]), "typing")
             .cloned()
             .collect();
         // The first keystroke in a quiet room at once, then one batch.
@@ -965,6 +1007,7 @@ mod tests {
         for _ in 0..3 {
             hub.execute(&reader, vec![join("r")]);
         }
+        hub.settle();
         let state = reader.lock();
         let histories: Vec<*const u8> = state
             .replay

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use crate::protocol::{EncodedEvent, Event, Message};
 
+use super::fanout::Shards;
 use super::session::{Session, TokenBucket};
 
 /// Names a snapshot or diff carries for a room past the list limit, and the most typers one
@@ -30,10 +31,11 @@ pub const PRESENCE_SAMPLE: usize = 50;
 /// Typers named in one `typing` event.
 pub const TYPERS_NAMED: usize = 10;
 
-/// One member: the session and when it joined (to rebuild the name list in join order).
-#[derive(Debug)]
-struct Member {
-    session: Arc<Session>,
+/// Where a member is in its shard's list, and when it joined (to rebuild the name list in
+/// join order).
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    at: usize,
     joined_at: u64,
 }
 
@@ -61,9 +63,11 @@ struct Presence {
 /// One chat room.
 #[derive(Debug)]
 pub(crate) struct Room {
-    members: Vec<Member>,
-    /// Position of each member in `members`, by session address.
-    index: HashMap<usize, usize>,
+    /// Members split by fan-out shard. A broadcast shares the lists as they are; a join or
+    /// leave copies a list only while a queued broadcast still holds it.
+    shards: Vec<Arc<Vec<Arc<Session>>>>,
+    /// Each member's place, by session address.
+    index: HashMap<usize, Place>,
     joins: u64,
     history: VecDeque<Arc<Message>>,
     /// The `history` event, encoded once until the history changes.
@@ -89,10 +93,11 @@ fn remove_name(names: &mut Vec<Arc<str>>, name: &str) {
 }
 
 impl Room {
-    /// An empty room; `rate` is the message rate `(per_sec, burst)`, if limited.
-    pub fn new(rate: Option<(f64, f64)>) -> Self {
+    /// An empty room for `shards` fan-out shards; `rate` is the message rate
+    /// `(per_sec, burst)`, if limited.
+    pub fn new(shards: usize, rate: Option<(f64, f64)>) -> Self {
         Room {
-            members: Vec::new(),
+            shards: (0..shards.max(1)).map(|_| Arc::new(Vec::new())).collect(),
             index: HashMap::new(),
             joins: 0,
             history: VecDeque::new(),
@@ -115,18 +120,36 @@ impl Room {
 
     /// Whether the room has no members.
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.index.is_empty()
+    }
+
+    /// The members, for a broadcast.
+    pub fn members(&self) -> Shards {
+        Arc::from(self.shards.as_slice())
+    }
+
+    fn shard_of(&mut self, session: &Session) -> &mut Vec<Arc<Session>> {
+        let n = self.shards.len();
+        Arc::make_mut(&mut self.shards[session.shard % n])
+    }
+
+    /// Every member, shard by shard.
+    fn each_member(&self) -> impl Iterator<Item = &Arc<Session>> {
+        self.shards.iter().flat_map(|shard| shard.iter())
     }
 
     /// Adds a member (the caller checked it was not one) and records its join.
     pub fn add(&mut self, session: Arc<Session>) {
         self.joins += 1;
-        self.index.insert(key(&session), self.members.len());
+        let joined_at = self.joins;
         let name = session.name.clone();
-        self.members.push(Member {
-            session,
-            joined_at: self.joins,
-        });
+        let list = self.shard_of(&session);
+        let place = Place {
+            at: list.len(),
+            joined_at,
+        };
+        list.push(session.clone());
+        self.index.insert(key(&session), place);
         self.presence.changed = true;
         if self.presence.exact || self.presence.joined.len() < PRESENCE_SAMPLE {
             self.presence.joined.push(name);
@@ -135,16 +158,25 @@ impl Room {
 
     /// Removes a member and records its leave; returns whether it was one.
     pub fn remove(&mut self, session: &Arc<Session>) -> bool {
-        let Some(at) = self.index.remove(&key(session)) else {
+        let Some(place) = self.index.remove(&key(session)) else {
             return false;
         };
-        let gone = self.members.swap_remove(at);
-        if let Some(moved) = self.members.get(at) {
-            self.index.insert(key(&moved.session), at);
+        let list = self.shard_of(session);
+        list.swap_remove(place.at);
+        let moved = list.get(place.at).map(key);
+        if let Some(moved) = moved.and_then(|k| self.index.get_mut(&k)) {
+            moved.at = place.at;
+        }
+        if self.index.is_empty() {
+            // An empty room holds no per-member state.
+            self.index = HashMap::new();
+            for shard in &mut self.shards {
+                *shard = Arc::new(Vec::new());
+            }
         }
         self.presence.changed = true;
         if self.presence.exact || self.presence.left.len() < PRESENCE_SAMPLE {
-            self.presence.left.push(gone.session.name.clone());
+            self.presence.left.push(session.name.clone());
         }
         true
     }
@@ -200,27 +232,26 @@ impl Room {
 
     /// The `presence` snapshot for a joiner: the published state, encoded once per flush.
     pub fn snapshot_event(&mut self, room: &str) -> EncodedEvent {
-        let Room {
-            members, presence, ..
-        } = self;
-        let cached = presence.snapshot.get_or_insert_with(|| {
+        if self.presence.snapshot.is_none() {
+            let presence = &self.presence;
             let online: Vec<&str> = if presence.exact {
                 presence.published.iter().map(|n| &**n).collect()
             } else {
-                members
-                    .iter()
+                self.each_member()
                     .take(PRESENCE_SAMPLE)
-                    .map(|m| &*m.session.name)
+                    .map(|m| &*m.name)
                     .collect()
             };
-            Event::Presence {
+            let encoded = Event::Presence {
                 room,
                 count: presence.published_count,
                 online,
                 complete: presence.exact,
             }
-            .encode()
-        });
+            .encode();
+            self.presence.snapshot = Some(encoded);
+        }
+        let cached = self.presence.snapshot.as_ref().expect("encoded above");
         cached.reissue()
     }
 
@@ -229,7 +260,9 @@ impl Room {
     /// `typing`. Rooms past `list_limit` members publish a count and a sample of names.
     pub fn flush(&mut self, room: &str, list_limit: usize) -> Vec<EncodedEvent> {
         let mut events = Vec::new();
-        let count = self.members.len();
+        let count = self.index.len();
+        let rebuilt =
+            (!self.presence.exact && count <= list_limit).then(|| self.names_in_join_order());
         let presence = &mut self.presence;
         if presence.changed {
             let small = count <= list_limit;
@@ -261,9 +294,7 @@ impl Room {
                 }
             } else {
                 // Members knew only a count: tell them every name again, in join order.
-                let mut members: Vec<&Member> = self.members.iter().collect();
-                members.sort_by_key(|m| m.joined_at);
-                presence.published = members.iter().map(|m| m.session.name.clone()).collect();
+                presence.published = rebuilt.unwrap_or_default();
                 events.push(
                     Event::Presence {
                         room,
@@ -299,10 +330,13 @@ impl Room {
         self.presence.published.iter().map(|n| &**n).collect()
     }
 
-    /// Pushes an event to every member.
-    pub fn broadcast(&self, event: &EncodedEvent) {
-        for member in &self.members {
-            member.session.push(event.clone());
-        }
+    /// Every member's name, in join order.
+    fn names_in_join_order(&self) -> Vec<Arc<str>> {
+        let mut members: Vec<(u64, &Arc<Session>)> = self
+            .each_member()
+            .map(|m| (self.index[&key(m)].joined_at, m))
+            .collect();
+        members.sort_by_key(|(joined_at, _)| *joined_at);
+        members.into_iter().map(|(_, m)| m.name.clone()).collect()
     }
 }

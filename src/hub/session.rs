@@ -328,6 +328,8 @@ pub struct Session {
     pub id: String,
     /// User name, validated at creation (shared with the presence lists it appears in).
     pub name: Arc<str>,
+    /// Which fan-out thread pushes this session's events.
+    pub(crate) shard: usize,
     pub(crate) state: Mutex<SessionState>,
     /// Wakes the attached transport after a push. A `Notify` rather than a `watch`: the
     /// transport reads the seq from the replay buffer anyway, and `watch::send_replace` wakes
@@ -354,10 +356,16 @@ impl Budget {
 }
 
 impl Session {
-    pub(crate) fn new(id: String, name: Arc<str>, config: &crate::config::Config) -> Self {
+    pub(crate) fn new(
+        id: String,
+        name: Arc<str>,
+        config: &crate::config::Config,
+        shard: usize,
+    ) -> Self {
         Session {
             id,
             name,
+            shard,
             state: Mutex::new(SessionState {
                 replay: ReplayBuffer::new(config.replay_window, config.replay_bytes as u64),
                 attached: None,
@@ -395,20 +403,30 @@ impl Session {
     /// Appends an event and wakes the attached transport. Closes a stream that has fallen
     /// too far behind. Returns the event's seq, or `None` if the session has ended.
     pub(crate) fn push(&self, event: EncodedEvent) -> Option<u64> {
-        let (seq, written_through) = {
+        self.push_together(std::slice::from_ref(&event))
+    }
+
+    /// Appends events that belong together (a `reset` and its histories, a `history` and its
+    /// `presence`): the replay buffer's byte budget drops none of them for one another.
+    /// Returns the first one's seq, or `None` if the session has ended.
+    pub(crate) fn push_together(&self, events: &[EncodedEvent]) -> Option<u64> {
+        let (first, written_through) = {
             let mut state = self.lock();
             if state.ended {
                 return None;
             }
-            let seq = state.push(event, self.outbox);
+            let first = state.replay.last_seq() + 1;
+            for event in events {
+                state.push_keeping(event.clone(), self.outbox, first);
+            }
             let direct = state.attached.as_ref().is_some_and(|s| s.direct.is_some());
-            (seq, direct)
+            (first, direct)
         };
-        // A write-through transport already has the event: nobody waits to be woken.
+        // A write-through transport already has the events: nobody waits to be woken.
         if !written_through {
             self.wake();
         }
-        Some(seq)
+        Some(first)
     }
 
     /// Wakes the attached transport after events were pushed under the lock.
@@ -418,15 +436,10 @@ impl Session {
 }
 
 impl SessionState {
-    /// Appends an event (the caller wakes the transport once the lock is released). Closes a
-    /// stream that has fallen more than its outbox budget behind.
-    pub(crate) fn push(&mut self, event: EncodedEvent, outbox: Budget) -> u64 {
-        let seq = self.replay.last_seq() + 1;
-        self.push_keeping(event, outbox, seq)
-    }
-
-    /// [`SessionState::push`], keeping every event from seq `keep_from` on within the byte
-    /// budget (see [`ReplayBuffer::push_keeping`]).
+    /// Appends an event (the caller wakes the transport once the lock is released), keeping
+    /// every event from seq `keep_from` on within the byte budget (see
+    /// [`ReplayBuffer::push_keeping`]). Closes a stream that has fallen more than its outbox
+    /// budget behind.
     pub(crate) fn push_keeping(
         &mut self,
         event: EncodedEvent,
