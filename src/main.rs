@@ -92,7 +92,7 @@ struct ServeArgs {
     max_connections: Option<usize>,
     /// Sessions one client address may create: RATE per second, or RATE:BURST, or `off`.
     #[arg(long, default_value = "10:30", value_parser = parse_optional_rate)]
-    session_rate_limit: Option<(f64, f64)>,
+    session_rate_limit: OptionalRate,
     /// Count loopback clients against --session-rate-limit too (they are exempt by default).
     #[arg(long)]
     session_rate_limit_loopback: bool,
@@ -133,12 +133,16 @@ fn parse_rate(raw: &str) -> Result<(f64, f64), String> {
     }
 }
 
+/// A rate that can be `off`.
+#[derive(Debug, Clone, Copy)]
+struct OptionalRate(Option<(f64, f64)>);
+
 /// `off`, or a rate as [`parse_rate`] reads it.
-fn parse_optional_rate(raw: &str) -> Result<Option<(f64, f64)>, String> {
+fn parse_optional_rate(raw: &str) -> Result<OptionalRate, String> {
     if raw == "off" {
-        Ok(None)
+        Ok(OptionalRate(None))
     } else {
-        parse_rate(raw).map(Some)
+        parse_rate(raw).map(|rate| OptionalRate(Some(rate)))
     }
 }
 
@@ -185,7 +189,7 @@ impl ServeArgs {
             presence_list_limit: self.presence_list_limit,
             room_rate_limit: self.room_rate_limit,
             max_connections: self.max_connections,
-            session_rate_limit: self.session_rate_limit,
+            session_rate_limit: self.session_rate_limit.0,
             session_rate_limit_loopback: self.session_rate_limit_loopback,
             body_timeout: self.body_timeout,
             write_timeout: self.write_timeout,
@@ -268,5 +272,69 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_config(args: &[&str]) -> Config {
+        let cli = Cli::try_parse_from(args).expect("the flags parse");
+        let serve = match cli.command {
+            Some(Command::Serve(serve)) => serve,
+            None => cli.serve,
+            Some(_) => panic!("not serve"),
+        };
+        serve.config().expect("a valid config")
+    }
+
+    #[test]
+    fn the_default_command_and_every_serve_flag_parse_into_a_config() {
+        let defaults = serve_config(&["switchyard"]);
+        assert_eq!(defaults.session_rate_limit, Some((10.0, 30.0)));
+        assert_eq!(defaults.room_rate_limit, None);
+        assert_eq!(defaults.max_connections, None);
+        let set = serve_config(&[
+            "switchyard",
+            "serve",
+            "--session-rate-limit",
+            "off",
+            "--room-rate-limit",
+            "5",
+            "--presence-interval",
+            "100ms",
+            "--presence-list-limit",
+            "50",
+            "--replay-bytes",
+            "2000000",
+            "--outbox-bytes",
+            "500000",
+            "--body-timeout",
+            "3s",
+            "--write-timeout",
+            "4s",
+            "--close-timeout",
+            "1s",
+            "--socket-send-buffer",
+            "65536",
+            "--max-connections",
+            "1000",
+            "--session-rate-limit-loopback",
+        ]);
+        assert_eq!(set.session_rate_limit, None);
+        assert_eq!(set.room_rate_limit, Some((5.0, 10.0)));
+        assert_eq!(set.presence_list_limit, 50);
+        assert_eq!(set.max_connections, Some(1000));
+        assert!(set.session_rate_limit_loopback);
+        assert_eq!(set.close_timeout, Duration::from_secs(1));
+        assert!(Cli::try_parse_from(["switchyard", "--room-rate-limit", "0"]).is_err());
+        let cli =
+            Cli::try_parse_from(["switchyard", "--outbox-bytes", "10", "--replay-bytes", "10"])
+                .unwrap();
+        assert!(
+            cli.serve.config().is_err(),
+            "the outbox must be under the replay budget"
+        );
     }
 }
