@@ -131,7 +131,7 @@ impl Default for Config {
             max_sessions: 100_000,
             max_connections: None,
             dedup_window: 64,
-            ws_read_buffer: 8 * 1024,
+            ws_read_buffer: 1024,
             shutdown_grace: Duration::from_secs(4),
             socket_send_buffer: None,
             header_timeout: Duration::from_secs(30),

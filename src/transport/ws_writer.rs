@@ -453,6 +453,12 @@ pub struct ReadSide {
 impl ReadSide {
     /// The read side of an upgraded socket.
     pub fn new(read: OwnedReadHalf, leftover: Bytes, writer: Arc<SocketWriter>) -> Self {
+        // An empty view into hyper's read buffer would still keep the whole buffer alive.
+        let leftover = if leftover.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&leftover)
+        };
         ReadSide {
             read,
             leftover,
