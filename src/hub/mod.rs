@@ -752,6 +752,7 @@ mod tests {
         for i in 0..5 {
             hub.execute(&writer, vec![send("r", &format!("c{i}"))]);
         }
+        hub.settle();
         assert!(matches!(
             stream.next(BatchLimit::events(16)).await,
             Delivery::Closed(CloseReason::SlowConsumer)
