@@ -68,7 +68,7 @@ fn encoding(c: &mut Criterion) {
 
 /// A hub with `members` sessions in one room; returns the hub and the sender.
 fn room_of(members: usize) -> (Hub, std::sync::Arc<switchyard::hub::Session>) {
-    let hub = Hub::new(Config::default().with_rate_limit(1e12));
+    let hub = Hub::new(Config::default().with_rate_limit(1e12).hub_config());
     let mut sender = None;
     for i in 0..members {
         let session = hub.create_session(&format!("u{i}")).expect("session");

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::hub::{Budget, HubConfig};
 use crate::protocol::TransportKind;
 
 /// Descriptors kept free of connections for the listener, logs and the process itself.
@@ -104,33 +105,35 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        // The hub's defaults are the hub's: the server repeats none of them.
+        let hub = HubConfig::default();
         Config {
             transports: TransportKind::ALL.to_vec(),
             allowed_origins: Vec::new(),
             max_message_bytes: 16 * 1024,
-            rate_limit_per_sec: 20.0,
-            rate_limit_burst: 40.0,
-            session_ttl: Duration::from_secs(30),
+            rate_limit_per_sec: hub.rate_limit_per_sec,
+            rate_limit_burst: hub.rate_limit_burst,
+            session_ttl: hub.session_ttl,
             heartbeat: Duration::from_secs(15),
             long_poll: Duration::from_millis(25_000),
             max_long_poll: Duration::from_millis(60_000),
             short_poll: Duration::from_millis(1000),
-            replay_window: 1024,
-            replay_bytes: 4 << 20,
-            outbox_capacity: 768,
-            outbox_bytes: 1 << 20,
-            history_len: 50,
-            presence_interval: Duration::from_millis(250),
-            presence_list_limit: 1000,
-            room_rate_limit: None,
+            replay_window: hub.replay_window,
+            replay_bytes: hub.replay_bytes,
+            outbox_capacity: hub.outbox.events as usize,
+            outbox_bytes: hub.outbox.bytes as usize,
+            history_len: hub.history_len,
+            presence_interval: hub.presence_interval,
+            presence_list_limit: hub.presence_list_limit,
+            room_rate_limit: hub.room_rate_limit,
             session_rate_limit: Some((10.0, 30.0)),
             session_rate_limit_loopback: false,
-            fanout_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            max_rooms_per_session: 64,
-            max_rooms: 10_000,
-            max_sessions: 100_000,
+            fanout_threads: hub.fanout_threads,
+            max_rooms_per_session: hub.max_rooms_per_session,
+            max_rooms: hub.max_rooms,
+            max_sessions: hub.max_sessions,
             max_connections: None,
-            dedup_window: 64,
+            dedup_window: hub.dedup_window,
             ws_read_buffer: 1024,
             shutdown_grace: Duration::from_secs(4),
             socket_send_buffer: None,
@@ -144,6 +147,30 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The session core's part of these settings.
+    pub fn hub_config(&self) -> HubConfig {
+        HubConfig {
+            rate_limit_per_sec: self.rate_limit_per_sec,
+            rate_limit_burst: self.rate_limit_burst,
+            session_ttl: self.session_ttl,
+            replay_window: self.replay_window,
+            replay_bytes: self.replay_bytes,
+            outbox: Budget {
+                events: self.outbox_capacity as u64,
+                bytes: self.outbox_bytes as u64,
+            },
+            history_len: self.history_len,
+            presence_interval: self.presence_interval,
+            presence_list_limit: self.presence_list_limit,
+            room_rate_limit: self.room_rate_limit,
+            fanout_threads: self.fanout_threads,
+            max_rooms_per_session: self.max_rooms_per_session,
+            max_rooms: self.max_rooms,
+            max_sessions: self.max_sessions,
+            dedup_window: self.dedup_window,
+        }
+    }
+
     /// The connection cap in force: the configured one, or the open-files limit less
     /// [`RESERVED_FILES`] (raising the soft limit to the hard one first).
     pub fn connection_cap(&self) -> usize {

@@ -76,7 +76,7 @@ impl<'a> Endpoint<'a> {
 /// Answers one request.
 pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let transport = transport_label(&request);
-    let answer = match check_origin(&request, app.hub.config()) {
+    let answer = match check_origin(&request, &app.config) {
         Ok(cors) => dispatch(request, &app).await.map(|r| (r, cors)),
         Err(error) => Err(error),
     };
@@ -134,7 +134,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
         return Ok(response);
     }
     let hub = &app.hub;
-    let config = hub.config();
+    let config = &app.config;
     let query = request.uri().query().map(str::to_owned);
     let query = query.as_deref();
     let after = || resume_point(None, query_param(query, "after"));
@@ -169,7 +169,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
         }
         Endpoint::WebSocket(id) => {
             enabled(config, TransportKind::WebSocket)?;
-            websocket::upgrade(hub, &app.tracker, &app.connections, id, after()?, request)
+            websocket::upgrade(app, id, after()?, request)
         }
         Endpoint::Sse(id) => {
             enabled(config, TransportKind::Sse)?;
@@ -214,7 +214,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
                 .await
             }
         }
-        Endpoint::Commands(id) => Box::pin(commands::post(hub, id, request)).await,
+        Endpoint::Commands(id) => Box::pin(commands::post(hub, config, id, request)).await,
     }
 }
 
@@ -265,7 +265,7 @@ async fn create_session(
     request: Request<Incoming>,
     app: &App,
 ) -> Result<Response<Body>, ErrorBody> {
-    let config = app.hub.config();
+    let config = &app.config;
     if let Some(Peer(peer)) = request.extensions().get::<Peer>().copied() {
         if let Err(wait) = app.session_limiter.admit(peer.ip()) {
             return Err(ErrorBody::new(

@@ -36,6 +36,8 @@ use crate::transport::error_response;
 /// What every request handler shares.
 #[derive(Debug)]
 pub struct App {
+    /// The server's settings.
+    pub config: Config,
     /// The session core.
     pub hub: Hub,
     /// Every connection and WebSocket task, so shutdown can wait for them.
@@ -57,16 +59,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    serve(listener, Hub::new(config), shutdown).await
+    let hub = Hub::new(config.hub_config());
+    serve(listener, config, hub, shutdown).await
 }
 
-/// Like [`run`], with a hub the caller keeps a handle to (tests, embedding).
+/// Like [`run`], with a hub (built from `config.hub_config()`) the caller keeps a handle to
+/// (tests, embedding).
 pub async fn serve(
     listener: TcpListener,
+    config: Config,
     hub: Hub,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let config = hub.config();
     let grace = config.shutdown_grace;
     let cap = config.connection_cap();
     tracing::debug!(cap, "connection cap");
@@ -77,6 +81,7 @@ pub async fn serve(
         config.session_rate_limit_loopback,
     );
     let app = Arc::new(App {
+        config,
         hub,
         tracker: TaskTracker::new(),
         connections: connections.clone(),
@@ -137,7 +142,7 @@ async fn serve_connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "set_nodelay failed");
     }
-    let config = app.hub.config();
+    let config = &app.config;
     if let Some(bytes) = config.socket_send_buffer {
         if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(bytes) {
             tracing::debug!(%peer, error = %e, "setting SO_SNDBUF failed");

@@ -127,14 +127,19 @@ async fn a_session_can_be_described_and_its_creation_reply_names_the_limits() {
     server.ok(id, json!([join("one"), join("two")])).await;
     let _ws = server.websocket(id, 0).await;
     let path = format!("/v1/sessions/{id}");
-    let described = loop {
-        let (status, body) = server.json(Method::GET, &path, None).await;
-        assert_eq!(status, StatusCode::OK);
-        if body["attached"] == "websocket" {
-            break body;
+    // Attached, and the joins' six events pushed (they reach the session a moment after the
+    // commands return).
+    let described = support::within("the session described attached with 6 events", async {
+        loop {
+            let (status, body) = server.json(Method::GET, &path, None).await;
+            assert_eq!(status, StatusCode::OK);
+            if body["attached"] == "websocket" && body["last_seq"] == 6 {
+                break body;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    })
+    .await;
     assert_eq!(
         described,
         json!({"session": id, "name": "desc", "last_seq": 6, "attached": "websocket", "rooms": ["one", "two"]})

@@ -10,6 +10,7 @@
 //! The order is always chat, then the session registry, then a session. No lock is held
 //! across an `.await`.
 
+mod config;
 mod fanout;
 mod room;
 mod session;
@@ -24,17 +25,15 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use room::Room;
-pub use session::{
-    Attachment, BatchLimit, Budget, Delivery, DirectSink, Gap, OutboxFull, SentMessages, Session,
-    TokenBucket,
-};
+pub use session::{Attachment, BatchLimit, Budget, Delivery, Session};
+pub(crate) use session::{DirectSink, Gap, OutboxFull, TokenBucket};
 
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::{
     validate_name, CloseReason, Command, EncodedEvent, ErrorBody, ErrorCode, Event, Message,
     TransportKind,
 };
+pub use config::HubConfig;
 use fanout::Fanout;
 use session::AttachedSlot;
 
@@ -49,7 +48,7 @@ pub struct Hub {
 
 #[derive(Debug)]
 struct Inner {
-    config: Config,
+    config: HubConfig,
     metrics: Metrics,
     chat: Mutex<Chat>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
@@ -153,7 +152,7 @@ fn unknown_session(id: &str) -> ErrorBody {
 impl Hub {
     /// A hub with no sessions. Call [`Hub::spawn_timers`] to expire idle sessions and flush
     /// coalesced presence.
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: HubConfig) -> Self {
         let fanout_threads = config.fanout_threads;
         Hub {
             inner: Arc::new(Inner {
@@ -175,7 +174,7 @@ impl Hub {
     }
 
     /// The settings this hub was built with.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &HubConfig {
         &self.inner.config
     }
 
@@ -248,8 +247,14 @@ impl Hub {
         self.refuse_if_shutting_down()?;
         let session = self.session(session_id)?;
         let gap = session.lock().replay.check_resume(after);
-        // A reset needs the rooms' histories: take the chat lock first, as everywhere.
-        let mut chat = (gap == Err(Gap::TooOld)).then(|| lock(&self.inner.chat));
+        // A reset needs the rooms' histories: take the chat lock first, as everywhere, and let
+        // the fan-out push what it holds, so the reset can go straight into the session and
+        // still follow everything decided before it.
+        let mut chat = (gap == Err(Gap::TooOld)).then(|| {
+            let chat = lock(&self.inner.chat);
+            chat.fanout.settle();
+            chat
+        });
         let mut state = session.lock();
         if state.ended {
             return Err(unknown_session(session_id));
@@ -278,18 +283,19 @@ impl Hub {
         // Closed before a reset is queued, so the reset and its history go to the new
         // transport only, never to the one it supersedes.
         state.close_attached(CloseReason::Superseded);
-        // A resume point too old: the new transport starts after the newest event, and a
-        // `reset` with each room's history follows, queued in the hub's order (so nothing of a
-        // room comes between its history and what follows it).
-        let reset = match &mut chat {
-            Some(chat) if gap.is_err() => Some(reset_events(chat, &state.rooms)),
-            _ => None,
+        // A resume point too old: the new transport starts at a `reset` and each room's
+        // history, kept together whatever the byte budget.
+        let cursor = match &mut chat {
+            Some(chat) if gap.is_err() => {
+                let reset_seq = state.replay.last_seq() + 1;
+                for event in reset_events(chat, &state.rooms) {
+                    state.push_keeping(event, session.outbox, reset_seq);
+                }
+                reset_seq - 1
+            }
+            _ => after,
         };
-        let cursor = if reset.is_some() {
-            state.replay.last_seq()
-        } else {
-            after
-        };
+        drop(chat);
         let id = self.inner.next_attachment.fetch_add(1, Ordering::Relaxed);
         let (close_tx, close_rx) = watch::channel(None);
         state.attached = Some(AttachedSlot::new(
@@ -301,11 +307,6 @@ impl Hub {
         ));
         state.last_transport = Some(kind);
         drop(state);
-        // Queued without the session's lock: a fan-out thread may be waiting for it.
-        if let (Some(chat), Some(events)) = (&chat, reset) {
-            chat.fanout.one(&session, events);
-        }
-        drop(chat);
         session.wake();
         tracing::debug!(session = %session.id, transport = %kind, after, "attached");
         Ok(Attachment::new(
@@ -470,12 +471,9 @@ impl Hub {
         Ok(CommandResult::done())
     }
 
-    /// Sends an `error` event to one session (for commands that arrived on its WebSocket);
-    /// `client_id` names the failed `send`, if it was one.
+    /// Sends an `error` event to one session (for commands that came on a stream, which has
+    /// no reply of its own); `client_id` names the failed `send`, if it was one.
     pub fn push_error(&self, session: &Arc<Session>, error: &ErrorBody, client_id: Option<&str>) {
-        self.inner
-            .metrics
-            .error(TransportKind::WebSocket.as_str(), error.code);
         let event = Event::Error {
             code: error.code,
             message: &error.message,
@@ -655,7 +653,7 @@ fn reset_events(chat: &mut Chat, rooms: &[String]) -> Vec<EncodedEvent> {
 
 impl Chat {
     /// Removes `session` from `room`; the members hear of it in the next presence flush.
-    fn leave(&mut self, session: &Arc<Session>, room: &str, config: &Config) {
+    fn leave(&mut self, session: &Arc<Session>, room: &str, config: &HubConfig) {
         self.tick += 1;
         let tick = self.tick;
         session.lock().rooms.retain(|r| r != room);
@@ -671,7 +669,7 @@ impl Chat {
 
     /// After a presence or typing change in `room`: flushes it now if the room was quiet for
     /// a presence interval, or leaves it to [`Hub::flush_presence`].
-    fn presence_changed(&mut self, room: &str, config: &Config) {
+    fn presence_changed(&mut self, room: &str, config: &HubConfig) {
         let Some(entry) = self.rooms.get_mut(room) else {
             return;
         };
@@ -727,11 +725,14 @@ mod tests {
     }
 
     fn quiet_hub() -> Hub {
-        Hub::new(Config {
-            outbox_capacity: 4,
+        Hub::new(HubConfig {
+            outbox: Budget {
+                events: 4,
+                bytes: u64::MAX,
+            },
             replay_window: 16,
             presence_interval: Duration::ZERO,
-            ..Config::default().with_rate_limit(1e6)
+            ..HubConfig::default().with_rate_limit(1e6)
         })
     }
 
@@ -860,10 +861,10 @@ mod tests {
     }
 
     fn coalescing_hub(list_limit: usize) -> Hub {
-        Hub::new(Config {
+        Hub::new(HubConfig {
             presence_interval: Duration::from_millis(250),
             presence_list_limit: list_limit,
-            ..Config::default().with_rate_limit(1e6)
+            ..HubConfig::default().with_rate_limit(1e6)
         })
     }
 
@@ -976,9 +977,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_room_over_its_message_rate_refuses_sends_with_a_retry_hint() {
-        let hub = Hub::new(Config {
+        let hub = Hub::new(HubConfig {
             room_rate_limit: Some((2.0, 2.0)),
-            ..Config::default()
+            ..HubConfig::default()
         });
         let ann = hub.create_session("ann").unwrap();
         hub.execute(&ann, vec![join("r")]);

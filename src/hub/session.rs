@@ -16,6 +16,8 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+
+use super::HubConfig;
 use crate::protocol::{CloseReason, EncodedEvent, TransportKind};
 
 /// What one event costs a replay buffer or an outbox: its body and the entry holding it.
@@ -356,12 +358,7 @@ impl Budget {
 }
 
 impl Session {
-    pub(crate) fn new(
-        id: String,
-        name: Arc<str>,
-        config: &crate::config::Config,
-        shard: usize,
-    ) -> Self {
+    pub(crate) fn new(id: String, name: Arc<str>, config: &HubConfig, shard: usize) -> Self {
         Session {
             id,
             name,
@@ -377,10 +374,7 @@ impl Session {
                 ended: false,
             }),
             wakeup: Arc::new(Notify::new()),
-            outbox: Budget {
-                events: config.outbox_capacity as u64,
-                bytes: config.outbox_bytes as u64,
-            },
+            outbox: config.outbox,
         }
     }
 

@@ -12,6 +12,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
+use crate::config::Config;
 use crate::error::status;
 use crate::hub::{CommandResult, Hub};
 use crate::metrics::NO_TRANSPORT;
@@ -63,11 +64,11 @@ pub async fn read_body(
 /// Applies the commands in a request body.
 pub async fn post(
     hub: &Hub,
+    config: &Config,
     session_id: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ErrorBody> {
     let session = hub.session(session_id)?;
-    let config = hub.config();
     let body = read_body(request, config.max_message_bytes, config.body_timeout).await?;
     let commands = parse_commands(&body)?;
     let results = hub.execute(&session, commands);

@@ -20,17 +20,16 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::task::TaskTracker;
 
 use crate::connection::DeadlineIo;
-use crate::hub::{Attachment, Hub};
-use crate::protocol::{parse_commands, CloseReason, Command, ErrorBody, ErrorCode};
+use crate::hub::{Attachment, Hub, Session};
+use crate::protocol::{parse_commands, CloseReason, Command, ErrorBody, ErrorCode, TransportKind};
+use crate::server::App;
 
 use super::ws_writer::{ReadSide, SocketWriter, Stop};
 use super::{full, Body};
@@ -62,13 +61,12 @@ fn header_has_token(
 /// Checks the handshake, attaches to the session and answers `101`; the socket is served by
 /// a task on `tracker`, so shutdown can wait for it.
 pub fn upgrade(
-    hub: &Hub,
-    tracker: &TaskTracker,
-    connections: &Arc<Semaphore>,
+    app: &App,
     session_id: &str,
     after: u64,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, ErrorBody> {
+    let (hub, config) = (&app.hub, &app.config);
     if !header_has_token(&request, UPGRADE, "websocket")
         || !header_has_token(&request, CONNECTION, "upgrade")
     {
@@ -88,15 +86,19 @@ pub fn upgrade(
         Some(key) => derive_accept_key(key.as_bytes()),
         None => return Err(bad_request("missing Sec-WebSocket-Key")),
     };
-    let permit = connections.clone().try_acquire_owned().map_err(|_| {
+    let permit = app.connections.clone().try_acquire_owned().map_err(|_| {
         ErrorBody::new(
             ErrorCode::ServerFull,
             "the server holds its maximum number of connections; try again later",
         )
     })?;
-    let attachment = hub.attach(session_id, crate::protocol::TransportKind::WebSocket, after)?;
+    let attachment = hub.attach(session_id, TransportKind::WebSocket, after)?;
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let config = hub.config();
+    let limits = Limits {
+        heartbeat: config.heartbeat,
+        max_message_bytes: config.max_message_bytes,
+        close_timeout: config.close_timeout,
+    };
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(config.ws_read_buffer)
         // tungstenite writes only pongs and close replies here (events bypass it).
@@ -104,7 +106,7 @@ pub fn upgrade(
         .max_message_size(Some(hard_frame_limit(config.max_message_bytes)))
         .max_frame_size(Some(hard_frame_limit(config.max_message_bytes)));
     let hub = hub.clone();
-    tracker.spawn(async move {
+    app.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
@@ -123,7 +125,7 @@ pub fn upgrade(
         let read_side = ReadSide::new(read, parts.read_buf, writer.clone());
         let socket =
             WebSocketStream::from_raw_socket(read_side, Role::Server, Some(ws_config)).await;
-        serve(socket, writer, attachment, &hub).await;
+        serve(socket, writer, attachment, &hub, limits).await;
         drop(permit);
     });
     let mut response = Response::new(full(""));
@@ -162,19 +164,27 @@ impl End {
     }
 }
 
+/// The settings a socket's task needs.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    heartbeat: Duration,
+    max_message_bytes: usize,
+    close_timeout: Duration,
+}
+
 /// Serves one upgraded socket until the client leaves or the hub closes the transport.
 async fn serve(
     mut socket: WebSocketStream<ReadSide>,
     writer: Arc<SocketWriter>,
     mut attachment: Attachment,
     hub: &Hub,
+    limits: Limits,
 ) {
-    let config = hub.config();
-    let (heartbeat, max_bytes, close_timeout) = (
-        config.heartbeat,
-        config.max_message_bytes,
-        config.close_timeout,
-    );
+    let Limits {
+        heartbeat,
+        max_message_bytes: max_bytes,
+        close_timeout,
+    } = limits;
     let session = attachment.session().clone();
     let mut close = attachment.close_signal();
     if !attachment.write_through(writer.clone()) {
@@ -226,7 +236,7 @@ async fn serve(
                 last_heard = Instant::now();
                 match incoming {
                     Some(Ok(Message::Text(text))) => handle_text(hub, &session, text.as_bytes(), max_bytes),
-                    Some(Ok(Message::Binary(_))) => hub.push_error(
+                    Some(Ok(Message::Binary(_))) => report_error(hub,
                         &session,
                         &ErrorBody::new(
                             ErrorCode::BadCommand,
@@ -310,13 +320,15 @@ async fn close_handshake(
     writer.drain_until(deadline).await;
 }
 
+/// Counts an error answered on the WebSocket and sends it as an `error` event.
+fn report_error(hub: &Hub, session: &Arc<Session>, error: &ErrorBody, client_id: Option<&str>) {
+    hub.metrics()
+        .error(TransportKind::WebSocket.as_str(), error.code);
+    hub.push_error(session, error, client_id);
+}
+
 /// Applies the commands in one text frame; each failure becomes an `error` event.
-fn handle_text(
-    hub: &Hub,
-    session: &std::sync::Arc<crate::hub::Session>,
-    text: &[u8],
-    max_bytes: usize,
-) {
+fn handle_text(hub: &Hub, session: &Arc<Session>, text: &[u8], max_bytes: usize) {
     if text.len() > max_bytes {
         let error = ErrorBody::new(
             ErrorCode::TooLarge,
@@ -325,13 +337,13 @@ fn handle_text(
                 text.len()
             ),
         );
-        hub.push_error(session, &error, None);
+        report_error(hub, session, &error, None);
         return;
     }
     let commands = match parse_commands(text) {
         Ok(commands) => commands,
         Err(error) => {
-            hub.push_error(session, &error, None);
+            report_error(hub, session, &error, None);
             return;
         }
     };
@@ -347,7 +359,7 @@ fn handle_text(
     let results = hub.execute(session, commands);
     for (result, client_id) in results.iter().zip(&client_ids) {
         if let Some(error) = &result.error {
-            hub.push_error(session, error, client_id.as_deref());
+            report_error(hub, session, error, client_id.as_deref());
         }
     }
 }

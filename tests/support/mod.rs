@@ -59,10 +59,15 @@ impl TestServer {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel();
-        let hub = switchyard::hub::Hub::new(config);
-        let handle = tokio::spawn(switchyard::server::serve(listener, hub.clone(), async {
-            let _ = rx.await;
-        }));
+        let hub = switchyard::hub::Hub::new(config.hub_config());
+        let handle = tokio::spawn(switchyard::server::serve(
+            listener,
+            config,
+            hub.clone(),
+            async {
+                let _ = rx.await;
+            },
+        ));
         TestServer {
             addr,
             hub: Some(hub),
