@@ -75,6 +75,11 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The room this run publishes to.
+    pub fn room(&self) -> String {
+        format!("bench-{}", self.run_id)
+    }
+
     /// The text of message `k`.
     pub fn text(&self, k: u64) -> String {
         let mut text = format!("{}:{k}:", self.run_id);

@@ -426,62 +426,128 @@ async fn measure_on(
 ) -> Result<Vec<Row>, String> {
     let names: Vec<&str> = subjects.iter().map(|s| s.name()).collect();
     let connector = Arc::new(Connector::new(target.addr(), args.source_addrs));
+    let schedule = new_schedule(args);
+    eprintln!(
+        "{}: {} subscribers each, {} msg/s over {} publisher(s), warm-up {:?}, measuring {:?}",
+        names.join("+"),
+        args.clients,
+        args.rate,
+        schedule.lanes,
+        args.warmup,
+        args.duration
+    );
+    let setup_started = Instant::now();
     let control_wire = Arc::new(WireCounters::default());
-    let lanes = lanes(args.rate);
+    let mut control = connector
+        .http(&control_wire)
+        .await
+        .map_err(|e| format!("cannot reach the server at {}: {e}", target.addr()))?;
+    let setup = join_room(args, subjects, &connector, &mut control, &schedule).await?;
+    let (mut tasks, lane_senders) = attach_subscribers(&setup.groups, &connector, &schedule);
+    wait_attached(args, &setup.groups, &schedule).await?;
+    let join_secs = setup_started.elapsed().as_secs_f64();
+    eprintln!(
+        "  {} members joined with transports attached in {join_secs:.2} s",
+        args.clients * setup.groups.len()
+    );
+    // The joins' last presence_diff may still be held by the server: let it go out before
+    // the server's counters are read, so they count only the run's messages.
+    tokio::time::sleep(setup.presence_interval * 2).await;
+    let measured = publish_and_measure(
+        args,
+        &names,
+        &setup.groups,
+        &schedule,
+        lane_senders,
+        target,
+        &connector,
+    )
+    .await;
+    schedule.stop.cancel();
+    let mut receipts: Vec<Vec<Receipts>> = setup.groups.iter().map(|_| Vec::new()).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (g, r) = done.map_err(|e| e.to_string())?;
+        receipts[g].push(r);
+    }
+    if args.url.is_some() {
+        // Leave the shared server as we found it (transports are closed already).
+        for (_, _, session) in &setup.sessions {
+            let _ = control
+                .call(Method::DELETE, &format!("/v1/sessions/{session}"), "")
+                .await;
+        }
+    }
+    let rows = report_rows(
+        args,
+        &setup.groups,
+        &schedule,
+        &measured,
+        &receipts,
+        join_secs,
+    );
+    print_rows(&rows);
+    Ok(rows)
+}
+
+/// The publishing schedule of one run: how many messages, when, over how many lanes.
+fn new_schedule(args: &BenchArgs) -> Arc<Schedule> {
     let total = (args.rate * (args.warmup + args.duration).as_secs_f64()).ceil() as u64;
-    let warmup = (args.rate * args.warmup.as_secs_f64()).ceil() as u64;
     let run_id = format!("{:08x}", rand::random::<u32>());
-    let room = format!("bench-{run_id}");
-    let schedule = Arc::new(Schedule {
-        run_id: run_id.clone(),
+    Arc::new(Schedule {
+        payload_bytes: args.payload_bytes.max(run_id.len() + 16),
+        run_id,
         rate: args.rate,
         total,
-        warmup,
-        lanes,
-        payload_bytes: args.payload_bytes.max(run_id.len() + 16),
+        warmup: (args.rate * args.warmup.as_secs_f64()).ceil() as u64,
+        lanes: lanes(args.rate),
         t0: OnceLock::new(),
         window: OnceLock::new(),
         published: (0..total).map(|_| AtomicBool::new(false)).collect(),
         publish_errors: AtomicU64::new(0),
         first_publish_error: Mutex::new(None),
         stop: CancellationToken::new(),
-    });
-    let short_poll = Duration::from_millis(args.short_poll_ms);
-    eprintln!(
-        "{}: {} subscribers each, {} msg/s over {lanes} publisher(s), warm-up {:?}, measuring {:?}",
-        names.join("+"),
-        args.clients,
-        args.rate,
-        args.warmup,
-        args.duration
-    );
+    })
+}
 
-    // Sessions join before any transport attaches, so the presence of N joins lands in
-    // replay buffers and the transports start after it, each resuming from its session's
-    // last seq as the server reports it.
-    let setup_started = Instant::now();
+/// The subscribers of a run, joined to its room.
+struct Setup {
+    groups: Vec<Group>,
+    /// `(group, index, session id)` of every session created.
+    sessions: Vec<(usize, usize, String)>,
+    /// The longest presence interval the server named.
+    presence_interval: Duration,
+}
+
+/// Phase 1: creates each subject's sessions and joins them to the run's room, before any
+/// transport attaches: the presence of N joins lands in replay buffers, and each transport
+/// then resumes from its session's last seq as the server reports it.
+async fn join_room(
+    args: &BenchArgs,
+    subjects: &[Subject],
+    connector: &Arc<Connector>,
+    control: &mut Http,
+    schedule: &Schedule,
+) -> Result<Setup, String> {
+    let room = schedule.room();
+    let short_poll = Duration::from_millis(args.short_poll_ms);
+    let control_wire = Arc::new(WireCounters::default());
     let mut presence_interval = Duration::ZERO;
     let mut groups = Vec::new();
-    let mut control = connector
-        .http(&control_wire)
-        .await
-        .map_err(|e| format!("cannot reach the server at {}: {e}", target.addr()))?;
-    let mut all_sessions: Vec<(usize, usize, String)> = Vec::new();
+    let mut sessions_made: Vec<(usize, usize, String)> = Vec::new();
     for (g, subject) in subjects.iter().enumerate() {
-        let tally = Arc::new(Tally::new(*subject));
         let sessions = match subject {
             Subject::Baseline => vec![String::new(); args.clients],
             Subject::Transport(_) => {
                 let prefix = format!("b{g}-");
                 let (ids, interval) =
-                    create_sessions(&connector, &control_wire, &prefix, args.clients).await?;
+                    create_sessions(connector, &control_wire, &prefix, args.clients).await?;
                 presence_interval = presence_interval.max(interval);
                 ids
             }
         };
         for (i, s) in sessions.iter().enumerate() {
             if !s.is_empty() {
-                all_sessions.push((g, i, s.clone()));
+                sessions_made.push((g, i, s.clone()));
             }
         }
         let subscriptions = sessions
@@ -495,24 +561,37 @@ async fn measure_on(
             })
             .collect();
         groups.push(Group {
-            tally,
+            tally: Arc::new(Tally::new(*subject)),
             subscriptions,
         });
     }
     let join = serde_json::json!({"type": "join", "room": room}).to_string();
-    for (_, _, session) in &all_sessions {
-        command(&mut control, session, join.clone()).await?;
+    for (_, _, session) in &sessions_made {
+        command(control, session, join.clone()).await?;
     }
-    for (g, i, session) in &all_sessions {
-        groups[*g].subscriptions[*i].after = last_seq(&mut control, session).await?;
+    for (g, i, session) in &sessions_made {
+        groups[*g].subscriptions[*i].after = last_seq(control, session).await?;
     }
+    Ok(Setup {
+        groups,
+        sessions: sessions_made,
+        presence_interval,
+    })
+}
 
-    // Attach every subscriber; lane L publishes through subscriber L of the first group.
+/// Phase 2: attaches every subscriber; lane L publishes through subscriber L of the first
+/// group (over its WebSocket, or over HTTP for the other transports). Returns the
+/// subscribers' tasks and each lane's sender.
+fn attach_subscribers(
+    groups: &[Group],
+    connector: &Arc<Connector>,
+    schedule: &Arc<Schedule>,
+) -> (JoinSet<(usize, Receipts)>, Vec<mpsc::Sender<u64>>) {
     let gate = Arc::new(Semaphore::new(64));
     let mut lane_senders = Vec::new();
     let mut lane_receivers: Vec<Option<mpsc::Receiver<u64>>> = Vec::new();
-    for _ in 0..lanes {
-        let (tx, rx) = mpsc::channel::<u64>(total as usize + 1);
+    for _ in 0..schedule.lanes {
+        let (tx, rx) = mpsc::channel::<u64>(schedule.total as usize + 1);
         lane_senders.push(tx);
         lane_receivers.push(Some(rx));
     }
@@ -526,7 +605,7 @@ async fn measure_on(
             gate: gate.clone(),
         };
         for (i, sub) in group.subscriptions.iter().enumerate() {
-            let lane = if g == 0 && i < lanes {
+            let lane = if g == 0 && i < schedule.lanes {
                 lane_receivers[i].take()
             } else {
                 None
@@ -539,7 +618,7 @@ async fn measure_on(
                         publisher_wire.clone(),
                         schedule.clone(),
                         sub.session.clone(),
-                        room.clone(),
+                        sub.room.clone(),
                         rx,
                     ));
                     None
@@ -550,8 +629,18 @@ async fn measure_on(
             tasks.spawn(async move { (g, clients::subscribe(sub, shared, lane).await) });
         }
     }
-    let expected_ready = args.clients * groups.len();
-    let setup_deadline = Instant::now() + Duration::from_secs(120);
+    (tasks, lane_senders)
+}
+
+/// Waits until every subscriber is attached (at most two minutes); fails on the first that
+/// could not.
+async fn wait_attached(
+    args: &BenchArgs,
+    groups: &[Group],
+    schedule: &Schedule,
+) -> Result<(), String> {
+    let expected = args.clients * groups.len();
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let ready: usize = groups
             .iter()
@@ -561,25 +650,44 @@ async fn measure_on(
             .iter()
             .map(|g| g.tally.disconnects.load(Ordering::Relaxed))
             .sum();
-        if ready == expected_ready {
-            break;
+        if ready == expected {
+            return Ok(());
         }
-        if failed > 0 || Instant::now() > setup_deadline {
+        if failed > 0 || Instant::now() > deadline {
             schedule.stop.cancel();
             return Err(format!(
-                "only {ready} of {expected_ready} subscribers attached ({failed} failed); \
+                "only {ready} of {expected} subscribers attached ({failed} failed); \
                  see the warnings above"
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let join_secs = setup_started.elapsed().as_secs_f64();
-    eprintln!("  {expected_ready} members joined with transports attached in {join_secs:.2} s");
-    // The joins' last presence_diff may still be held by the server: let it go out before
-    // the server's counters are read, so they count only the run's messages.
-    tokio::time::sleep(presence_interval * 2).await;
-    let metrics_before = scrape_delivered(&connector).await;
+}
 
+/// What was read around the measurement window.
+struct Measured {
+    start: Snapshot,
+    end: Snapshot,
+    wire_start: Vec<u64>,
+    wire_end: Vec<u64>,
+    delivered_start: Vec<u64>,
+    metrics_before: Option<Vec<(String, u64)>>,
+    metrics_after: Option<Vec<(String, u64)>>,
+    peak_rss: Option<u64>,
+}
+
+/// Phase 3: publishes on schedule through the warm-up and the window, reads the server and
+/// the subscribers at both ends of the window, and lets the last messages arrive.
+async fn publish_and_measure(
+    args: &BenchArgs,
+    names: &[&str],
+    groups: &[Group],
+    schedule: &Arc<Schedule>,
+    lane_senders: Vec<mpsc::Sender<u64>>,
+    target: &Target,
+    connector: &Connector,
+) -> Measured {
+    let metrics_before = scrape_delivered(connector).await;
     // The schedule: message k is due at t0 + k / rate.
     let t0 = Instant::now() + Duration::from_millis(300);
     let window = (t0 + args.warmup, t0 + args.warmup + args.duration);
@@ -601,7 +709,7 @@ async fn measure_on(
             }
         })
     };
-    let progress = progress_bar(args, &names, window.1 - t0);
+    let progress = progress_bar(args, names, window.1 - t0);
     let ticker = {
         let (progress, groups_tallies) = (
             progress.clone(),
@@ -633,27 +741,31 @@ async fn measure_on(
     let wire_end: Vec<u64> = groups.iter().map(|g| g.tally.wire.total()).collect();
     let _ = tokio::task::spawn_blocking(move || scheduler.join()).await;
     // Let the last messages arrive: a short poller sees them on its next poll.
-    let drain = (short_poll * 4).max(Duration::from_secs(2));
+    let drain = (Duration::from_millis(args.short_poll_ms) * 4).max(Duration::from_secs(2));
     tokio::time::sleep(drain).await;
     ticker.abort();
     progress.finish_and_clear();
-    let metrics_after = scrape_delivered(&connector).await;
-    let peak_rss = server.and_then(Spawned::memory).map(|(_, hwm)| hwm);
-    schedule.stop.cancel();
-    let mut receipts: Vec<Vec<Receipts>> = groups.iter().map(|_| Vec::new()).collect();
-    while let Some(done) = tasks.join_next().await {
-        let (g, r) = done.map_err(|e| e.to_string())?;
-        receipts[g].push(r);
+    Measured {
+        start,
+        end,
+        wire_start,
+        wire_end,
+        delivered_start,
+        metrics_before,
+        metrics_after: scrape_delivered(connector).await,
+        peak_rss: server.and_then(Spawned::memory).map(|(_, hwm)| hwm),
     }
-    if args.url.is_some() {
-        // Leave the shared server as we found it (transports are closed already).
-        for (_, _, session) in &all_sessions {
-            let _ = control
-                .call(Method::DELETE, &format!("/v1/sessions/{session}"), "")
-                .await;
-        }
-    }
+}
 
+/// Phase 4: one row per subject from the tallies, the receipts and the readings.
+fn report_rows(
+    args: &BenchArgs,
+    groups: &[Group],
+    schedule: &Schedule,
+    measured: &Measured,
+    receipts: &[Vec<Receipts>],
+    join_secs: f64,
+) -> Vec<Row> {
     let published = schedule
         .published
         .iter()
@@ -668,6 +780,16 @@ async fn measure_on(
     {
         eprintln!("!!! {publish_errors} publish errors; the first: {first}");
     }
+    let Measured {
+        start,
+        end,
+        wire_start,
+        wire_end,
+        delivered_start,
+        metrics_before,
+        metrics_after,
+        peak_rss,
+    } = measured;
     let wall = end.at - start.at;
     let in_window_all: u64 = groups
         .iter()
@@ -687,14 +809,14 @@ async fn measure_on(
     for (g, group) in groups.iter().enumerate() {
         let tally = &group.tally;
         let in_window = tally.in_window.load(Ordering::Relaxed) - delivered_start[g];
-        let lost = receipts[g].iter().map(|r| r.lost(&schedule)).sum();
+        let lost = receipts[g].iter().map(|r| r.lost(schedule)).sum();
         let histogram = tally
             .latency
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let name = tally.subject.name();
-        let server_events_delivered = match (&metrics_before, &metrics_after) {
+        let server_events_delivered = match (metrics_before, metrics_after) {
             (Some(before), Some(after)) => {
                 let value = |list: &Vec<(String, u64)>| {
                     list.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
@@ -724,13 +846,18 @@ async fn measure_on(
             server_cpu_us_per_delivery: server_cpu
                 .map(|cpu| cpu.as_micros() as f64 / in_window_all.max(1) as f64),
             server_cpu_percent: server_cpu.map(percent),
-            server_peak_rss_bytes: peak_rss,
+            server_peak_rss_bytes: *peak_rss,
             server_events_delivered,
             generator_cpu_percent: generator_cpu.map(percent),
             histogram: Some(histogram),
         });
     }
-    for row in &rows {
+    rows
+}
+
+/// One line per row on stderr, with a warning for an unhealthy run.
+fn print_rows(rows: &[Row]) {
+    for row in rows {
         if let Some(counted) = row.server_events_delivered.filter(|&n| n != row.delivered) {
             eprintln!(
                 "  note: {}: the server's /metrics counted {counted} events delivered, the \
@@ -751,7 +878,6 @@ async fn measure_on(
             }
         );
     }
-    Ok(rows)
 }
 
 fn progress_bar(args: &BenchArgs, names: &[&str], length: Duration) -> ProgressBar {
