@@ -7,6 +7,9 @@ const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
 const MAX_KEPT = 500; // messages kept per room
 const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within this share a header
 const TYPING_SHOWN_MS = 4000;
+// The server sends typing at most once per presence interval (250 ms by default), so a batch
+// naming someone can arrive just after their message: ignore it for that long and a little.
+const TYPING_AFTER_MESSAGE_MS = 1000;
 const TYPING_SENT_EVERY_MS = 2500;
 const NAMES_SHOWN = 100; // the presence list shows at most this many names
 
@@ -174,7 +177,7 @@ function renderFallbacks(fallbacks) {
 // ---- rooms ----
 
 function roomState(room) {
-  if (!rooms.has(room)) rooms.set(room, { items: [], unread: 0, typing: new Map() });
+  if (!rooms.has(room)) rooms.set(room, { items: [], unread: 0, typing: new Map(), spoke: new Map() });
   return rooms.get(room);
 }
 
@@ -281,6 +284,7 @@ function onMessage(message) {
   const state = rooms.get(message.room);
   if (!state) return;
   state.typing.delete(message.from);
+  state.spoke.set(message.from, Date.now());
   const pendingIndex = state.items.findIndex((item) => item.pending && item.client_id === message.client_id);
   const item = { ...message, kind: 'message' };
   if (pendingIndex >= 0) {
@@ -332,9 +336,11 @@ function onPresenceDiff(event) {
 function onTyping(event) {
   const state = rooms.get(event.room);
   if (!state || !client) return;
-  const others = client.othersTyping(event);
+  const nowMs = Date.now();
+  const others = client.othersTyping(event)
+    .filter((user) => !(nowMs - (state.spoke.get(user) || 0) < TYPING_AFTER_MESSAGE_MS));
   if (others.length === 0) return;
-  const until = Date.now() + TYPING_SHOWN_MS;
+  const until = nowMs + TYPING_SHOWN_MS;
   for (const user of others) state.typing.set(user, until);
   if (event.room === current) renderTyping();
   setTimeout(() => {

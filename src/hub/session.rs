@@ -601,8 +601,9 @@ impl Attachment {
         true
     }
 
-    /// The events after the cursor that are ready now (at most `max`), without waiting.
-    /// Calling it again means the previous batch was written.
+    /// The events after the cursor that are ready now (as many as `limit` allows), without
+    /// waiting. What it hands out no longer counts against the outbox: the transport owns it,
+    /// and a transport that stops writing is caught by its write deadline.
     pub fn ready(&mut self, limit: BatchLimit) -> Delivery {
         if let Some(reason) = *self.close.borrow() {
             return Delivery::Closed(reason);
@@ -632,8 +633,8 @@ impl Attachment {
         }
     }
 
-    /// Waits until there are events after the cursor (returning at most `max`) or the hub
-    /// closes this transport. Cancel-safe: nothing is handed out unless it returns.
+    /// Waits until there are events after the cursor (returning as many as `limit` allows) or
+    /// the hub closes this transport. Cancel-safe: nothing is handed out unless it returns.
     pub async fn next(&mut self, limit: BatchLimit) -> Delivery {
         let wakeup = self.wakeup.clone();
         loop {
