@@ -41,6 +41,8 @@ impl AddressLimiter {
         let Some((per_sec, burst)) = self.rate else {
             return Ok(());
         };
+        // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d.
+        let address = address.to_canonical();
         if address.is_loopback() && !self.limit_loopback {
             return Ok(());
         }
@@ -85,5 +87,12 @@ mod tests {
         let local: IpAddr = "::1".parse().unwrap();
         assert!(strict.admit(local).is_ok());
         assert!(strict.admit(local).is_err());
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        for _ in 0..10 {
+            assert!(
+                limiter.admit(mapped).is_ok(),
+                "IPv4 loopback on a dual-stack socket"
+            );
+        }
     }
 }

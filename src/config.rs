@@ -42,8 +42,9 @@ pub struct Config {
     /// the newest event is kept whatever its size.
     pub replay_bytes: usize,
     /// Undelivered events an attached stream may fall behind before it is closed with
-    /// `slow_consumer`: three quarters of the replay window, so a burst of small events does
-    /// not close a reader that keeps up, and the client can still resume.
+    /// `slow_consumer`: 768, three quarters of the default replay window, so a burst of small
+    /// events does not close a reader that keeps up, and the client can still resume. Keep it
+    /// below `replay_window`.
     pub outbox_capacity: usize,
     /// Bytes of undelivered events an attached stream may fall behind (with more than one
     /// event) before it is closed with `slow_consumer`. Smaller than `replay_bytes`.
@@ -171,15 +172,26 @@ impl Config {
         }
     }
 
-    /// The connection cap in force: the configured one, or the open-files limit less
-    /// [`RESERVED_FILES`] (raising the soft limit to the hard one first).
+    /// The connection cap in force: the configured one or, by default, the open-files limit
+    /// (the soft limit raised to the hard one first) less [`RESERVED_FILES`]; never more than
+    /// that, since a connection without a descriptor cannot be accepted.
     pub fn connection_cap(&self) -> usize {
-        self.max_connections.unwrap_or_else(|| {
-            let files = rlimit::increase_nofile_limit(u64::MAX)
-                .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
-                .unwrap_or(1024);
-            (files as usize).saturating_sub(RESERVED_FILES).max(1)
-        })
+        let files = rlimit::increase_nofile_limit(u64::MAX)
+            .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
+            .unwrap_or(1024);
+        let most = (files as usize).saturating_sub(RESERVED_FILES).max(1);
+        match self.max_connections {
+            Some(asked) if asked > most => {
+                tracing::warn!(
+                    asked,
+                    most,
+                    "--max-connections is over the open-files limit; using the limit"
+                );
+                most
+            }
+            Some(asked) => asked,
+            None => most,
+        }
     }
 
     /// Whether a transport is enabled.

@@ -419,7 +419,7 @@ pub enum Event<'a> {
         room: &'a str,
         /// Members online.
         count: usize,
-        /// Their names in join order: everyone when `complete`, else the first few.
+        /// Their names: everyone in join order when `complete`, else a sample in no order.
         online: Vec<&'a str>,
         /// Whether `online` names everyone (rooms up to the presence list limit).
         complete: bool,

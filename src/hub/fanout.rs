@@ -95,10 +95,20 @@ impl Fanout {
     }
 }
 
-/// A fan-out thread: runs its queue's jobs in order until the hub is gone.
+/// A fan-out thread: runs its queue's jobs in order until the hub is gone. A job that
+/// panics (a bug) is logged and skipped: the thread, and its shard, live on.
 fn run(shard: usize, jobs: Receiver<Arc<Job>>) {
     for job in jobs {
-        match &*job {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(shard, &job)));
+        if done.is_err() {
+            tracing::error!(shard, "a fan-out job panicked; its events may be missing");
+        }
+    }
+}
+
+fn run_one(shard: usize, job: &Job) {
+    {
+        match job {
             Job::Room(members, event) => {
                 if let Some(members) = members.get(shard) {
                     for member in members.iter() {

@@ -5,10 +5,13 @@
 //! are handed them as they are pushed) and hand it commands. It knows nothing of HTTP, sockets
 //! or framing.
 //!
-//! Locking: one chat mutex orders all room changes and broadcasts, so every member sees a
-//! room's events in the same order; each session has its own mutex for its replay buffer.
-//! The order is always chat, then the session registry, then a session. No lock is held
-//! across an `.await`.
+//! Locking: one chat mutex orders every command: it validates it, updates the rooms and
+//! hands the resulting events to the fan-out threads (`fanout.rs`), which push them into the
+//! sessions, on every core, in that order. So every member sees a room's events in the same
+//! order, and the chat lock is never held across the pushes (socket writes, for WebSockets).
+//! Each session has its own mutex for its replay buffer. The order is always chat, then the
+//! session registry, then a session; nothing queues for the fan-out while holding a session
+//! lock, and no lock is held across an `.await`.
 
 mod config;
 mod fanout;

@@ -5,9 +5,10 @@
 //! straight from it, so an event is stored once per session whatever the transport. A
 //! write-through transport ([`DirectSink`], the WebSocket) is instead handed each event as it
 //! is pushed, under the session lock, and keeps only what its socket refused. Either way, a
-//! stream that falls `outbox_capacity` events behind is closed with `slow_consumer` while the
-//! events it missed are still in the buffer, so the client resumes without a gap. Nothing
-//! here knows about HTTP or rooms.
+//! stream that falls more than its outbox [`Budget`] behind (events, or bytes) is closed with
+//! `slow_consumer` while the events it missed are still in the buffer, so the client resumes
+//! without a gap. The buffer itself is bounded in events and in bytes. Nothing here knows
+//! about HTTP or rooms.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -87,8 +87,8 @@ pub async fn post(
             error,
         },
     );
-    if let Some(seconds) = error.and_then(|e| e.retry_after_ms) {
-        set_retry_after(&mut response, seconds);
+    if let Some(ms) = error.and_then(|e| e.retry_after_ms) {
+        set_retry_after(&mut response, ms);
     }
     Ok(response)
 }

@@ -200,7 +200,10 @@ impl SocketWriter {
                     .skip(1)
                     .find(|f| f.created.is_none() && !f.live && is_pong(&f.head))
                 {
+                    let before = waiting.len() as u64;
                     waiting.head = Bytes::copy_from_slice(frame);
+                    let after = waiting.len() as u64;
+                    state.queued_bytes = state.queued_bytes - before + after;
                     return;
                 }
             }
