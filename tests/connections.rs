@@ -21,6 +21,7 @@ use switchyard::protocol::CloseReason;
 use switchyard::Config;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -328,38 +329,42 @@ fn throttled_config() -> Config {
     }
 }
 
+/// A sender and a reader in room `r`; returns their session ids.
+async fn sender_and_reader(server: &TestServer) -> (String, String) {
+    let sender = server.session("sender").await;
+    server.ok(&sender, join("r")).await;
+    let reader = server.session("reader").await;
+    server.ok(&reader, join("r")).await;
+    (sender, reader)
+}
+
+/// Steady traffic for a throttled reader: a backlog of 40 messages of 900 characters (about
+/// 36 KB) at once, then 16 more at 2 per second (about 2 KB/s, against the reader's 4 KB/s).
+/// Returns the publisher of the second part and the number of messages sent in all.
+async fn steady_traffic(server: &TestServer, sender: String) -> (JoinHandle<()>, usize) {
+    let text = "y".repeat(900);
+    for i in 0..40 {
+        server.ok(&sender, send("r", &text, &format!("b{i}"))).await;
+    }
+    let server = TestServer::attached_to(server.addr);
+    let publisher = tokio::spawn(async move {
+        for i in 0..16 {
+            server.ok(&sender, send("r", &text, &format!("s{i}"))).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    (publisher, 56)
+}
+
 #[tokio::test]
 async fn a_throttled_reader_that_keeps_up_stays_connected() {
     // Eight heartbeats of steady traffic, with a backlog the reader works through the whole
     // time: its queue is never empty, but it always moves.
     let server = TestServer::with_config(throttled_config()).await;
-    let sender = server.session("sender").await;
-    server.ok(&sender, join("r")).await;
-    let reader = server.session("reader").await;
-    server.ok(&reader, join("r")).await;
+    let (sender, reader) = sender_and_reader(&server).await;
     let stream = Throttled::new(small_buffer_connection(server.addr).await, 4096);
     let mut ws = ws_over(server.addr, &reader, stream).await;
-
-    let text = "y".repeat(900);
-    // A backlog of about 36 KB, then about 2 KB/s against the reader's 4 KB/s.
-    let mut sent = 0;
-    for _ in 0..40 {
-        sent += 1;
-        server
-            .ok(&sender, send("r", &text, &format!("b{sent}")))
-            .await;
-    }
-    let publisher = {
-        let server = TestServer::attached_to(server.addr);
-        let text = text.clone();
-        tokio::spawn(async move {
-            for i in 0..16 {
-                server.ok(&sender, send("r", &text, &format!("s{i}"))).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
-    sent += 16;
+    let (publisher, sent) = steady_traffic(&server, sender).await;
     let started = Instant::now();
     let mut messages = 0;
     while started.elapsed() < Duration::from_secs(8) {
@@ -396,28 +401,11 @@ async fn a_throttled_reader_that_keeps_up_stays_connected() {
 #[tokio::test]
 async fn a_throttled_sse_reader_that_keeps_up_stays_connected() {
     let server = TestServer::with_config(throttled_config()).await;
-    let sender = server.session("sender").await;
-    server.ok(&sender, join("r")).await;
-    let reader = server.session("reader").await;
-    server.ok(&reader, join("r")).await;
+    let (sender, reader) = sender_and_reader(&server).await;
     let mut stream = Throttled::new(small_buffer_connection(server.addr).await, 4096);
     let request = format!("GET /v1/sessions/{reader}/sse?after=0 HTTP/1.1\r\nhost: x\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
-
-    let text = "y".repeat(900);
-    for i in 0..40 {
-        server.ok(&sender, send("r", &text, &format!("b{i}"))).await;
-    }
-    let publisher = {
-        let server = TestServer::attached_to(server.addr);
-        let text = text.clone();
-        tokio::spawn(async move {
-            for i in 0..16 {
-                server.ok(&sender, send("r", &text, &format!("s{i}"))).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let (publisher, _) = steady_traffic(&server, sender).await;
     let started = Instant::now();
     let mut read = 0;
     let mut chunk = [0u8; 4096];

@@ -863,6 +863,17 @@ mod tests {
         names
     }
 
+    /// `n` sessions named u0, u1, ... joined to room `r`, in order.
+    fn members(hub: &Hub, n: usize) -> Vec<Arc<Session>> {
+        let sessions: Vec<_> = (0..n)
+            .map(|i| hub.create_session(&format!("u{i}")).unwrap())
+            .collect();
+        for session in &sessions {
+            hub.execute(session, vec![join("r")]);
+        }
+        sessions
+    }
+
     fn coalescing_hub(list_limit: usize) -> Hub {
         Hub::new(HubConfig {
             presence_interval: Duration::from_millis(250),
@@ -874,12 +885,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_join_storm_costs_each_member_one_diff_per_interval() {
         let hub = coalescing_hub(1000);
-        let sessions: Vec<_> = (0..200)
-            .map(|i| hub.create_session(&format!("u{i}")).unwrap())
-            .collect();
-        for session in &sessions {
-            hub.execute(session, vec![join("r")]);
-        }
+        let sessions = members(&hub, 200);
         // The first join, in a quiet room, was told at once; the rest wait for the interval.
         assert_eq!(
             of_type(&events_of(&hub, &sessions[0]), "presence_diff").count(),
@@ -909,12 +915,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_large_room_tells_a_count_and_a_sample_until_it_is_small_again() {
         let hub = coalescing_hub(10);
-        let sessions: Vec<_> = (0..30)
-            .map(|i| hub.create_session(&format!("u{i}")).unwrap())
-            .collect();
-        for session in &sessions {
-            hub.execute(session, vec![join("r")]);
-        }
+        let sessions = members(&hub, 30);
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
         let watcher = events_of(&hub, &sessions[0]);
@@ -950,12 +951,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn typing_is_one_event_per_room_per_interval_naming_a_few() {
         let hub = coalescing_hub(1000);
-        let sessions: Vec<_> = (0..30)
-            .map(|i| hub.create_session(&format!("u{i}")).unwrap())
-            .collect();
-        for session in &sessions {
-            hub.execute(session, vec![join("r")]);
-        }
+        let sessions = members(&hub, 30);
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
         tokio::time::advance(Duration::from_millis(250)).await;
