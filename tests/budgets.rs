@@ -34,6 +34,7 @@ async fn a_poll_reply_holds_at_most_256_kib_and_the_rest_follows() {
     let reader = server.session("reader").await;
     server.ok(&reader, join("r")).await;
     flood(&server, 200).await;
+    server.wait_for_seq(&reader, 204).await;
     let mut after = 0;
     let mut messages = 0;
     let mut replies = 0;
@@ -76,6 +77,8 @@ async fn a_session_keeps_at_most_its_replay_bytes_and_an_older_resume_gets_a_res
     let reader = server.session("reader").await;
     server.ok(&reader, join("r")).await;
     flood(&server, 100).await;
+    // History, presence, two diffs and the 100 messages.
+    server.wait_for_seq(&reader, 104).await;
     // 400 KB went by; the buffer kept about 64 KB, so a resume from the start is too old.
     let (_, reply) = server.poll(&reader, 0, 0).await;
     let events = reply["events"].as_array().unwrap();

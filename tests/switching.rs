@@ -94,6 +94,8 @@ async fn a_resume_point_older_than_the_replay_window_gets_a_reset_then_fresh_his
         .map(|i| send("r", &format!("t{i}"), &format!("x{i}")))
         .collect();
     server.ok(&writer, Value::Array(batch)).await;
+    // History, presence, a diff (or two) and the 30 messages.
+    server.wait_for_seq(&reader, 33).await;
 
     let (status, reply) = server.poll(&reader, 1, 0).await;
     assert_eq!(status, StatusCode::OK);

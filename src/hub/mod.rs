@@ -249,7 +249,12 @@ impl Hub {
     ) -> Result<Attachment, ErrorBody> {
         self.refuse_if_shutting_down()?;
         let session = self.session(session_id)?;
-        let gap = session.lock().replay.check_resume(after);
+        let mut gap = session.lock().replay.check_resume(after);
+        if gap == Err(Gap::Unknown) {
+            // A seq decided but still on its way through the fan-out is not unknown.
+            self.settle();
+            gap = session.lock().replay.check_resume(after);
+        }
         // A reset needs the rooms' histories: take the chat lock first, as everywhere, and let
         // the fan-out push what it holds, so the reset can go straight into the session and
         // still follow everything decided before it.

@@ -240,6 +240,22 @@ impl TestServer {
         }
     }
 
+    /// Waits until a session's last seq is at least `seq`: events reach sessions through the
+    /// fan-out threads a moment after the command that made them is answered.
+    pub async fn wait_for_seq(&self, session: &str, seq: u64) {
+        let path = format!("/v1/sessions/{session}");
+        within(&format!("session {session} to reach seq {seq}"), async {
+            loop {
+                let (_, info) = self.json(Method::GET, &path, None).await;
+                if info["last_seq"].as_u64().is_some_and(|last| last >= seq) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+
     /// One poll; returns the reply.
     pub async fn poll(&self, session: &str, after: u64, wait_ms: u64) -> (StatusCode, Value) {
         self.json(
