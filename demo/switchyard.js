@@ -49,7 +49,7 @@ const RATE_LIMITED_WAIT_MS = 1200;
 /** Codes of HTTP command failures that a retry cannot fix. */
 const FINAL_CODES = new Set([
   'bad_command', 'too_large', 'invalid_room', 'invalid_name', 'invalid_text', 'not_in_room',
-  'too_many_rooms', 'forbidden_origin', 'closed',
+  'too_many_rooms', 'forbidden_origin', 'forbidden_host', 'closed',
 ]);
 
 /** An error from the server (`code` is its stable error code) or from the client. */

@@ -20,6 +20,9 @@ pub struct Config {
     /// Origins allowed to make cross-origin requests (`*` allows any). Same-origin requests
     /// and requests without an `Origin` header (non-browser clients) are always allowed.
     pub allowed_origins: Vec<String>,
+    /// Host names the server answers to besides IP literals and `localhost` (`name` for any
+    /// port, or `name:port`); any other `Host` gets 403 `forbidden_host` (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
     /// Largest WebSocket frame or HTTP body carrying commands, in bytes.
     pub max_message_bytes: usize,
     /// Sustained commands per second per session.
@@ -111,6 +114,7 @@ impl Default for Config {
         Config {
             transports: TransportKind::ALL.to_vec(),
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             max_message_bytes: 16 * 1024,
             rate_limit_per_sec: hub.rate_limit_per_sec,
             rate_limit_burst: hub.rate_limit_burst,

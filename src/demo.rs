@@ -3,7 +3,14 @@
 
 use std::path::Path;
 
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, X_FRAME_OPTIONS,
+};
+
+/// The content security policy of the demo pages.
+pub const PAGE_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+    img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; \
+    form-action 'self'; frame-ancestors 'none'";
 use hyper::Response;
 
 use crate::transport::{full, Body};
@@ -70,6 +77,15 @@ impl Asset {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        if self.content_type.starts_with("text/html") {
+            // The pages load only their own scripts and styles, talk only to this server and
+            // may not be framed.
+            headers.insert(
+                CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(PAGE_POLICY),
+            );
+            headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        }
         response
     }
 }

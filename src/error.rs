@@ -25,7 +25,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
         }
         ErrorCode::PollInProgress => StatusCode::CONFLICT,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::ForbiddenOrigin => StatusCode::FORBIDDEN,
+        ErrorCode::ForbiddenOrigin | ErrorCode::ForbiddenHost => StatusCode::FORBIDDEN,
         ErrorCode::ServerFull | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,

@@ -54,6 +54,10 @@ struct ServeArgs {
     /// Same-origin and non-browser clients are always allowed.
     #[arg(long, value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// Host names the server answers to, comma-separated (`name` or `name:port`), besides IP
+    /// literals and `localhost`; other `Host` headers get 403 `forbidden_host`.
+    #[arg(long, value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
     /// Largest WebSocket frame or HTTP body carrying commands, in bytes.
     #[arg(long, default_value_t = 16 * 1024)]
     max_message_bytes: usize,
@@ -180,6 +184,7 @@ impl ServeArgs {
         Ok(Config {
             transports,
             allowed_origins: self.allowed_origins.clone(),
+            allowed_hosts: self.allowed_hosts.clone(),
             max_message_bytes: self.max_message_bytes,
             session_ttl: self.session_ttl,
             heartbeat: self.heartbeat,

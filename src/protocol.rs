@@ -164,6 +164,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A cross-origin request from an origin not in `--allowed-origins`.
     ForbiddenOrigin,
+    /// A `Host` that is neither an IP literal, `localhost` nor in `--allowed-hosts`.
+    ForbiddenHost,
     /// The server holds its maximum number of sessions.
     ServerFull,
     /// The server is shutting down.
@@ -194,6 +196,7 @@ impl ErrorCode {
             ErrorCode::TransportDisabled => "transport_disabled",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ForbiddenOrigin => "forbidden_origin",
+            ErrorCode::ForbiddenHost => "forbidden_host",
             ErrorCode::ServerFull => "server_full",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -336,10 +339,21 @@ fn bad_command(message: impl Into<String>) -> ErrorBody {
     ErrorBody::new(ErrorCode::BadCommand, message)
 }
 
+/// The commands of one frame or body, each validated, with the `client_id` each carried.
+#[derive(Debug)]
+pub struct ParsedCommands {
+    /// Each command, or why it was refused.
+    pub commands: Vec<Result<Command, ErrorBody>>,
+    /// The `client_id` each command carried, if it was a well-formed one (1-64 characters, no
+    /// control characters), whatever else was wrong with the command: an `error` event for a
+    /// refused `send` names it, so the client knows which send failed.
+    pub client_ids: Vec<Option<String>>,
+}
+
 /// Parses a frame or body holding one command object or an array of them. The outer error
 /// (malformed JSON, empty or oversized batch) rejects the whole input; each inner result is
 /// one command's validation.
-pub fn parse_commands(input: &[u8]) -> Result<Vec<Result<Command, ErrorBody>>, ErrorBody> {
+pub fn parse_commands(input: &[u8]) -> Result<ParsedCommands, ErrorBody> {
     let value: Value =
         serde_json::from_slice(input).map_err(|e| bad_command(format!("malformed JSON: {e}")))?;
     let items = match value {
@@ -357,7 +371,19 @@ pub fn parse_commands(input: &[u8]) -> Result<Vec<Result<Command, ErrorBody>>, E
         }
         other => vec![other],
     };
-    Ok(items.into_iter().map(Command::from_value).collect())
+    let client_ids = items.iter().map(claimed_client_id).collect();
+    Ok(ParsedCommands {
+        commands: items.into_iter().map(Command::from_value).collect(),
+        client_ids,
+    })
+}
+
+/// The `client_id` a command object carries, if it is a well-formed one.
+fn claimed_client_id(item: &Value) -> Option<String> {
+    let id = item.get("client_id")?.as_str()?;
+    let chars = id.chars().count();
+    let well_formed = (1..=MAX_CLIENT_ID_LEN).contains(&chars) && !id.chars().any(char::is_control);
+    well_formed.then(|| id.to_owned())
 }
 
 /// Checks a room name: 1-64 of `A-Za-z0-9_.-`.
@@ -488,7 +514,8 @@ impl Event<'_> {
 
     /// Serializes the event once. The result is shared by every recipient.
     pub fn encode(&self) -> EncodedEvent {
-        let json = serde_json::to_vec(self).expect("events serialize infallibly");
+        let json =
+            escape_line_separators(serde_json::to_vec(self).expect("events serialize infallibly"));
         // `{"type":...}` -> `"type":...}`: the per-session `{"seq":N,` goes in front.
         debug_assert!(json.starts_with(b"{\"type\":"));
         let mut body = Bytes::from(json);
@@ -499,6 +526,34 @@ impl Event<'_> {
             created: std::time::Instant::now(),
         }))
     }
+}
+
+/// Writes U+2028, U+2029 and U+0085 as `\u` escapes (JSON allows them raw, but clients that
+/// split lines on them, Python's `str.splitlines` for one, would cut an SSE event in two).
+/// They can only occur inside JSON strings, where the escape means the same character.
+fn escape_line_separators(json: Vec<u8>) -> Vec<u8> {
+    const SEPARATORS: [(&[u8], &[u8]); 3] = [
+        (b"\xe2\x80\xa8", b"\\u2028"),
+        (b"\xe2\x80\xa9", b"\\u2029"),
+        (b"\xc2\x85", b"\\u0085"),
+    ];
+    if !json.iter().any(|&b| b == 0xe2 || b == 0xc2) {
+        return json;
+    }
+    let mut out = Vec::with_capacity(json.len() + 16);
+    let mut rest = &json[..];
+    'bytes: while let Some((&first, tail)) = rest.split_first() {
+        for (raw, escaped) in SEPARATORS {
+            if let Some(after) = rest.strip_prefix(raw) {
+                out.extend_from_slice(escaped);
+                rest = after;
+                continue 'bytes;
+            }
+        }
+        out.push(first);
+        rest = tail;
+    }
+    out
 }
 
 /// An event serialized once, without its seq: the JSON object with its opening brace cut off.
@@ -581,9 +636,49 @@ mod tests {
     }
 
     #[test]
+    fn line_separators_are_escaped_in_event_json() {
+        let message = Message {
+            room: "r".into(),
+            id: 1,
+            from: "ann".into(),
+            text: "a\u{2028}b\u{2029}c\u{85}d é ✓".into(),
+            ts: 0,
+            client_id: "c".into(),
+        };
+        let json = Event::Message(&message).encode().to_json(1);
+        assert!(json.contains(r"a\u2028b\u2029c\u0085d é ✓"), "{json}");
+        assert!(!json.contains('\u{2028}') && !json.contains('\u{85}'));
+        let back: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back["text"], message.text.as_str());
+    }
+
+    #[test]
+    fn a_refused_command_keeps_its_well_formed_client_id() {
+        let parsed = parse_commands(
+            br#"[{"type":"send","room":"bad room","text":"hi","client_id":"c1"},
+                 {"type":"send","room":"r","text":"","client_id":"c2"},
+                 {"type":"send","room":"r","text":"hi","client_id":7},
+                 {"type":"join","room":"r"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.client_ids,
+            [Some("c1".to_owned()), Some("c2".to_owned()), None, None]
+        );
+        assert_eq!(
+            parsed.commands[0].as_ref().unwrap_err().code,
+            ErrorCode::InvalidRoom
+        );
+        assert_eq!(
+            parsed.commands[1].as_ref().unwrap_err().code,
+            ErrorCode::InvalidText
+        );
+    }
+
+    #[test]
     fn parse_rejects_bad_input_with_bad_command() {
         for input in [&b"{"[..], b"[]", b"3", b"{\"room\":\"a\"}", b"{\"type\":7}"] {
-            let result = parse_commands(input).map(|mut v| v.remove(0));
+            let result = parse_commands(input).map(|mut p| p.commands.remove(0));
             let err = match result {
                 Err(e) | Ok(Err(e)) => e,
                 Ok(Ok(c)) => panic!("accepted {c:?}"),
@@ -594,7 +689,7 @@ mod tests {
 
     #[test]
     fn validates_fields() {
-        let one = |s: &str| parse_commands(s.as_bytes()).unwrap().remove(0);
+        let one = |s: &str| parse_commands(s.as_bytes()).unwrap().commands.remove(0);
         assert_eq!(
             one(r#"{"type":"join","room":"bad room"}"#)
                 .unwrap_err()

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{
     HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
     ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, ALLOW, CONTENT_TYPE, HOST, ORIGIN, VARY,
+    X_CONTENT_TYPE_OPTIONS,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -76,23 +77,58 @@ impl<'a> Endpoint<'a> {
 /// Answers one request.
 pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let transport = transport_label(&request);
-    let answer = match check_origin(&request, &app.config) {
-        Ok(cors) => dispatch(request, &app).await.map(|r| (r, cors)),
-        Err(error) => Err(error),
+    let fail = |error: ErrorBody| {
+        app.hub.metrics().error(transport, error.code);
+        error_response(error)
     };
-    let (mut response, cors) = match answer {
-        Ok(answer) => answer,
-        Err(error) => {
-            app.hub.metrics().error(transport, error.code);
-            return error_response(error);
+    let checked =
+        check_host(&request, &app.config).and_then(|()| check_origin(&request, &app.config));
+    let mut response = match checked {
+        Ok(cors) => {
+            // An allowed origin gets the CORS headers on every answer, errors included, so a
+            // page sees `unknown_session` rather than an opaque network error.
+            let mut response = dispatch(request, &app).await.unwrap_or_else(fail);
+            if let Some(origin) = cors {
+                let headers = response.headers_mut();
+                headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                headers.append(VARY, HeaderValue::from_static("origin"));
+            }
+            response
         }
+        Err(error) => fail(error),
     };
-    if let Some(origin) = cors {
-        let headers = response.headers_mut();
-        headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        headers.append(VARY, HeaderValue::from_static("origin"));
-    }
     response
+        .headers_mut()
+        .insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
+}
+
+/// Refuses a `Host` the server does not answer to, against DNS rebinding: a page on a name
+/// that resolves to this server would otherwise pass as same-origin. IP literals and
+/// `localhost` are always answered (a rebinding needs a name); other names only if listed in
+/// `--allowed-hosts`, with or without a port.
+fn check_host(request: &Request<Incoming>, config: &Config) -> Result<(), ErrorBody> {
+    let Some(host) = request.headers().get(HOST) else {
+        return Ok(());
+    };
+    let host = host.to_str().unwrap_or("");
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let literal = name.parse::<std::net::IpAddr>().is_ok();
+    let listed = config
+        .allowed_hosts
+        .iter()
+        .any(|allowed| allowed.eq_ignore_ascii_case(host) || allowed.eq_ignore_ascii_case(name));
+    if literal || name.eq_ignore_ascii_case("localhost") || listed {
+        Ok(())
+    } else {
+        Err(ErrorBody::new(
+            ErrorCode::ForbiddenHost,
+            format!("this server does not answer to host {host:?} (see --allowed-hosts)"),
+        ))
+    }
 }
 
 /// The transport a request is for, to label its errors in the metrics.

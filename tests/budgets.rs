@@ -109,7 +109,7 @@ async fn a_client_that_floods_pings_and_never_reads_is_closed_not_buffered() {
         .await
         .unwrap();
     let request = format!(
-        "GET /v1/sessions/{session}/ws?after=0 HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\
+        "GET /v1/sessions/{session}/ws?after=0 HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n\
          connection: upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     raw.write_all(request.as_bytes()).await.unwrap();

@@ -403,7 +403,7 @@ async fn a_throttled_sse_reader_that_keeps_up_stays_connected() {
     let server = TestServer::with_config(throttled_config()).await;
     let (sender, reader) = sender_and_reader(&server).await;
     let mut stream = Throttled::new(small_buffer_connection(server.addr).await, 4096);
-    let request = format!("GET /v1/sessions/{reader}/sse?after=0 HTTP/1.1\r\nhost: x\r\n\r\n");
+    let request = format!("GET /v1/sessions/{reader}/sse?after=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let (publisher, _) = steady_traffic(&server, sender).await;
     let started = Instant::now();
@@ -455,7 +455,7 @@ async fn a_stalled_websocket_reader_is_closed_at_once_and_does_not_delay_others(
     // The stalled client answers nothing and reads nothing after the handshake.
     let mut raw = small_buffer_connection(server.addr).await;
     let request = format!(
-        "GET /v1/sessions/{stalled}/ws?after=0 HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\
+        "GET /v1/sessions/{stalled}/ws?after=0 HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n\
          connection: upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     raw.write_all(request.as_bytes()).await.unwrap();
@@ -492,7 +492,7 @@ async fn a_stalled_sse_reader_is_closed_at_once_and_its_connection_dropped() {
     let stalled = server.session("stalled").await;
     server.ok(&stalled, join("r")).await;
     let mut raw = small_buffer_connection(server.addr).await;
-    let request = format!("GET /v1/sessions/{stalled}/sse?after=0 HTTP/1.1\r\nhost: x\r\n\r\n");
+    let request = format!("GET /v1/sessions/{stalled}/sse?after=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
     raw.write_all(request.as_bytes()).await.unwrap();
     metric_reaches(&server, &attached("sse"), 1.0).await;
 
@@ -523,7 +523,7 @@ async fn a_stalled_request_body_is_cut_with_request_timeout() {
     let server = TestServer::with_config(quick_config()).await;
     let mut raw = TcpStream::connect(server.addr).await.unwrap();
     raw.write_all(
-        b"POST /v1/sessions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+        b"POST /v1/sessions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
           content-length: 100\r\n\r\n{\"name\":",
     )
     .await
@@ -542,7 +542,7 @@ async fn an_unread_poll_reply_is_cut_at_the_write_deadline() {
     publish_big(&server, 250).await;
     let mut raw = small_buffer_connection(server.addr).await;
     let request =
-        format!("GET /v1/sessions/{reader}/poll?after=0&wait=0 HTTP/1.1\r\nhost: x\r\n\r\n");
+        format!("GET /v1/sessions/{reader}/poll?after=0&wait=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
     raw.write_all(request.as_bytes()).await.unwrap();
     // Nobody reads the 1 MB reply; past the write timeout the server drops the connection.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -70,8 +70,8 @@ pub async fn post(
 ) -> Result<Response<Body>, ErrorBody> {
     let session = hub.session(session_id)?;
     let body = read_body(request, config.max_message_bytes, config.body_timeout).await?;
-    let commands = parse_commands(&body)?;
-    let results = hub.execute(&session, commands);
+    let parsed = parse_commands(&body)?;
+    let results = hub.execute(&session, parsed.commands);
     let transport = session
         .last_transport()
         .map_or(NO_TRANSPORT, |t| t.as_str());

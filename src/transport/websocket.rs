@@ -28,7 +28,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::connection::DeadlineIo;
 use crate::hub::{Attachment, Hub, Session};
-use crate::protocol::{parse_commands, CloseReason, Command, ErrorBody, ErrorCode, TransportKind};
+use crate::protocol::{parse_commands, CloseReason, ErrorBody, ErrorCode, TransportKind};
 use crate::server::App;
 
 use super::ws_writer::{ReadSide, SocketWriter, Stop};
@@ -340,24 +340,15 @@ fn handle_text(hub: &Hub, session: &Arc<Session>, text: &[u8], max_bytes: usize)
         report_error(hub, session, &error, None);
         return;
     }
-    let commands = match parse_commands(text) {
-        Ok(commands) => commands,
+    let parsed = match parse_commands(text) {
+        Ok(parsed) => parsed,
         Err(error) => {
             report_error(hub, session, &error, None);
             return;
         }
     };
-    let client_ids: Vec<Option<String>> = commands
-        .iter()
-        .map(|c| {
-            c.as_ref()
-                .ok()
-                .and_then(Command::client_id)
-                .map(str::to_owned)
-        })
-        .collect();
-    let results = hub.execute(session, commands);
-    for (result, client_id) in results.iter().zip(&client_ids) {
+    let results = hub.execute(session, parsed.commands);
+    for (result, client_id) in results.iter().zip(&parsed.client_ids) {
         if let Some(error) = &result.error {
             report_error(hub, session, error, client_id.as_deref());
         }
