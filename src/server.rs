@@ -162,10 +162,15 @@ async fn serve_connection(
                 .await
                 .unwrap_or_else(|_| {
                     tracing::error!(%peer, "a request handler panicked");
-                    error_response(ErrorBody::new(
+                    let mut response = error_response(ErrorBody::new(
                         ErrorCode::Internal,
                         "internal error; it has been logged",
-                    ))
+                    ));
+                    response.headers_mut().insert(
+                        hyper::header::X_CONTENT_TYPE_OPTIONS,
+                        hyper::header::HeaderValue::from_static("nosniff"),
+                    );
+                    response
                 });
             Ok::<_, Infallible>(response)
         }
