@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{join, send, within, TestServer};
+use support::{join, within, TestServer};
 use switchyard::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
@@ -18,22 +18,12 @@ fn generous() -> Config {
     }
 }
 
-/// Sends `count` messages of 4000 characters to room `r` from a fresh member.
-async fn flood(server: &TestServer, count: usize) {
-    let writer = server.session("writer").await;
-    server.ok(&writer, join("r")).await;
-    let text = "w".repeat(4000);
-    for i in 0..count {
-        server.ok(&writer, send("r", &text, &format!("m{i}"))).await;
-    }
-}
-
 #[tokio::test]
 async fn a_poll_reply_holds_at_most_256_kib_and_the_rest_follows() {
     let server = TestServer::with_config(generous()).await;
     let reader = server.session("reader").await;
     server.ok(&reader, join("r")).await;
-    flood(&server, 200).await;
+    server.publish_big(200).await;
     server.wait_for_seq(&reader, 204).await;
     let mut after = 0;
     let mut messages = 0;
@@ -76,7 +66,7 @@ async fn a_session_keeps_at_most_its_replay_bytes_and_an_older_resume_gets_a_res
     .await;
     let reader = server.session("reader").await;
     server.ok(&reader, join("r")).await;
-    flood(&server, 100).await;
+    server.publish_big(100).await;
     // History, presence, two diffs and the 100 messages.
     server.wait_for_seq(&reader, 104).await;
     // 400 KB went by; the buffer kept about 64 KB, so a resume from the start is too old.

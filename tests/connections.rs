@@ -403,7 +403,8 @@ async fn a_throttled_sse_reader_that_keeps_up_stays_connected() {
     let server = TestServer::with_config(throttled_config()).await;
     let (sender, reader) = sender_and_reader(&server).await;
     let mut stream = Throttled::new(small_buffer_connection(server.addr).await, 4096);
-    let request = format!("GET /v1/sessions/{reader}/sse?after=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    let request =
+        format!("GET /v1/sessions/{reader}/sse?after=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let (publisher, _) = steady_traffic(&server, sender).await;
     let started = Instant::now();
@@ -421,16 +422,6 @@ async fn a_throttled_sse_reader_that_keeps_up_stays_connected() {
         .1;
     assert_eq!(info["attached"], "sse", "still attached after {read} bytes");
     assert_eq!(metric(&server, &closes("sse", "slow_consumer")).await, 0.0);
-}
-
-/// Publishes `count` messages of 4000 characters to room `r` from a fresh session.
-async fn publish_big(server: &TestServer, count: usize) {
-    let sender = server.session("sender").await;
-    server.ok(&sender, join("r")).await;
-    let text = "z".repeat(4000);
-    for i in 0..count {
-        server.ok(&sender, send("r", &text, &format!("m{i}"))).await;
-    }
 }
 
 #[tokio::test]
@@ -471,7 +462,7 @@ async fn a_stalled_websocket_reader_is_closed_at_once_and_does_not_delay_others(
         })
     };
 
-    publish_big(&server, 300).await;
+    server.publish_big(300).await;
     // Over 1 MB the stalled socket cannot take: it is closed slow_consumer, counted at once.
     metric_reaches(&server, &closes("websocket", "slow_consumer"), 1.0).await;
     // The healthy member got everything, in order, and was never closed.
@@ -492,11 +483,12 @@ async fn a_stalled_sse_reader_is_closed_at_once_and_its_connection_dropped() {
     let stalled = server.session("stalled").await;
     server.ok(&stalled, join("r")).await;
     let mut raw = small_buffer_connection(server.addr).await;
-    let request = format!("GET /v1/sessions/{stalled}/sse?after=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    let request =
+        format!("GET /v1/sessions/{stalled}/sse?after=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
     raw.write_all(request.as_bytes()).await.unwrap();
     metric_reaches(&server, &attached("sse"), 1.0).await;
 
-    publish_big(&server, 300).await;
+    server.publish_big(300).await;
     metric_reaches(&server, &closes("sse", "slow_consumer"), 1.0).await;
     metric_reaches(&server, &attached("sse"), 0.0).await;
     // The connection is dropped within the close timeout although the client never read:
@@ -539,10 +531,11 @@ async fn an_unread_poll_reply_is_cut_at_the_write_deadline() {
     let server = TestServer::with_config(quick_config()).await;
     let reader = server.session("reader").await;
     server.ok(&reader, join("r")).await;
-    publish_big(&server, 250).await;
+    server.publish_big(250).await;
     let mut raw = small_buffer_connection(server.addr).await;
-    let request =
-        format!("GET /v1/sessions/{reader}/poll?after=0&wait=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    let request = format!(
+        "GET /v1/sessions/{reader}/poll?after=0&wait=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    );
     raw.write_all(request.as_bytes()).await.unwrap();
     // Nobody reads the 1 MB reply; past the write timeout the server drops the connection.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -240,6 +240,17 @@ impl TestServer {
         }
     }
 
+    /// Sends `count` messages of 4000 characters to room `r` from a fresh member, one request
+    /// each (a batch would be over the body limit).
+    pub async fn publish_big(&self, count: usize) {
+        let sender = self.session("sender").await;
+        self.ok(&sender, join("r")).await;
+        let text = "z".repeat(4000);
+        for i in 0..count {
+            self.ok(&sender, send("r", &text, &format!("m{i}"))).await;
+        }
+    }
+
     /// Waits until a session's last seq is at least `seq`: events reach sessions through the
     /// fan-out threads a moment after the command that made them is answered.
     pub async fn wait_for_seq(&self, session: &str, seq: u64) {
