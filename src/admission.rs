@@ -8,7 +8,7 @@
 //! over, which errs towards admitting clients rather than growing without bound.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -46,6 +46,11 @@ impl AddressLimiter {
         if address.is_loopback() && !self.limit_loopback {
             return Ok(());
         }
+        // One IPv6 client usually holds a whole /64: count the prefix, not the address.
+        let address = match address {
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+            v4 => v4,
+        };
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&address) {
             buckets.retain(|_, bucket| !bucket.is_full());
@@ -87,6 +92,10 @@ mod tests {
         let local: IpAddr = "::1".parse().unwrap();
         assert!(strict.admit(local).is_ok());
         assert!(strict.admit(local).is_err());
+        let v6_a: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6_b: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        assert!(strict.admit(v6_a).is_ok());
+        assert!(strict.admit(v6_b).is_err(), "one /64, one bucket");
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         for _ in 0..10 {
             assert!(

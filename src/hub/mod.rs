@@ -299,6 +299,7 @@ impl Hub {
                 for event in reset_events(chat, &state.rooms) {
                     state.push_keeping(event, session.outbox, reset_seq);
                 }
+                state.protected = Some((reset_seq, state.replay.last_seq()));
                 reset_seq - 1
             }
             _ => after,
@@ -1028,5 +1029,66 @@ mod tests {
             histories.windows(2).all(|w| w[0] == w[1]),
             "one encoding, shared"
         );
+    }
+
+    #[tokio::test]
+    async fn a_reset_larger_than_the_byte_budget_survives_until_a_transport_takes_it() {
+        let hub = Hub::new(HubConfig {
+            replay_bytes: 8 * 1024,
+            presence_interval: Duration::ZERO,
+            ..HubConfig::default().with_rate_limit(1e6)
+        });
+        let writer = hub.create_session("writer").unwrap();
+        let reader = hub.create_session("reader").unwrap();
+        hub.execute(&writer, vec![join("r")]);
+        hub.execute(&reader, vec![join("r")]);
+        let big = |i: usize| {
+            Ok(Command::Send {
+                room: "r".into(),
+                text: "h".repeat(2000),
+                client_id: format!("h{i}"),
+            })
+        };
+        // A 20 KB history: far over the reader's 8 KiB budget.
+        for i in 0..10 {
+            hub.execute(&writer, vec![big(i)]);
+        }
+        hub.settle();
+        let mut poll = hub
+            .attach(&reader.id, TransportKind::ShortPolling, 1)
+            .unwrap();
+        drop(poll);
+        // More messages before anyone reads the reset.
+        for i in 10..14 {
+            hub.execute(&writer, vec![big(i)]);
+        }
+        hub.settle();
+        poll = hub
+            .attach(
+                &reader.id,
+                TransportKind::ShortPolling,
+                hub.describe(&reader.id).unwrap().last_seq - 6,
+            )
+            .unwrap();
+        drop(poll);
+        let state = reader.lock();
+        let (from, to) = state.protected.expect("the reset is still protected");
+        let kept = state.replay.after(from - 1, BatchLimit::ALL).unwrap();
+        assert_eq!(kept[0].1.type_name, "reset");
+        assert!(
+            kept.len() as u64 > to - from,
+            "the whole reset is still there"
+        );
+        drop(state);
+        // Once a transport takes it, it may age out like anything else.
+        let mut poll = hub
+            .attach(&reader.id, TransportKind::ShortPolling, from - 1)
+            .unwrap();
+        while let Delivery::Events(events) = poll.ready(BatchLimit::events(2)) {
+            if events.is_empty() {
+                break;
+            }
+        }
+        assert!(reader.lock().protected.is_none());
     }
 }

@@ -173,8 +173,9 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket.
+    /// A full bucket. The burst is at least one token, or nothing would ever pass.
     pub fn new(per_sec: f64, burst: f64) -> Self {
+        let burst = burst.max(1.0);
         TokenBucket {
             tokens: burst,
             burst,
@@ -192,7 +193,10 @@ impl TokenBucket {
     /// How long until a token is there (zero if one is).
     pub fn retry_after(&self) -> std::time::Duration {
         let missing = (1.0 - self.tokens).max(0.0);
-        std::time::Duration::from_secs_f64(missing / self.per_sec)
+        // A day at most: a rate configured absurdly low must not overflow the duration.
+        std::time::Duration::try_from_secs_f64(missing / self.per_sec)
+            .unwrap_or(std::time::Duration::MAX)
+            .min(std::time::Duration::from_secs(86_400))
     }
 
     /// Takes one token if there is one.
@@ -322,6 +326,9 @@ pub(crate) struct SessionState {
     pub(crate) sent: SentMessages,
     /// Set once the session is expired or deleted; it takes no more events or transports.
     pub(crate) ended: bool,
+    /// The seqs of a `reset` and its histories not yet handed to a transport: the byte budget
+    /// drops none of them until then, or a client would be sent a new reset on every resume.
+    pub(crate) protected: Option<(u64, u64)>,
 }
 
 /// A session. Shared (`Arc`) between the hub's registry, the rooms it is in and its transport.
@@ -373,6 +380,7 @@ impl Session {
                 limiter: TokenBucket::new(config.rate_limit_per_sec, config.rate_limit_burst),
                 sent: SentMessages::default(),
                 ended: false,
+                protected: None,
             }),
             wakeup: Arc::new(Notify::new()),
             outbox: config.outbox,
@@ -459,11 +467,22 @@ impl SessionState {
             },
             None => false,
         };
+        let keep_from = match self.protected {
+            Some((from, _)) => keep_from.min(from),
+            None => keep_from,
+        };
         self.replay.push_keeping(event, keep_from);
         if too_far {
             self.close_attached(CloseReason::SlowConsumer);
         }
         seq
+    }
+
+    /// A transport took every event up to `seq`: a protected reset it covers may now age out.
+    pub(crate) fn hand_over(&mut self, seq: u64) {
+        if self.protected.is_some_and(|(_, to)| seq >= to) {
+            self.protected = None;
+        }
     }
 
     /// Closes the attached transport, if any, telling it why; the session counts as
@@ -595,6 +614,7 @@ impl Attachment {
             let _ = sink.deliver(*seq, event, true);
         }
         let last = state.replay.last_seq();
+        state.hand_over(last);
         let slot = state.attached.as_mut().expect("checked above");
         slot.acked = last;
         slot.direct = Some(sink);
@@ -624,6 +644,7 @@ impl Attachment {
                 // counts against the outbox (a stream that stops writing is caught by its
                 // write deadline instead).
                 slot.acked = slot.acked.max(self.cursor);
+                state.hand_over(self.cursor);
                 Delivery::Events(events)
             }
             // Only reachable if outbox_capacity >= replay_window: the client must resume.
@@ -759,6 +780,23 @@ mod tests {
         }
         assert!(sent.get("c1").is_none());
         assert_eq!(sent.get("c4").map(|e| e.0), Some(4));
+    }
+
+    #[test]
+    fn a_bucket_always_holds_one_token_and_its_wait_never_overflows() {
+        let mut slow = TokenBucket::new(0.4, 0.8);
+        assert!(
+            slow.try_take(),
+            "a burst under one token would admit nothing"
+        );
+        assert!(!slow.try_take());
+        let glacial = TokenBucket::new(1e-30, 1.0);
+        let mut glacial = glacial;
+        assert!(glacial.try_take());
+        assert_eq!(
+            glacial.retry_after(),
+            std::time::Duration::from_secs(86_400)
+        );
     }
 
     #[tokio::test(start_paused = true)]

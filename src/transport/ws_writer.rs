@@ -8,11 +8,11 @@
 //! writable, coalescing the frames that queued up into vectored writes. Control frames (pings,
 //! pongs, close) take the same path, so frames never interleave.
 //!
-//! More live frames queued than the outbox budget (events, or bytes past the first frame)
-//! makes `deliver` fail, and the hub closes the transport with `slow_consumer`: the queue, like
-//! every per-session queue, is bounded. Control frames count against the bytes too, and a pong
-//! not yet begun is replaced by the next, so a client that floods pings without reading queues
-//! one pong, not thousands. A
+//! More frames queued than the outbox budget (live events and control frames; the backlog owed
+//! at attach time does not count) makes `deliver` fail, and the hub closes the transport with
+//! `slow_consumer`: the queue, like every per-session queue, is bounded. A pong not yet begun
+//! is replaced by the next, so a client that floods pings without reading queues one pong, not
+//! thousands. A
 //! queue that makes no progress (no byte written) for two heartbeats is judged slow too, by
 //! the connection's task; a queue that shrinks steadily is not, however long it stays
 //! non-empty. An event counts as delivered in the metrics when its last byte is written.
@@ -66,17 +66,21 @@ impl Queued {
     fn len(&self) -> usize {
         self.head.len() + self.body.len()
     }
+
+    /// Whether it counts against the outbox: a live event or a control frame.
+    fn counts(&self) -> bool {
+        self.live || self.created.is_none()
+    }
 }
 
 #[derive(Debug, Default)]
 struct WriterState {
     queue: VecDeque<Queued>,
-    /// Live events queued, and their bytes.
-    live_queued: u64,
-    live_bytes: u64,
-    /// Bytes of every frame queued (events and control frames).
-    queued_bytes: u64,
-    /// Control frames went over the budget: the connection's task closes the socket.
+    /// Frames queued that count against the outbox (live events and control frames, not the
+    /// backlog owed at attach time), and their bytes.
+    counted: u64,
+    counted_bytes: u64,
+    /// Control frames took the queue over the budget: the connection's task closes the socket.
     overflowed: bool,
     /// While something is queued: when the socket last took a byte (or the queue formed). A
     /// queue that waits two heartbeats means the client stopped reading.
@@ -177,14 +181,12 @@ impl SocketWriter {
             live,
             created,
         };
-        let bytes = frame.len() as u64;
-        state.queued_bytes += bytes;
-        state.queue.push_back(frame);
-        if live {
-            state.live_queued += 1;
-            state.live_bytes += bytes;
+        if frame.counts() {
+            state.counted += 1;
+            state.counted_bytes += frame.len() as u64;
         }
-        self.outbox.exceeded_by(state.live_queued, state.live_bytes)
+        state.queue.push_back(frame);
+        self.outbox.exceeded_by(state.counted, state.counted_bytes)
     }
 
     /// Writes raw bytes holding whole frames (tungstenite's pongs and close replies, our
@@ -203,18 +205,13 @@ impl SocketWriter {
                     let before = waiting.len() as u64;
                     waiting.head = Bytes::copy_from_slice(frame);
                     let after = waiting.len() as u64;
-                    state.queued_bytes = state.queued_bytes - before + after;
+                    state.counted_bytes = state.counted_bytes - before + after;
                     return;
                 }
             }
         }
-        self.write_frame(frame, &Bytes::new(), false, None);
-        let mut state = self.lock();
-        if self
-            .outbox
-            .exceeded_by(state.queue.len() as u64, state.queued_bytes)
-        {
-            state.overflowed = true;
+        if self.write_frame(frame, &Bytes::new(), false, None) {
+            self.lock().overflowed = true;
             self.queued.notify_one();
         }
     }
@@ -275,15 +272,16 @@ impl SocketWriter {
         let mut state = self.lock();
         let keep = usize::from(state.queue.front().is_some_and(|f| f.written > 0));
         state.queue.truncate(keep);
-        let live: Vec<u64> = state
+        let counted: Vec<u64> = state
             .queue
             .iter()
-            .filter(|f| f.live)
+            .filter(|f| f.counts())
             .map(|f| f.len() as u64)
             .collect();
-        state.live_queued = live.len() as u64;
-        state.live_bytes = live.iter().sum();
-        state.queued_bytes = state.queue.iter().map(|f| f.len() as u64).sum();
+        state.counted = counted.len() as u64;
+        state.counted_bytes = counted.iter().sum();
+        // The close frame comes next, and the close handshake waits on the queue again.
+        state.overflowed = false;
         if keep == 0 {
             state.waiting_since = None;
         }
@@ -336,10 +334,9 @@ impl SocketWriter {
                 }
                 written -= left;
                 let done = state.queue.pop_front().expect("front exists");
-                state.queued_bytes -= done.len() as u64;
-                if done.live {
-                    state.live_queued -= 1;
-                    state.live_bytes -= done.len() as u64;
+                if done.counts() {
+                    state.counted -= 1;
+                    state.counted_bytes -= done.len() as u64;
                 }
                 if let Some(created) = done.created {
                     self.metrics
