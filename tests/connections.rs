@@ -399,6 +399,45 @@ async fn a_throttled_reader_that_keeps_up_stays_connected() {
 }
 
 #[tokio::test]
+async fn a_websocket_resuming_with_a_large_backlog_is_not_closed_while_it_reads_it() {
+    // 120 events of about 1 KB owed at attach time, against an outbox of 8 events: the backlog
+    // does not count, and the pings queued behind it (one per heartbeat) must not either.
+    let server = TestServer::with_config(Config {
+        outbox_capacity: 8,
+        ..throttled_config()
+    })
+    .await;
+    let (sender, reader) = sender_and_reader(&server).await;
+    let text = "k".repeat(900);
+    for i in 0..120 {
+        server.ok(&sender, send("r", &text, &format!("k{i}"))).await;
+    }
+    server.wait_for_seq(&reader, 120).await;
+    let stream = Throttled::new(small_buffer_connection(server.addr).await, 8192);
+    let mut ws = ws_over(server.addr, &reader, stream).await;
+    let started = Instant::now();
+    let mut messages = 0;
+    // Three heartbeats of reading: at 8 KB/s the 110 KB backlog is far from drained.
+    while started.elapsed() < Duration::from_secs(3) {
+        let frame: Option<Result<Message, WsError>> = within("a frame", ws.next()).await;
+        match frame {
+            Some(Ok(Message::Text(text))) => messages += usize::from(text.contains("\"message\"")),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("closed while reading its backlog after {messages}: {other:?}"),
+        }
+    }
+    let info = server
+        .json(Method::GET, &format!("/v1/sessions/{reader}"), None)
+        .await
+        .1;
+    assert_eq!(info["attached"], "websocket", "read {messages} messages");
+    assert!(
+        messages < 120,
+        "the backlog was still being read: {messages}"
+    );
+}
+
+#[tokio::test]
 async fn a_throttled_sse_reader_that_keeps_up_stays_connected() {
     let server = TestServer::with_config(throttled_config()).await;
     let (sender, reader) = sender_and_reader(&server).await;
