@@ -329,6 +329,25 @@ fn throttled_config() -> Config {
     }
 }
 
+/// Reads a WebSocket for `how_long`, answering pings; returns the `message` events read.
+/// Panics if the server closes it meanwhile.
+async fn read_messages_for<S>(ws: &mut WebSocketStream<S>, how_long: Duration) -> usize
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let mut messages = 0;
+    while started.elapsed() < how_long {
+        let frame: Option<Result<Message, WsError>> = within("a frame", ws.next()).await;
+        match frame {
+            Some(Ok(Message::Text(text))) => messages += usize::from(text.contains("\"message\"")),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("closed while reading, after {messages} messages: {other:?}"),
+        }
+    }
+    messages
+}
+
 /// A sender and a reader in room `r`; returns their session ids.
 async fn sender_and_reader(server: &TestServer) -> (String, String) {
     let sender = server.session("sender").await;
@@ -365,16 +384,7 @@ async fn a_throttled_reader_that_keeps_up_stays_connected() {
     let stream = Throttled::new(small_buffer_connection(server.addr).await, 4096);
     let mut ws = ws_over(server.addr, &reader, stream).await;
     let (publisher, sent) = steady_traffic(&server, sender).await;
-    let started = Instant::now();
-    let mut messages = 0;
-    while started.elapsed() < Duration::from_secs(8) {
-        let frame: Option<Result<Message, WsError>> = within("a frame", ws.next()).await;
-        match frame {
-            Some(Ok(Message::Text(text))) => messages += usize::from(text.contains("\"message\"")),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            other => panic!("the steady reader was closed: {other:?}"),
-        }
-    }
+    let messages = read_messages_for(&mut ws, Duration::from_secs(8)).await;
     within("the publisher", publisher).await.unwrap();
     let info = server
         .json(Method::GET, &format!("/v1/sessions/{reader}"), None)
@@ -415,17 +425,8 @@ async fn a_websocket_resuming_with_a_large_backlog_is_not_closed_while_it_reads_
     server.wait_for_seq(&reader, 120).await;
     let stream = Throttled::new(small_buffer_connection(server.addr).await, 8192);
     let mut ws = ws_over(server.addr, &reader, stream).await;
-    let started = Instant::now();
-    let mut messages = 0;
     // Three heartbeats of reading: at 8 KB/s the 110 KB backlog is far from drained.
-    while started.elapsed() < Duration::from_secs(3) {
-        let frame: Option<Result<Message, WsError>> = within("a frame", ws.next()).await;
-        match frame {
-            Some(Ok(Message::Text(text))) => messages += usize::from(text.contains("\"message\"")),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            other => panic!("closed while reading its backlog after {messages}: {other:?}"),
-        }
-    }
+    let messages = read_messages_for(&mut ws, Duration::from_secs(3)).await;
     let info = server
         .json(Method::GET, &format!("/v1/sessions/{reader}"), None)
         .await
