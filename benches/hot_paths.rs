@@ -66,13 +66,29 @@ fn encoding(c: &mut Criterion) {
     group.finish();
 }
 
+thread_local! {
+    static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime");
+}
+
+/// Runs `hub.execute` to completion (with the memory store it never waits).
+fn execute(
+    hub: &Hub,
+    session: &std::sync::Arc<switchyard::hub::Session>,
+    commands: Vec<Result<Command, switchyard::protocol::ErrorBody>>,
+) -> Vec<switchyard::hub::CommandResult> {
+    RUNTIME.with(|runtime| runtime.block_on(hub.execute(session, commands)))
+}
+
 /// A hub with `members` sessions in one room; returns the hub and the sender.
 fn room_of(members: usize) -> (Hub, std::sync::Arc<switchyard::hub::Session>) {
     let hub = Hub::new(Config::default().with_rate_limit(1e12).hub_config());
     let mut sender = None;
     for i in 0..members {
         let session = hub.create_session(&format!("u{i}")).expect("session");
-        let joined = hub.execute(
+        let joined = execute(
+            &hub,
             &session,
             vec![Ok(Command::Join {
                 room: "lobby".into(),
@@ -98,7 +114,7 @@ fn fan_out(c: &mut Criterion) {
                     text: "hello everyone, this is a chat message".into(),
                     client_id: format!("c{n}"),
                 };
-                hub.execute(&sender, vec![Ok(send)])
+                execute(&hub, &sender, vec![Ok(send)])
             })
         });
     }
@@ -119,11 +135,11 @@ fn replay(c: &mut Criterion) {
         }
     };
     for _ in 0..1100 {
-        hub.execute(&session, vec![Ok(send())]);
+        execute(&hub, &session, vec![Ok(send())]);
     }
     group.bench_function(
         "append (full buffer, drops the oldest): a send to a room of one",
-        |b| b.iter(|| hub.execute(&session, vec![Ok(send())])),
+        |b| b.iter(|| execute(&hub, &session, vec![Ok(send())])),
     );
     let last = hub.describe(&session.id).expect("session").last_seq;
     for behind in [1u64, 256] {

@@ -6,11 +6,24 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::hub::{Budget, HubConfig};
+use crate::hub::{Budget, Durability, HubConfig};
 use crate::protocol::TransportKind;
 
 /// Descriptors kept free of connections for the listener, logs and the process itself.
 pub const RESERVED_FILES: usize = 64;
+
+/// The embedded store's directory when `--data-dir` is not given, relative to the working
+/// directory.
+pub const DEFAULT_DATA_DIR: &str = "switchyard-data";
+
+/// Where room history is kept (`--history-store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryStoreKind {
+    /// The last `history_len` messages per room, in memory; nothing survives a restart.
+    Memory,
+    /// SQLite in `data_dir`: history survives restarts and crashes.
+    Sqlite,
+}
 
 /// The server's settings. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
@@ -52,8 +65,19 @@ pub struct Config {
     /// Bytes of undelivered events an attached stream may fall behind (with more than one
     /// event) before it is closed with `slow_consumer`. Smaller than `replay_bytes`.
     pub outbox_bytes: usize,
-    /// Messages kept per room and sent as `history` on join.
+    /// Messages sent as `history` on join (and kept per room by the memory store).
     pub history_len: usize,
+    /// Where room history is kept: in memory (the default here, for tests and embedding) or
+    /// in the embedded database under `data_dir` (the binary's default).
+    pub history_store: HistoryStoreKind,
+    /// The directory of the embedded store: its database and its lock file.
+    pub data_dir: PathBuf,
+    /// Messages kept per room by the embedded store; older ones are deleted.
+    pub history_keep: usize,
+    /// Messages older than this are deleted and never served, by either store.
+    pub history_max_age: Duration,
+    /// Whether a message is broadcast before its write (`Normal`) or after (`Full`).
+    pub durability: Durability,
     /// Presence and typing changes are sent at once in a quiet room and at most once per
     /// interval per room under a storm.
     pub presence_interval: Duration,
@@ -128,6 +152,11 @@ impl Default for Config {
             outbox_capacity: hub.outbox.events as usize,
             outbox_bytes: hub.outbox.bytes as usize,
             history_len: hub.history_len,
+            history_store: HistoryStoreKind::Memory,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            history_keep: 10_000,
+            history_max_age: hub.history_max_age,
+            durability: hub.durability,
             presence_interval: hub.presence_interval,
             presence_list_limit: hub.presence_list_limit,
             room_rate_limit: hub.room_rate_limit,
@@ -165,6 +194,8 @@ impl Config {
                 bytes: self.outbox_bytes as u64,
             },
             history_len: self.history_len,
+            history_max_age: self.history_max_age,
+            durability: self.durability,
             presence_interval: self.presence_interval,
             presence_list_limit: self.presence_list_limit,
             room_rate_limit: self.room_rate_limit,

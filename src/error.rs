@@ -26,7 +26,9 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::PollInProgress => StatusCode::CONFLICT,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::ForbiddenOrigin | ErrorCode::ForbiddenHost => StatusCode::FORBIDDEN,
-        ErrorCode::ServerFull | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::ServerFull | ErrorCode::ShuttingDown | ErrorCode::HistoryUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -172,6 +172,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A request body did not arrive within `--body-timeout`.
     RequestTimeout,
+    /// The history store could not take or read messages (its queue is full, a write or read
+    /// failed); a `send` that gets it was not broadcast.
+    HistoryUnavailable,
     /// A fault inside the server; details are logged, never sent.
     Internal,
 }
@@ -200,6 +203,7 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server_full",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::HistoryUnavailable => "history_unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -264,9 +268,26 @@ pub enum Command {
         /// Room name.
         room: String,
     },
+    /// Ask for a page of a joined room's older messages (scrollback); answered with a
+    /// `history_page` event.
+    History {
+        /// Room name.
+        room: String,
+        /// Messages with ids below this one; `None`: the newest.
+        #[serde(default)]
+        before: Option<u64>,
+        /// At most this many messages, 1-200; `None`: [`DEFAULT_PAGE`].
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
-const COMMAND_TYPES: [&str; 4] = ["join", "leave", "send", "typing"];
+/// Messages in a `history_page` when the command gives no `limit`.
+pub const DEFAULT_PAGE: usize = 50;
+/// The largest `limit` a `history` command may ask for.
+pub const MAX_PAGE: usize = 200;
+
+const COMMAND_TYPES: [&str; 5] = ["join", "leave", "send", "typing", "history"];
 
 impl Command {
     /// The `client_id` of a `send`.
@@ -283,7 +304,8 @@ impl Command {
             Command::Join { room }
             | Command::Leave { room }
             | Command::Send { room, .. }
-            | Command::Typing { room } => room,
+            | Command::Typing { room }
+            | Command::History { room, .. } => room,
         }
     }
 
@@ -296,7 +318,7 @@ impl Command {
             None => return Err(bad_command("command has no \"type\" field")),
             Some(Value::String(t)) if !COMMAND_TYPES.contains(&t.as_str()) => {
                 return Err(bad_command(format!(
-                    "unknown command type {t:?} (expected join, leave, send or typing)"
+                    "unknown command type {t:?} (expected join, leave, send, typing or history)"
                 )))
             }
             Some(Value::String(_)) => {}
@@ -310,6 +332,14 @@ impl Command {
 
     fn validate(&self) -> Result<(), ErrorBody> {
         validate_room(self.room())?;
+        if let Command::History { before, limit, .. } = self {
+            if *before == Some(0) {
+                return Err(bad_command("before must be a message id (1 or more)"));
+            }
+            if limit.is_some_and(|n| !(1..=MAX_PAGE).contains(&n)) {
+                return Err(bad_command(format!("limit must be 1-{MAX_PAGE}")));
+            }
+        }
         if let Command::Send {
             text, client_id, ..
         } = self
@@ -478,6 +508,18 @@ pub enum Event<'a> {
         /// Oldest first.
         messages: Vec<&'a Message>,
     },
+    /// A page of a room's older messages, answering a `history` command: the client adds
+    /// them before what it has (unlike `history`, which replaces its view).
+    HistoryPage {
+        /// The room.
+        room: &'a str,
+        /// The command's `before` (`None`: the page ends with the newest message).
+        before: Option<u64>,
+        /// Oldest first.
+        messages: Vec<&'a Message>,
+        /// Whether the room has messages older than the first of this page.
+        more: bool,
+    },
     /// A command sent over the WebSocket failed.
     Error {
         /// Stable code.
@@ -507,6 +549,7 @@ impl Event<'_> {
             Event::PresenceDiff { .. } => "presence_diff",
             Event::Typing { .. } => "typing",
             Event::History { .. } => "history",
+            Event::HistoryPage { .. } => "history_page",
             Event::Error { .. } => "error",
             Event::Reset { .. } => "reset",
         }

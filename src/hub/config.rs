@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::history::Durability;
 use super::session::Budget;
 
 /// Limits and intervals of the session core. `Default` gives the documented defaults.
@@ -22,6 +23,10 @@ pub struct HubConfig {
     pub outbox: Budget,
     /// Messages kept per room and sent as `history` on join.
     pub history_len: usize,
+    /// Messages older than this are not sent in `history` or scrollback.
+    pub history_max_age: Duration,
+    /// Whether a message is broadcast before or after its write to the history store.
+    pub durability: Durability,
     /// Presence and typing changes: at once in a quiet room, at most once per interval.
     pub presence_interval: Duration,
     /// Rooms up to this many members tell every name; larger ones a count and a sample.
@@ -53,6 +58,8 @@ impl Default for HubConfig {
                 bytes: 1 << 20,
             },
             history_len: 50,
+            history_max_age: Duration::from_secs(30 * 24 * 3600),
+            durability: Durability::Normal,
             presence_interval: Duration::from_millis(250),
             presence_list_limit: 1000,
             room_rate_limit: None,

@@ -15,26 +15,30 @@
 
 mod config;
 mod fanout;
+pub mod history;
 mod room;
 mod session;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use history::{cutoff, now_micros, StoreError};
+pub use history::{Durability, HistoryStore, MemoryStore};
 use room::Room;
 pub use session::{Attachment, BatchLimit, Budget, Delivery, Session};
 pub(crate) use session::{DirectSink, Gap, OutboxFull, TokenBucket};
+use session::{Outcome, Sent};
 
 use crate::metrics::Metrics;
 use crate::protocol::{
     validate_name, CloseReason, Command, EncodedEvent, ErrorBody, ErrorCode, Event, Message,
-    TransportKind,
+    TransportKind, DEFAULT_PAGE,
 };
 pub use config::HubConfig;
 use fanout::Fanout;
@@ -42,6 +46,10 @@ use session::AttachedSlot;
 
 /// Reason carried by the `reset` event when the resume point is older than the replay buffer.
 pub const RESET_REPLAY_WINDOW: &str = "replay_window_exceeded";
+
+/// Message ids reserved from the history store at a time; the next block is asked for when
+/// half of this one is used.
+pub const ID_BLOCK: u64 = 10_000;
 
 /// Handle to the session core. Clone it freely.
 #[derive(Clone, Debug)]
@@ -59,6 +67,20 @@ struct Inner {
     /// Hands out fan-out shards to new sessions, round robin.
     next_shard: AtomicUsize,
     shutting_down: AtomicBool,
+    /// Where room history is kept.
+    store: Arc<dyn HistoryStore>,
+    /// With [`Durability::Full`]: written messages, in write order, to the thread that
+    /// broadcasts them.
+    written: Option<mpsc::Sender<Written>>,
+}
+
+/// A message whose write to the store is done (or failed), for the thread that broadcasts it.
+struct Written {
+    session: Arc<Session>,
+    message: Arc<Message>,
+    event: EncodedEvent,
+    result: Result<(), StoreError>,
+    outcome: watch::Sender<Option<Result<(), ErrorBody>>>,
 }
 
 #[derive(Debug)]
@@ -71,6 +93,11 @@ struct Chat {
     /// Message ids are server-wide, so they keep increasing in a room that was dropped and
     /// created again.
     last_message_id: u64,
+    /// The highest id asked of the store so far (see [`ID_BLOCK`]).
+    ids_asked: u64,
+    /// Rooms dropped so far: a room's history read from the store before a drop may miss
+    /// messages sent while it was in memory.
+    room_drops: u64,
     tick: u64,
 }
 
@@ -137,11 +164,69 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+fn history_unavailable(error: &StoreError) -> ErrorBody {
+    tracing::warn!(%error, "history store");
+    let body = ErrorBody::new(
+        ErrorCode::HistoryUnavailable,
+        "the history store cannot take or read messages now; a send was not sent",
+    );
+    match error {
+        StoreError::Busy => body.retry_after(Duration::from_millis(100)),
+        StoreError::Failed(_) => body,
+    }
+}
+
+/// What applying a command came to.
+enum Applied {
+    Done(Result<CommandResult, ErrorBody>),
+    /// A join of a room not in memory: read its history from the store (with no lock held)
+    /// and apply the command again.
+    LoadRoom(Command, u64),
+    /// A send found no reserved id left: wait for the store to reserve up to this one.
+    NeedIds(Command, u64),
+    /// A `history` command: the page on its way from the store.
+    Page {
+        room: String,
+        before: Option<u64>,
+        reply: history::Reply<history::Page>,
+    },
+    /// A send waiting for its write (`Durability::Full`).
+    Durable {
+        id: u64,
+        duplicate: bool,
+        outcome: Outcome,
+    },
+}
+
+impl From<Result<CommandResult, ErrorBody>> for Applied {
+    fn from(result: Result<CommandResult, ErrorBody>) -> Self {
+        Applied::Done(result)
+    }
+}
+
+/// A room's history read from the store for a join, and the room drops it was read after.
+struct Loaded {
+    room: String,
+    drops: u64,
+    messages: Vec<Arc<Message>>,
+}
+
+/// The result of a send that waits for its write.
+async fn written_outcome(id: u64, duplicate: bool, mut outcome: Outcome) -> CommandResult {
+    let result = match outcome.wait_for(Option::is_some).await {
+        Ok(result) => result.clone().unwrap_or(Ok(())),
+        Err(_) => Err(history_unavailable(&StoreError::Failed(
+            "the hub closed".into(),
+        ))),
+    };
+    match result {
+        Ok(()) => CommandResult::sent(id, duplicate),
+        Err(error) => CommandResult::failed(error),
+    }
+}
+
+fn closed_store() -> StoreError {
+    StoreError::Failed("the history store is closed".into())
 }
 
 fn unknown_session(id: &str) -> ErrorBody {
@@ -153,27 +238,53 @@ fn unknown_session(id: &str) -> ErrorBody {
 }
 
 impl Hub {
-    /// A hub with no sessions. Call [`Hub::spawn_timers`] to expire idle sessions and flush
-    /// coalesced presence.
+    /// A hub with no sessions, keeping history in memory. Call [`Hub::spawn_timers`] to
+    /// expire idle sessions and flush coalesced presence.
     pub fn new(config: HubConfig) -> Self {
+        let store = Arc::new(MemoryStore::new(config.history_len, config.history_max_age));
+        Hub::with_store(config, store, Metrics::new())
+    }
+
+    /// A hub with no sessions, keeping history in `store`, counting into `metrics`.
+    pub fn with_store(config: HubConfig, store: Arc<dyn HistoryStore>, metrics: Metrics) -> Self {
         let fanout_threads = config.fanout_threads;
-        Hub {
+        let last_id = store.last_id();
+        let (written, written_rx) = match config.durability {
+            Durability::Full => {
+                let (tx, rx) = mpsc::channel();
+                (Some(tx), Some(rx))
+            }
+            Durability::Normal => (None, None),
+        };
+        let hub = Hub {
             inner: Arc::new(Inner {
                 config,
-                metrics: Metrics::new(),
+                metrics,
                 chat: Mutex::new(Chat {
                     fanout: Fanout::new(fanout_threads),
                     rooms: HashMap::new(),
                     pending_presence: HashSet::new(),
-                    last_message_id: 0,
+                    last_message_id: last_id,
+                    ids_asked: 0,
+                    room_drops: 0,
                     tick: 0,
                 }),
                 sessions: Mutex::new(HashMap::new()),
                 next_attachment: AtomicU64::new(1),
                 next_shard: AtomicUsize::new(0),
                 shutting_down: AtomicBool::new(false),
+                store,
+                written,
             }),
+        };
+        if let Some(written) = written_rx {
+            let inner = Arc::downgrade(&hub.inner);
+            std::thread::Builder::new()
+                .name("switchyard-written".into())
+                .spawn(move || broadcast_written(inner, written))
+                .expect("can start the thread that broadcasts written messages");
         }
+        hub
     }
 
     /// The settings this hub was built with.
@@ -296,7 +407,8 @@ impl Hub {
         let cursor = match &mut chat {
             Some(chat) if gap.is_err() => {
                 let reset_seq = state.replay.last_seq() + 1;
-                for event in reset_events(chat, &state.rooms) {
+                let oldest = cutoff(self.inner.config.history_max_age);
+                for event in reset_events(chat, &state.rooms, oldest) {
                     state.push_keeping(event, session.outbox, reset_seq);
                 }
                 state.protected = Some((reset_seq, state.replay.last_seq()));
@@ -328,23 +440,100 @@ impl Hub {
         ))
     }
 
-    /// Applies commands in order, each counting toward the session's rate limit.
-    pub fn execute(
+    /// Applies commands in order, each counting toward the session's rate limit. Returns once
+    /// each is applied; with [`Durability::Full`], once each `send` is written (or failed).
+    pub async fn execute(
         &self,
         session: &Arc<Session>,
         commands: Vec<Result<Command, ErrorBody>>,
     ) -> Vec<CommandResult> {
         let last_transport = session.lock().last_transport;
         self.inner.metrics.commands(last_transport, commands.len());
-        commands
-            .into_iter()
-            .map(|command| {
-                self.admit(session)
-                    .and(command)
-                    .and_then(|command| self.apply(session, command))
-                    .unwrap_or_else(CommandResult::failed)
-            })
-            .collect()
+        let mut results = Vec::with_capacity(commands.len());
+        // Sends waiting for their writes, awaited together so a batch shares one write.
+        let mut written = Vec::new();
+        for command in commands {
+            let result = match self.admit(session).and(command) {
+                Err(error) => CommandResult::failed(error),
+                Ok(command) => match self.run(session, command).await {
+                    Ok(result) => result,
+                    Err((id, duplicate, outcome)) => {
+                        written.push((results.len(), written_outcome(id, duplicate, outcome)));
+                        CommandResult::done()
+                    }
+                },
+            };
+            results.push(result);
+        }
+        for (at, outcome) in written {
+            results[at] = outcome.await;
+        }
+        results
+    }
+
+    /// Applies one command, reading from the store with no lock held when it must. `Err`: a
+    /// send waiting for its write.
+    async fn run(
+        &self,
+        session: &Arc<Session>,
+        mut command: Command,
+    ) -> Result<CommandResult, (u64, bool, Outcome)> {
+        let store = &self.inner.store;
+        let mut loaded = None;
+        loop {
+            command = match self.apply(session, command, &mut loaded) {
+                Applied::Done(result) => return Ok(result.unwrap_or_else(CommandResult::failed)),
+                Applied::Durable {
+                    id,
+                    duplicate,
+                    outcome,
+                } => return Err((id, duplicate, outcome)),
+                Applied::LoadRoom(command, drops) => {
+                    let room = command.room().to_owned();
+                    let reply = store.recent(&room, self.inner.config.history_len);
+                    match reply.await.unwrap_or_else(|_| Err(closed_store())) {
+                        Ok(messages) => {
+                            loaded = Some(Loaded {
+                                room,
+                                drops,
+                                messages,
+                            })
+                        }
+                        Err(error) => {
+                            return Ok(CommandResult::failed(history_unavailable(&error)))
+                        }
+                    }
+                    command
+                }
+                Applied::NeedIds(command, up_to) => {
+                    let reply = store.reserve_ids(up_to);
+                    if let Err(error) = reply.await.unwrap_or_else(|_| Err(closed_store())) {
+                        return Ok(CommandResult::failed(history_unavailable(&error)));
+                    }
+                    command
+                }
+                Applied::Page {
+                    room,
+                    before,
+                    reply,
+                } => {
+                    return Ok(match reply.await.unwrap_or_else(|_| Err(closed_store())) {
+                        Ok(page) => {
+                            let event = Event::HistoryPage {
+                                room: &room,
+                                before,
+                                messages: page.messages.iter().map(|m| m.as_ref()).collect(),
+                                more: page.more,
+                            }
+                            .encode();
+                            lock(&self.inner.chat).fanout.one(session, vec![event]);
+                            CommandResult::done()
+                        }
+                        Err(error) => CommandResult::failed(history_unavailable(&error)),
+                    });
+                }
+            };
+        }
     }
 
     /// Checks the session is live and takes a rate-limit token.
@@ -367,8 +556,14 @@ impl Hub {
         Ok(())
     }
 
-    fn apply(&self, session: &Arc<Session>, command: Command) -> Result<CommandResult, ErrorBody> {
+    fn apply(
+        &self,
+        session: &Arc<Session>,
+        command: Command,
+        loaded: &mut Option<Loaded>,
+    ) -> Applied {
         let config = &self.inner.config;
+        let store = &self.inner.store;
         let mut chat = lock(&self.inner.chat);
         // Checked again under the chat lock: `end` takes it too, so a session that ended
         // after `admit` is never put back into a room.
@@ -377,23 +572,28 @@ impl Hub {
             (state.ended, state.rooms.iter().any(|r| r == command.room()))
         };
         if ended {
-            return Err(unknown_session(&session.id));
+            return Err(unknown_session(&session.id)).into();
         }
-        chat.tick += 1;
-        let tick = chat.tick;
         let room_name = command.room().to_owned();
         if !joined && !matches!(command, Command::Join { .. }) {
             return Err(ErrorBody::new(
                 ErrorCode::NotInRoom,
                 format!("not in room {room_name:?}; join it first"),
-            ));
+            ))
+            .into();
         }
+        chat.tick += 1;
+        let tick = chat.tick;
         let chat = &mut *chat;
+        let oldest = cutoff(config.history_max_age);
         match command {
             Command::Join { room } if joined => {
                 // A fresh view of the room, as on a reset.
                 if let Some(entry) = chat.rooms.get_mut(&room) {
-                    let view = vec![entry.history_event(&room), entry.snapshot_event(&room)];
+                    let view = vec![
+                        entry.history_event(&room, oldest),
+                        entry.snapshot_event(&room),
+                    ];
                     chat.fanout.one(session, view);
                 }
             }
@@ -405,22 +605,32 @@ impl Hub {
                             "a session may be in at most {} rooms",
                             config.max_rooms_per_session
                         ),
-                    ));
+                    ))
+                    .into();
                 }
                 if !chat.rooms.contains_key(&room) {
-                    chat.make_room_for_one_more(config.max_rooms)?;
+                    // The room's history comes from the store, read with no lock held; it is
+                    // current unless a room was dropped since (its last messages may be newer).
+                    let history = match loaded.take() {
+                        Some(l) if l.room == room && l.drops == chat.room_drops => l.messages,
+                        _ => return Applied::LoadRoom(Command::Join { room }, chat.room_drops),
+                    };
+                    if let Err(error) = chat.make_room_for_one_more(config.max_rooms, &**store) {
+                        return Err(error).into();
+                    }
+                    let room_entry =
+                        Room::new(chat.fanout.shards(), config.room_rate_limit, history);
+                    chat.rooms.insert(room.clone(), room_entry);
                 }
-                let shards = chat.fanout.shards();
-                let entry = chat
-                    .rooms
-                    .entry(room.clone())
-                    .or_insert_with(|| Room::new(shards, config.room_rate_limit));
+                let entry = chat.rooms.get_mut(&room).expect("created above");
                 entry.last_used = tick;
                 // The joiner gets the published view first; its own join reaches it, like
                 // everyone else, in the next presence_diff.
-                let view = vec![entry.history_event(&room), entry.snapshot_event(&room)];
+                let view = vec![
+                    entry.history_event(&room, oldest),
+                    entry.snapshot_event(&room),
+                ];
                 chat.fanout.one(session, view);
-                let entry = chat.rooms.get_mut(&room).expect("created above");
                 entry.add(session.clone());
                 session.lock().rooms.push(room.clone());
                 chat.presence_changed(&room, config);
@@ -428,15 +638,54 @@ impl Hub {
             Command::Leave { room } => {
                 chat.leave(session, &room, config);
             }
+            Command::History {
+                room,
+                before,
+                limit,
+            } => {
+                let limit = limit.unwrap_or(DEFAULT_PAGE);
+                let reply = store.page(&room, before, limit);
+                return Applied::Page {
+                    room,
+                    before,
+                    reply,
+                };
+            }
             Command::Send {
                 room,
                 text,
                 client_id,
             } => {
                 let earlier = session.lock().sent.get(&client_id).cloned();
-                if let Some((id, echo)) = earlier {
-                    chat.fanout.one(session, vec![echo]);
-                    return Ok(CommandResult::sent(id, true));
+                match earlier {
+                    Some((id, Sent::Echo(echo))) => {
+                        chat.fanout.one(session, vec![echo]);
+                        return Ok(CommandResult::sent(id, true)).into();
+                    }
+                    Some((id, Sent::Pending(outcome))) => {
+                        return Applied::Durable {
+                            id,
+                            duplicate: true,
+                            outcome,
+                        }
+                    }
+                    None => {}
+                }
+                let id = chat.last_message_id + 1;
+                let reserved = store.reserved_ids();
+                if id > reserved {
+                    chat.ids_asked = id.saturating_add(ID_BLOCK);
+                    let command = Command::Send {
+                        room,
+                        text,
+                        client_id,
+                    };
+                    return Applied::NeedIds(command, chat.ids_asked);
+                }
+                if reserved - id < ID_BLOCK / 2 && chat.ids_asked <= reserved {
+                    // Ask for the next block early, so sends never wait for it.
+                    chat.ids_asked = reserved.saturating_add(ID_BLOCK);
+                    drop(store.reserve_ids(chat.ids_asked));
                 }
                 let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
                 if let Err(wait) = entry.admit_message() {
@@ -447,11 +696,10 @@ impl Hub {
                             "room {room:?} takes at most {per_sec} messages/s (burst {burst}); retry later"
                         ),
                     )
-                    .retry_after(wait));
+                    .retry_after(wait))
+                    .into();
                 }
                 entry.last_used = tick;
-                chat.last_message_id += 1;
-                let id = chat.last_message_id;
                 let message = Arc::new(Message {
                     room: room.clone(),
                     id,
@@ -461,14 +709,53 @@ impl Hub {
                     client_id,
                 });
                 let event = Event::Message(&message).encode();
-                let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
-                chat.fanout.room(entry.members(), event.clone());
-                entry.record(message.clone(), config.history_len);
-                session
-                    .lock()
-                    .sent
-                    .insert(&message.client_id, id, event, config.dedup_window);
-                return Ok(CommandResult::sent(id, false));
+                let Some(written) = &self.inner.written else {
+                    if let Err(error) = store.append(message.clone(), None) {
+                        return Err(history_unavailable(&error)).into();
+                    }
+                    chat.last_message_id = id;
+                    let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
+                    chat.fanout.room(entry.members(), event.clone());
+                    entry.record(message.clone(), config.history_len);
+                    session.lock().sent.insert(
+                        &message.client_id,
+                        id,
+                        Sent::Echo(event),
+                        config.dedup_window,
+                    );
+                    return Ok(CommandResult::sent(id, false)).into();
+                };
+                // Durability::Full: broadcast once written, by `broadcast_written`.
+                let (outcome_tx, outcome) = watch::channel(None);
+                let then = {
+                    let written = written.clone();
+                    let session = session.clone();
+                    let message = message.clone();
+                    Box::new(move |result| {
+                        let _ = written.send(Written {
+                            session,
+                            message,
+                            event,
+                            result,
+                            outcome: outcome_tx,
+                        });
+                    })
+                };
+                if let Err(error) = store.append(message.clone(), Some(then)) {
+                    return Err(history_unavailable(&error)).into();
+                }
+                chat.last_message_id = id;
+                session.lock().sent.insert(
+                    &message.client_id,
+                    id,
+                    Sent::Pending(outcome.clone()),
+                    config.dedup_window,
+                );
+                return Applied::Durable {
+                    id,
+                    duplicate: false,
+                    outcome,
+                };
             }
             Command::Typing { room } => {
                 if let Some(entry) = chat.rooms.get_mut(&room) {
@@ -477,7 +764,7 @@ impl Hub {
                 }
             }
         }
-        Ok(CommandResult::done())
+        Ok(CommandResult::done()).into()
     }
 
     /// Sends an `error` event to one session (for commands that came on a stream, which has
@@ -626,6 +913,16 @@ impl Hub {
         })
     }
 
+    /// Writes what the history store holds and closes it, recording the last message id so
+    /// the next start continues right after it. Call it last, once no command can arrive.
+    pub fn close_store(&self) {
+        let chat = lock(&self.inner.chat);
+        chat.fanout.settle();
+        let last_used = chat.last_message_id;
+        drop(chat);
+        self.inner.store.close(last_used);
+    }
+
     /// Refuses new sessions and transports and closes every attached transport with
     /// `shutdown`.
     pub fn shutdown(&self) {
@@ -645,15 +942,49 @@ fn flush_room(fanout: &Fanout, room: &mut Room, name: &str, list_limit: usize, n
     room.last_flush = Some(now);
 }
 
+/// With [`Durability::Full`]: broadcasts each message once its write is done, in write order
+/// (so a room's messages keep their order), or fails its `send`. Runs until the hub is gone.
+fn broadcast_written(hub: Weak<Inner>, written: mpsc::Receiver<Written>) {
+    while let Ok(done) = written.recv() {
+        let Some(inner) = hub.upgrade() else {
+            return;
+        };
+        let config = &inner.config;
+        let message = &done.message;
+        let result = match done.result {
+            Ok(()) => {
+                let mut chat = lock(&inner.chat);
+                let chat = &mut *chat;
+                if let Some(entry) = chat.rooms.get_mut(&message.room) {
+                    chat.fanout.room(entry.members(), done.event.clone());
+                    entry.record(message.clone(), config.history_len);
+                }
+                done.session.lock().sent.insert(
+                    &message.client_id,
+                    message.id,
+                    Sent::Echo(done.event),
+                    config.dedup_window,
+                );
+                Ok(())
+            }
+            Err(error) => {
+                done.session.lock().sent.remove(&message.client_id);
+                Err(history_unavailable(&error))
+            }
+        };
+        done.outcome.send_replace(Some(result));
+    }
+}
+
 /// A `reset`, then each of `rooms`' history and presence.
-fn reset_events(chat: &mut Chat, rooms: &[String]) -> Vec<EncodedEvent> {
+fn reset_events(chat: &mut Chat, rooms: &[String], oldest: u64) -> Vec<EncodedEvent> {
     let mut events = vec![Event::Reset {
         reason: RESET_REPLAY_WINDOW,
     }
     .encode()];
     for name in rooms {
         if let Some(room) = chat.rooms.get_mut(name) {
-            events.push(room.history_event(name));
+            events.push(room.history_event(name, oldest));
             events.push(room.snapshot_event(name));
         }
     }
@@ -694,7 +1025,11 @@ impl Chat {
     }
 
     /// Drops the least recently used empty room when the server holds `max_rooms`.
-    fn make_room_for_one_more(&mut self, max_rooms: usize) -> Result<(), ErrorBody> {
+    fn make_room_for_one_more(
+        &mut self,
+        max_rooms: usize,
+        store: &dyn HistoryStore,
+    ) -> Result<(), ErrorBody> {
         if self.rooms.len() < max_rooms {
             return Ok(());
         }
@@ -707,6 +1042,8 @@ impl Chat {
         match oldest_empty {
             Some(name) => {
                 self.rooms.remove(&name);
+                self.room_drops += 1;
+                store.forget(&name);
                 Ok(())
             }
             None => Err(ErrorBody::new(
@@ -750,8 +1087,8 @@ mod tests {
         let hub = quiet_hub();
         let reader = hub.create_session("reader").unwrap();
         let writer = hub.create_session("writer").unwrap();
-        hub.execute(&reader, vec![join("r")]);
-        hub.execute(&writer, vec![join("r")]);
+        hub.execute(&reader, vec![join("r")]).await;
+        hub.execute(&writer, vec![join("r")]).await;
         hub.settle();
         let mut stream = hub.attach(&reader.id, TransportKind::WebSocket, 0).unwrap();
         let Delivery::Events(first) = stream.ready(BatchLimit::events(2)) else {
@@ -760,7 +1097,8 @@ mod tests {
         assert_eq!(first.len(), 2);
         // The stream never asks for more: five more events put it past the outbox of 4.
         for i in 0..5 {
-            hub.execute(&writer, vec![send("r", &format!("c{i}"))]);
+            hub.execute(&writer, vec![send("r", &format!("c{i}"))])
+                .await;
         }
         hub.settle();
         assert!(matches!(
@@ -802,15 +1140,15 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn an_ended_session_cannot_rejoin_and_leaves_no_trace_in_rooms() {
+    #[tokio::test]
+    async fn an_ended_session_cannot_rejoin_and_leaves_no_trace_in_rooms() {
         let hub = quiet_hub();
         let gone = hub.create_session("gone").unwrap();
         let stays = hub.create_session("stays").unwrap();
-        hub.execute(&stays, vec![join("r")]);
-        hub.execute(&gone, vec![join("r")]);
+        hub.execute(&stays, vec![join("r")]).await;
+        hub.execute(&gone, vec![join("r")]).await;
         hub.end_session(&gone.id).unwrap();
-        let results = hub.execute(&gone, vec![join("r")]);
+        let results = hub.execute(&gone, vec![join("r")]).await;
         assert_eq!(
             results[0].error.as_ref().map(|e| e.code),
             Some(ErrorCode::UnknownSession)
@@ -870,12 +1208,12 @@ mod tests {
     }
 
     /// `n` sessions named u0, u1, ... joined to room `r`, in order.
-    fn members(hub: &Hub, n: usize) -> Vec<Arc<Session>> {
+    async fn members(hub: &Hub, n: usize) -> Vec<Arc<Session>> {
         let sessions: Vec<_> = (0..n)
             .map(|i| hub.create_session(&format!("u{i}")).unwrap())
             .collect();
         for session in &sessions {
-            hub.execute(session, vec![join("r")]);
+            hub.execute(session, vec![join("r")]).await;
         }
         sessions
     }
@@ -891,7 +1229,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_join_storm_costs_each_member_one_diff_per_interval() {
         let hub = coalescing_hub(1000);
-        let sessions = members(&hub, 200);
+        let sessions = members(&hub, 200).await;
         // The first join, in a quiet room, was told at once; the rest wait for the interval.
         assert_eq!(
             of_type(&events_of(&hub, &sessions[0]), "presence_diff").count(),
@@ -911,7 +1249,8 @@ mod tests {
         assert_eq!(names_seen(&last), everyone, "the joiner's view is exact");
         // A quiet room again: the next leave is told at once.
         tokio::time::advance(Duration::from_millis(250)).await;
-        hub.execute(&sessions[5], vec![Ok(Command::Leave { room: "r".into() })]);
+        hub.execute(&sessions[5], vec![Ok(Command::Leave { room: "r".into() })])
+            .await;
         let first = events_of(&hub, &sessions[0]);
         let diff = of_type(&first, "presence_diff").last().unwrap();
         assert_eq!(diff["left"], serde_json::json!(["u5"]));
@@ -921,7 +1260,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_large_room_tells_a_count_and_a_sample_until_it_is_small_again() {
         let hub = coalescing_hub(10);
-        let sessions = members(&hub, 30);
+        let sessions = members(&hub, 30).await;
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
         let watcher = events_of(&hub, &sessions[0]);
@@ -930,7 +1269,7 @@ mod tests {
         assert_eq!(diff["complete"], false);
         // A joiner of the large room gets the count and a sample.
         let late = hub.create_session("late").unwrap();
-        hub.execute(&late, vec![join("r")]);
+        hub.execute(&late, vec![join("r")]).await;
         let snapshot = of_type(&events_of(&hub, &late), "presence")
             .next()
             .unwrap()
@@ -940,7 +1279,8 @@ mod tests {
         // Down to 6 members: everyone gets the full list again, in join order.
         tokio::time::advance(Duration::from_millis(250)).await;
         for session in sessions.iter().skip(5) {
-            hub.execute(session, vec![Ok(Command::Leave { room: "r".into() })]);
+            hub.execute(session, vec![Ok(Command::Leave { room: "r".into() })])
+                .await;
         }
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
@@ -957,13 +1297,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn typing_is_one_event_per_room_per_interval_naming_a_few() {
         let hub = coalescing_hub(1000);
-        let sessions = members(&hub, 30);
+        let sessions = members(&hub, 30).await;
         tokio::time::advance(Duration::from_millis(250)).await;
         hub.flush_presence();
         tokio::time::advance(Duration::from_millis(250)).await;
         for _ in 0..5 {
             for session in &sessions {
-                hub.execute(session, vec![Ok(Command::Typing { room: "r".into() })]);
+                hub.execute(session, vec![Ok(Command::Typing { room: "r".into() })])
+                    .await;
             }
         }
         tokio::time::advance(Duration::from_millis(250)).await;
@@ -987,32 +1328,35 @@ mod tests {
             ..HubConfig::default()
         });
         let ann = hub.create_session("ann").unwrap();
-        hub.execute(&ann, vec![join("r")]);
-        let results = hub.execute(&ann, vec![send("r", "a"), send("r", "b"), send("r", "c")]);
+        hub.execute(&ann, vec![join("r")]).await;
+        let results = hub
+            .execute(&ann, vec![send("r", "a"), send("r", "b"), send("r", "c")])
+            .await;
         assert!(results[0].ok && results[1].ok);
         let refused = results[2].error.as_ref().unwrap();
         assert_eq!(refused.code, ErrorCode::RateLimited);
         assert_eq!(refused.retry_after_ms, Some(500));
         // A retry of a send that went through is still answered from the dedupe table.
         assert_eq!(
-            hub.execute(&ann, vec![send("r", "a")])[0].duplicate,
+            hub.execute(&ann, vec![send("r", "a")]).await[0].duplicate,
             Some(true)
         );
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert!(hub.execute(&ann, vec![send("r", "c")])[0].ok);
+        assert!(hub.execute(&ann, vec![send("r", "c")]).await[0].ok);
     }
 
-    #[test]
-    fn a_rejoin_shares_the_rooms_encoded_history_instead_of_copying_it() {
+    #[tokio::test]
+    async fn a_rejoin_shares_the_rooms_encoded_history_instead_of_copying_it() {
         let hub = quiet_hub();
         let writer = hub.create_session("writer").unwrap();
-        hub.execute(&writer, vec![join("r")]);
+        hub.execute(&writer, vec![join("r")]).await;
         for i in 0..10 {
-            hub.execute(&writer, vec![send("r", &format!("w{i}"))]);
+            hub.execute(&writer, vec![send("r", &format!("w{i}"))])
+                .await;
         }
         let reader = hub.create_session("reader").unwrap();
         for _ in 0..3 {
-            hub.execute(&reader, vec![join("r")]);
+            hub.execute(&reader, vec![join("r")]).await;
         }
         hub.settle();
         let state = reader.lock();
@@ -1040,8 +1384,8 @@ mod tests {
         });
         let writer = hub.create_session("writer").unwrap();
         let reader = hub.create_session("reader").unwrap();
-        hub.execute(&writer, vec![join("r")]);
-        hub.execute(&reader, vec![join("r")]);
+        hub.execute(&writer, vec![join("r")]).await;
+        hub.execute(&reader, vec![join("r")]).await;
         let big = |i: usize| {
             Ok(Command::Send {
                 room: "r".into(),
@@ -1051,7 +1395,7 @@ mod tests {
         };
         // A 20 KB history: far over the reader's 8 KiB budget.
         for i in 0..10 {
-            hub.execute(&writer, vec![big(i)]);
+            hub.execute(&writer, vec![big(i)]).await;
         }
         hub.settle();
         let mut poll = hub
@@ -1060,7 +1404,7 @@ mod tests {
         drop(poll);
         // More messages before anyone reads the reset.
         for i in 10..14 {
-            hub.execute(&writer, vec![big(i)]);
+            hub.execute(&writer, vec![big(i)]).await;
         }
         hub.settle();
         poll = hub

@@ -93,14 +93,14 @@ fn remove_name(names: &mut Vec<Arc<str>>, name: &str) {
 }
 
 impl Room {
-    /// An empty room for `shards` fan-out shards; `rate` is the message rate
-    /// `(per_sec, burst)`, if limited.
-    pub fn new(shards: usize, rate: Option<(f64, f64)>) -> Self {
+    /// An empty room for `shards` fan-out shards, with its newest messages from the history
+    /// store; `rate` is the message rate `(per_sec, burst)`, if limited.
+    pub fn new(shards: usize, rate: Option<(f64, f64)>, history: Vec<Arc<Message>>) -> Self {
         Room {
             shards: (0..shards.max(1)).map(|_| Arc::new(Vec::new())).collect(),
             index: HashMap::new(),
             joins: 0,
-            history: VecDeque::new(),
+            history: history.into(),
             history_event: None,
             presence: Presence {
                 exact: true,
@@ -217,8 +217,13 @@ impl Room {
         self.history_event = None;
     }
 
-    /// The `history` event for this room, encoded once until a message is recorded.
-    pub fn history_event(&mut self, room: &str) -> EncodedEvent {
+    /// The `history` event for this room, encoded once until a message is recorded or ages
+    /// out: messages sent before `oldest` (microseconds) are dropped first.
+    pub fn history_event(&mut self, room: &str, oldest: u64) -> EncodedEvent {
+        while self.history.front().is_some_and(|m| m.ts < oldest) {
+            self.history.pop_front();
+            self.history_event = None;
+        }
         let history = &self.history;
         let cached = self.history_event.get_or_insert_with(|| {
             Event::History {

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::metrics::Metrics;
 
 use super::HubConfig;
-use crate::protocol::{CloseReason, EncodedEvent, TransportKind};
+use crate::protocol::{CloseReason, EncodedEvent, ErrorBody, TransportKind};
 
 /// What one event costs a replay buffer or an outbox: its body and the entry holding it.
 pub(crate) fn event_cost(event: &EncodedEvent) -> u64 {
@@ -214,30 +214,50 @@ impl TokenBucket {
     }
 }
 
+/// The outcome of a send waiting for its write, once known.
+pub(crate) type Outcome = watch::Receiver<Option<Result<(), ErrorBody>>>;
+
+/// What a session remembers of one of its sends.
+#[derive(Debug, Clone)]
+pub(crate) enum Sent {
+    /// Broadcast: the echo to send again to a retry.
+    Echo(EncodedEvent),
+    /// Waiting for its write (`--history-durability full`); a retry waits for the same
+    /// outcome instead of sending the message twice.
+    Pending(Outcome),
+}
+
 /// The echoes of a session's most recent sends, by `client_id`, so a retry is answered with
 /// the original instead of a second broadcast.
 #[derive(Debug, Default)]
 pub struct SentMessages {
-    by_client_id: HashMap<Arc<str>, (u64, EncodedEvent)>,
+    by_client_id: HashMap<Arc<str>, (u64, Sent)>,
     order: VecDeque<Arc<str>>,
 }
 
 impl SentMessages {
-    /// The message id and echo of an earlier send with this `client_id`.
-    pub fn get(&self, client_id: &str) -> Option<&(u64, EncodedEvent)> {
+    /// The message id and echo (or pending outcome) of an earlier send with this `client_id`.
+    pub(crate) fn get(&self, client_id: &str) -> Option<&(u64, Sent)> {
         self.by_client_id.get(client_id)
     }
 
     /// Remembers a send, forgetting the oldest past `capacity`.
-    pub fn insert(&mut self, client_id: &str, id: u64, echo: EncodedEvent, capacity: usize) {
+    pub(crate) fn insert(&mut self, client_id: &str, id: u64, sent: Sent, capacity: usize) {
         let key: Arc<str> = Arc::from(client_id);
-        if self.by_client_id.insert(key.clone(), (id, echo)).is_none() {
+        if self.by_client_id.insert(key.clone(), (id, sent)).is_none() {
             self.order.push_back(key);
         }
         while self.order.len() > capacity {
             if let Some(old) = self.order.pop_front() {
                 self.by_client_id.remove(&old);
             }
+        }
+    }
+
+    /// Forgets a send whose write failed, so a retry sends it anew.
+    pub(crate) fn remove(&mut self, client_id: &str) {
+        if self.by_client_id.remove(client_id).is_some() {
+            self.order.retain(|k| &**k != client_id);
         }
     }
 }
@@ -776,7 +796,7 @@ mod tests {
     fn sent_messages_forget_the_oldest() {
         let mut sent = SentMessages::default();
         for n in 0..5 {
-            sent.insert(&format!("c{n}"), n, event(n), 3);
+            sent.insert(&format!("c{n}"), n, Sent::Echo(event(n)), 3);
         }
         assert!(sent.get("c1").is_none());
         assert_eq!(sent.get("c4").map(|e| e.0), Some(4));

@@ -71,7 +71,7 @@ pub async fn post(
     let session = hub.session(session_id)?;
     let body = read_body(request, config.max_message_bytes, config.body_timeout).await?;
     let parsed = parse_commands(&body)?;
-    let results = hub.execute(&session, parsed.commands);
+    let results = hub.execute(&session, parsed.commands).await;
     let transport = session
         .last_transport()
         .map_or(NO_TRANSPORT, |t| t.as_str());

@@ -235,7 +235,7 @@ async fn serve(
             incoming = socket.next() => {
                 last_heard = Instant::now();
                 match incoming {
-                    Some(Ok(Message::Text(text))) => handle_text(hub, &session, text.as_bytes(), max_bytes),
+                    Some(Ok(Message::Text(text))) => handle_text(hub, &session, text.as_bytes(), max_bytes).await,
                     Some(Ok(Message::Binary(_))) => report_error(hub,
                         &session,
                         &ErrorBody::new(
@@ -328,7 +328,7 @@ fn report_error(hub: &Hub, session: &Arc<Session>, error: &ErrorBody, client_id:
 }
 
 /// Applies the commands in one text frame; each failure becomes an `error` event.
-fn handle_text(hub: &Hub, session: &Arc<Session>, text: &[u8], max_bytes: usize) {
+async fn handle_text(hub: &Hub, session: &Arc<Session>, text: &[u8], max_bytes: usize) {
     if text.len() > max_bytes {
         let error = ErrorBody::new(
             ErrorCode::TooLarge,
@@ -347,7 +347,7 @@ fn handle_text(hub: &Hub, session: &Arc<Session>, text: &[u8], max_bytes: usize)
             return;
         }
     };
-    let results = hub.execute(session, parsed.commands);
+    let results = hub.execute(session, parsed.commands).await;
     for (result, client_id) in results.iter().zip(&parsed.client_ids) {
         if let Some(error) = &result.error {
             report_error(hub, session, error, client_id.as_deref());
