@@ -4,7 +4,12 @@
 import { connect, TRANSPORTS } from '/switchyard.js';
 
 const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
-const MAX_KEPT = 500; // messages kept per room
+const MAX_KEPT = 500; // messages kept per room while the reader is at the bottom
+const PAGE_SIZE = 50; // older messages asked for at a time
+const NEAR_TOP_PX = 120; // this close to the top of the list, older messages are loaded
+// A loadOlder ending with these is no failure: the room's view was replaced or left, and
+// what replaces it is shown instead.
+const QUIET_PAGE_ERRORS = new Set(['reset', 'cancelled', 'not_in_room', 'not_ready', 'closed']);
 const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within this share a header
 const TYPING_SHOWN_MS = 4000;
 // The server sends typing at most once per presence interval (250 ms by default), so a batch
@@ -35,6 +40,9 @@ const el = {
   bannerText: $('banner-text'),
   bannerAction: $('banner-action'),
   scroll: $('messages-scroll'),
+  historyMarker: $('history-marker'),
+  historyMarkerText: $('history-marker-text'),
+  historyRetry: $('history-retry'),
   empty: $('empty-state'),
   messages: $('messages'),
   typing: $('typing'),
@@ -50,8 +58,13 @@ let forced = TRANSPORTS.includes(params.get('transport')) ? params.get('transpor
 
 /** @type {import('/switchyard.js').Client | null} */
 let client = null;
-/** room -> { items: [message | notice], unread, typing: Map(user -> until) } */
+/**
+ * room -> { items: [message | notice], unread, typing: Map(user -> until), spoke,
+ * loadingOlder, olderError }
+ */
 const rooms = new Map();
+/** Each rendered list item's item, to find the one the reader is looking at. */
+const itemOfNode = new WeakMap();
 let current = null;
 let lastTypingSent = 0;
 let retryTimer = null;
@@ -101,6 +114,7 @@ function wire(c) {
   }));
   c.on('transport', mine(() => renderConnection(c)));
   c.on('history', mine(onHistory));
+  c.on('history_page', mine(onHistoryPage));
   c.on('message', mine(onMessage));
   c.on('presence', mine(onPresence));
   c.on('presence_diff', mine(onPresenceDiff));
@@ -177,7 +191,11 @@ function renderFallbacks(fallbacks) {
 // ---- rooms ----
 
 function roomState(room) {
-  if (!rooms.has(room)) rooms.set(room, { items: [], unread: 0, typing: new Map(), spoke: new Map() });
+  if (!rooms.has(room)) {
+    rooms.set(room, {
+      items: [], unread: 0, typing: new Map(), spoke: new Map(), loadingOlder: false, olderError: null,
+    });
+  }
   return rooms.get(room);
 }
 
@@ -254,18 +272,25 @@ function renderRoom() {
   el.composer.disabled = !current;
   el.send.disabled = !current;
   el.leave.hidden = !current;
-  el.messages.replaceChildren();
-  if (state) {
-    let previous = null;
-    for (const item of state.items) {
-      el.messages.append(renderItem(item, previous));
-      previous = item;
-    }
-  }
-  el.empty.hidden = Boolean(state && state.items.length) || !current;
+  renderList(state);
   renderPresence();
   renderTyping();
-  scrollToBottom(true);
+  scrollToBottom();
+  renderHistoryMarker();
+  loadOlderIfAtTop();
+}
+
+/** Renders the current room's items (none for null). */
+function renderList(state) {
+  const items = state ? state.items : [];
+  const list = document.createDocumentFragment();
+  let previous = null;
+  for (const item of items) {
+    list.append(renderItem(item, previous));
+    previous = item;
+  }
+  el.messages.replaceChildren(list);
+  el.empty.hidden = items.length > 0 || !current;
 }
 
 // ---- messages ----
@@ -274,10 +299,103 @@ function onHistory(event) {
   const state = roomState(event.room);
   const pending = state.items.filter((item) => item.pending);
   state.items = event.messages.map((m) => ({ ...m, kind: 'message' }));
+  state.olderError = null;
   for (const item of pending) {
     if (!state.items.some((m) => m.client_id === item.client_id)) state.items.push(item);
   }
   if (event.room === current) renderRoom();
+}
+
+// A page of older messages, every one new to this page (the client library drops those it
+// delivered already): they go above what the room shows, and the message the reader is
+// looking at stays where it is on the screen.
+function onHistoryPage(page) {
+  const state = rooms.get(page.room);
+  if (!state) return;
+  if (page.messages.length) {
+    const older = page.messages.map((m) => ({ ...m, kind: 'message' }));
+    // A page asked for before any message arrived can hold the echo of a send of ours that
+    // is still pending: the library will not deliver that echo again, so the page's copy
+    // takes the pending one's place.
+    const echoed = new Set(older.filter((m) => m.from === myName).map((m) => m.client_id));
+    const rest = state.items.filter((item) => !(item.pending && echoed.has(item.client_id)));
+    state.items = [...older, ...rest];
+    if (page.room === current) {
+      const place = readingPlace();
+      renderList(state);
+      keepPlace(place);
+    }
+  }
+  if (page.room === current) renderHistoryMarker();
+}
+
+/** The topmost list item on screen and where its text is, to put it back after a re-render. */
+function readingPlace() {
+  const top = el.scroll.getBoundingClientRect().top;
+  for (const node of el.messages.children) {
+    if (node.getBoundingClientRect().bottom > top) return { item: itemOfNode.get(node), y: textTop(node) };
+  }
+  return null;
+}
+
+/** Scrolls so the item of `place` is where it was; to the bottom when there was none. */
+function keepPlace(place) {
+  const node = place && [...el.messages.children].find((child) => itemOfNode.get(child) === place.item);
+  if (node) el.scroll.scrollTop += textTop(node) - place.y;
+  else if (!place) scrollToBottom();
+}
+
+// The text, not the item's top: an item whose group now starts above it loses its header.
+function textTop(node) {
+  return (node.querySelector('.text') || node).getBoundingClientRect().top;
+}
+
+/** Asks for older messages of the current room if the reader is at the top of it. */
+function loadOlderIfAtTop(retry = false) {
+  if (current && el.scroll.scrollTop <= NEAR_TOP_PX) loadOlder(current, retry);
+}
+
+/**
+ * One request at a time per room, none once the room's start is shown. After a failure,
+ * only a retry (scrolling up again, the Retry button) asks again.
+ */
+function loadOlder(room, retry) {
+  const c = client;
+  const state = rooms.get(room);
+  if (!c || !state || state.loadingOlder || (state.olderError && !retry) || !c.hasOlder(room)) return;
+  state.loadingOlder = true;
+  state.olderError = null;
+  renderHistoryMarker();
+  c.loadOlder(room, { limit: PAGE_SIZE })
+    .catch((error) => {
+      if (!QUIET_PAGE_ERRORS.has(error.code)) state.olderError = error;
+    })
+    .finally(() => {
+      state.loadingOlder = false;
+      if (c !== client || room !== current) return;
+      renderHistoryMarker();
+      // Still at the top (a short page, a short room): keep going until the list fills.
+      loadOlderIfAtTop();
+    });
+}
+
+// Above the list: loading, a failure with a retry, or the start of the room's history (when
+// the page shows messages and the server has said there are no older ones).
+function renderHistoryMarker() {
+  const state = current ? rooms.get(current) : null;
+  const room = current && client ? client.rooms.get(current) : null;
+  const shown = state && state.items.some((item) => item.kind === 'message' && item.id !== undefined);
+  let mode = '';
+  if (state && state.loadingOlder) mode = 'loading';
+  else if (state && state.olderError) mode = 'error';
+  else if (shown && room && room.loaded && !room.more) mode = 'start';
+  el.historyMarker.dataset.state = mode;
+  el.historyMarkerText.textContent = {
+    loading: 'Loading older messages…',
+    error: `Cannot load older messages: ${state && state.olderError ? state.olderError.message : ''}`,
+    start: 'Beginning of history',
+  }[mode] || '';
+  el.historyRetry.hidden = mode !== 'error';
 }
 
 function onMessage(message) {
@@ -293,7 +411,7 @@ function onMessage(message) {
     state.items.push(item);
     if (message.room !== current) state.unread += 1;
   }
-  trim(state);
+  trim(message.room, state);
   if (message.room === current) {
     if (pendingIndex >= 0) {
       const node = el.messages.querySelector(`[data-client-id="${cssEscape(message.client_id)}"]`);
@@ -325,7 +443,7 @@ function onPresenceDiff(event) {
       if (others.length === 0) continue;
       const notice = { kind: 'notice', text: `${listNames(others)} ${verb}`, ts: Date.now() * 1000 };
       state.items.push(notice);
-      trim(state);
+      trim(event.room, state);
       if (event.room === current) appendItem(notice, state);
     }
   }
@@ -359,13 +477,14 @@ function appendItem(item, state) {
   const nearBottom = isNearBottom();
   const index = state.items.lastIndexOf(item);
   el.messages.append(renderItem(item, state.items[index - 1] || null));
-  while (el.messages.children.length > MAX_KEPT) el.messages.firstElementChild.remove();
+  while (el.messages.children.length > state.items.length) el.messages.firstElementChild.remove();
   el.empty.hidden = true;
   if (nearBottom || item.pending) scrollToBottom();
 }
 
 function renderItem(item, previous) {
   const li = document.createElement('li');
+  itemOfNode.set(li, item);
   if (item.kind === 'notice') {
     li.className = 'notice';
     li.textContent = item.text;
@@ -420,8 +539,16 @@ function renderItem(item, previous) {
   return li;
 }
 
-function trim(state) {
-  if (state.items.length > MAX_KEPT) state.items.splice(0, state.items.length - MAX_KEPT);
+// Drops a long room's oldest items, but not while the reader is up in them; the client
+// library is told, so scrolling back up loads the dropped messages again.
+function trim(room, state) {
+  if (state.items.length <= MAX_KEPT || (room === current && !isNearBottom())) return;
+  const dropped = state.items.splice(0, state.items.length - MAX_KEPT);
+  const isMessage = (item) => item.kind === 'message' && item.id !== undefined;
+  if (!client || !dropped.some(isMessage)) return;
+  const oldest = state.items.find(isMessage);
+  client.forgetOlder(room, oldest ? oldest.id : Infinity);
+  if (room === current) renderHistoryMarker();
 }
 
 function sendText(room, text) {
@@ -607,6 +734,18 @@ el.joinForm.addEventListener('submit', (event) => {
 });
 
 el.leave.addEventListener('click', () => leaveRoom(current));
+
+let lastScrollTop = 0;
+el.scroll.addEventListener('scroll', () => {
+  // Scrolling up again near the top retries a load that failed.
+  const up = el.scroll.scrollTop < lastScrollTop;
+  lastScrollTop = el.scroll.scrollTop;
+  loadOlderIfAtTop(up);
+}, { passive: true });
+
+el.historyRetry.addEventListener('click', () => {
+  if (current) loadOlder(current, true);
+});
 
 el.nameForm.addEventListener('submit', (event) => {
   event.preventDefault();

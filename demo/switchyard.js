@@ -19,11 +19,14 @@ export const CLOSE_REASONS = Object.freeze({
 
 /** Events a handler can subscribe to with `client.on(type, handler)`. */
 export const EVENT_TYPES = Object.freeze([
-  'message', 'presence', 'presence_diff', 'typing', 'history', 'error', 'reset', 'state', 'transport',
+  'message', 'presence', 'presence_diff', 'typing', 'history', 'history_page', 'error', 'reset', 'state',
+  'transport',
 ]);
 
 /** Event types the server sends, which are also the SSE `event:` names (`error` aside). */
-const SERVER_EVENT_TYPES = Object.freeze(['message', 'presence', 'presence_diff', 'typing', 'history', 'reset']);
+const SERVER_EVENT_TYPES = Object.freeze([
+  'message', 'presence', 'presence_diff', 'typing', 'history', 'history_page', 'reset',
+]);
 
 const DEFAULTS = Object.freeze({
   transports: TRANSPORTS,
@@ -32,12 +35,15 @@ const DEFAULTS = Object.freeze({
   longPollMs: undefined, // the server's long_poll_ms
   sendTimeoutMs: 5000,
   sendAttempts: 4,
+  historyTimeoutMs: 10000,
   reconnectMinMs: 250,
   reconnectMaxMs: 10000,
 });
 
 const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
 const MAX_TEXT_CHARS = 4000;
+/** The most messages one `history` command may ask for. */
+const MAX_PAGE = 200;
 /** A transport that stays up this long counts as healthy: the reconnect backoff starts over. */
 const STABLE_AFTER_MS = 5000;
 /** Extra time a long poll may take beyond its `wait` before it is presumed dead. */
@@ -111,14 +117,16 @@ export class Client {
     /** Seq of the last event delivered; resume point of the next attach. */
     this.lastSeq = 0;
     /**
-     * Joined rooms: name -> `{online: [names], count, complete, lastMessageId}`, presence as
-     * of the last `presence` snapshot and the `presence_diff` events after it.
+     * Joined rooms: name -> `{online: [names], count, complete, lastMessageId, oldestMessageId,
+     * more}`, presence as of the last `presence` snapshot and the `presence_diff` events after
+     * it, and the span of messages held (see newRoomState).
      */
     this.rooms = new Map();
 
     this._handlers = new Map();
     this._active = null; // the transport attempt that may deliver events
     this._pending = new Map(); // client_id -> a send waiting for its echo
+    this._pages = new Map(); // room -> a loadOlder waiting for its history_page
     this._epoch = 0; // bumped whenever an async flow (reconnect, renew) must give up
     this._reconnectAttempt = 0;
     this._preOpenFailures = 0;
@@ -155,7 +163,11 @@ export class Client {
     try {
       await this._command({ type: 'join', room });
     } catch (error) {
-      if (FINAL_CODES.has(error.code) || error.code === 'server_full') this.rooms.delete(room);
+      // history_unavailable: the server could not read the room's history, so did not join it.
+      if (FINAL_CODES.has(error.code) || error.code === 'server_full' || error.code === 'history_unavailable') {
+        this.rooms.delete(room);
+        this._failPages(room, error);
+      }
       throw error;
     }
   }
@@ -164,6 +176,7 @@ export class Client {
   async leave(room) {
     checkRoom(room);
     if (!this.rooms.delete(room)) return;
+    this._failPages(room, new SwitchyardError('not_in_room', `left room ${JSON.stringify(room)}`));
     await this._command({ type: 'leave', room });
   }
 
@@ -203,6 +216,80 @@ export class Client {
       this._attemptSend(entry);
     }
     return promise;
+  }
+
+  /**
+   * Asks for the messages of a joined room just older than the oldest one this client holds
+   * (the newest, if it holds none): up to `options.limit` of them (1-200, the server's
+   * default 50). Handlers get the server's answer as a `history_page` event, with every
+   * message this client already delivered (in a `message`, a `history` or an earlier page)
+   * removed; the promise resolves with that same event. It rejects with the server's error,
+   * with `reset` if the room's view is replaced (a `reset`, or a `history` after a rejoin)
+   * before the page comes, or with `timeout` after `historyTimeoutMs`. One request per room
+   * at a time: a call while one is on its way returns the same promise. Once the room's start
+   * is reached ({@link Client#hasOlder} false) it resolves at once with an empty page.
+   */
+  loadOlder(room, options = {}) {
+    const waiting = this._pages.get(room);
+    if (waiting) return waiting.promise;
+    const state = this.rooms.get(room);
+    const { limit } = options;
+    if (limit !== undefined && !(Number.isInteger(limit) && limit >= 1 && limit <= MAX_PAGE)) {
+      return Promise.reject(new SwitchyardError('bad_option', `limit must be an integer 1-${MAX_PAGE}, got ${JSON.stringify(limit)}`));
+    }
+    if (!state) return Promise.reject(new SwitchyardError('not_in_room', `not in room ${JSON.stringify(room)}; join it first`));
+    if (this.state === 'closed') return Promise.reject(new SwitchyardError('closed', 'the client is closed'));
+    if (!state.loaded) return Promise.reject(new SwitchyardError('not_ready', `the history of ${JSON.stringify(room)} has not arrived yet`));
+    const before = state.oldestMessageId || null;
+    if (!state.more) return Promise.resolve({ type: 'history_page', room, before, messages: [], more: false });
+    let entry;
+    const promise = new Promise((resolve, reject) => {
+      entry = { room, before, limit, resolve, reject, timer: null, via: null };
+    });
+    entry.promise = promise;
+    this._pages.set(room, entry);
+    state.askedBefore.add(before || 0);
+    const command = { type: 'history', room };
+    if (before) command.before = before;
+    if (limit !== undefined) command.limit = limit;
+    entry.timer = setTimeout(() => {
+      this._finishPage(entry, new SwitchyardError('timeout', `no history_page for ${JSON.stringify(room)} within ${this._eventWaitMs(this.options.historyTimeoutMs)} ms`));
+    }, this._eventWaitMs(this.options.historyTimeoutMs));
+    this._command(command)
+      .then((result) => { entry.via = result.via; })
+      .catch((error) => this._finishPage(entry, error));
+    return promise;
+  }
+
+  /**
+   * Whether a joined room may have messages older than the oldest this client holds: true
+   * until a `history_page` says `more: false`, and again after {@link Client#forgetOlder}.
+   * False for a room not joined or whose `history` has not arrived.
+   */
+  hasOlder(room) {
+    const state = this.rooms.get(room);
+    return Boolean(state && state.loaded && state.more);
+  }
+
+  /**
+   * Tells the client that the page no longer shows the messages of `room` older than
+   * `before` (the id of the oldest message it still shows; past the newest when it shows
+   * none), so {@link Client#loadOlder} asks for them again rather than starting below them.
+   * For a page that trims long rooms; a pending `loadOlder` below `before` rejects with
+   * `cancelled`.
+   */
+  forgetOlder(room, before) {
+    const state = this.rooms.get(room);
+    if (!state || !state.oldestMessageId || !(before > state.oldestMessageId)) return;
+    state.oldestMessageId = Math.min(before, state.lastMessageId + 1);
+    state.more = true;
+    for (const asked of state.askedBefore) {
+      if (asked < state.oldestMessageId) state.askedBefore.delete(asked);
+    }
+    const entry = this._pages.get(room);
+    if (entry && (entry.before || 0) < state.oldestMessageId) {
+      this._finishPage(entry, new SwitchyardError('cancelled', 'the messages it would have joined onto were forgotten'));
+    }
   }
 
   /**
@@ -281,6 +368,7 @@ export class Client {
       entry.reject(new SwitchyardError('closed', 'the client was closed'));
     }
     this._pending.clear();
+    this._failPages(null, new SwitchyardError('closed', 'the client was closed'));
     if (this.sessionId) {
       await fetch(this._url(`/v1/sessions/${this.sessionId}`), { method: 'DELETE', keepalive: true })
         .catch(() => {});
@@ -548,6 +636,7 @@ export class Client {
     this._setState('expired', reason);
     this.lastSeq = 0;
     for (const room of this.rooms.values()) Object.assign(room, newRoomState());
+    this._failPages(null, new SwitchyardError('reset', 'a new session replaces the rooms\' views'));
     this._emit('reset', { type: 'reset', reason: `session_${reason}`, synthetic: true });
     let attempt = 0;
     for (;;) {
@@ -601,17 +690,30 @@ export class Client {
           pending.resolve(event);
         }
         const room = this.rooms.get(event.room);
-        // Room message ids strictly increase, so a lower id is a retried send echoed again.
+        // Room message ids strictly increase, so a lower id is a retried send echoed again
+        // (or a message a page already delivered).
         if (room && event.id <= room.lastMessageId) return;
-        if (room) room.lastMessageId = event.id;
+        if (room) {
+          room.lastMessageId = event.id;
+          if (!room.oldestMessageId) room.oldestMessageId = event.id;
+        }
         break;
       }
       case 'history': {
         const room = this.rooms.get(event.room);
         if (room) {
-          room.lastMessageId = event.messages.reduce((max, m) => Math.max(max, m.id), 0);
+          replaceMessages(room, event.messages);
+          this._failPages(event.room, new SwitchyardError('reset', `the view of ${JSON.stringify(event.room)} was replaced`));
         }
         break;
+      }
+      case 'history_page': {
+        const page = applyPage(this.rooms.get(event.room), event);
+        if (!page) return; // asked for in a view since replaced: it could leave a gap
+        this._emit('history_page', page);
+        const entry = this._pages.get(event.room);
+        if (entry && (entry.before || 0) === (event.before || 0)) this._finishPage(entry, null, page);
+        return;
       }
       case 'presence': {
         const room = this.rooms.get(event.room);
@@ -625,6 +727,7 @@ export class Client {
       }
       case 'reset':
         for (const room of this.rooms.values()) Object.assign(room, newRoomState());
+        this._failPages(null, new SwitchyardError('reset', 'the resume point was lost; fresh histories follow'));
         this._emit('reset', event);
         // Fresh histories follow from the server; joining again also restores any room the
         // server no longer counts us in, and is harmless for the others.
@@ -637,6 +740,11 @@ export class Client {
           this._retryRateLimitedSend(this._pending.get(event.client_id), event.retry_after_ms, refused);
         } else if (event.client_id) {
           this._failWebSocketSend(event);
+        } else if (event.code === 'history_unavailable') {
+          // Error events name no command but a send; this code without a client_id is a
+          // `history` (or a join) the store could not answer. A page that comes after all is
+          // still applied and reaches `history_page` handlers.
+          this._failPages(null, new SwitchyardError(event.code, event.message), 'websocket');
         }
         break;
       default:
@@ -787,9 +895,33 @@ export class Client {
     if (entry) this._finishSend(entry, new SwitchyardError(event.code, event.message));
   }
 
+  /** Settles a pending `loadOlder`: rejects with `error`, or resolves with `page` when it is null. */
+  _finishPage(entry, error, page) {
+    if (this._pages.get(entry.room) !== entry) return;
+    this._pages.delete(entry.room);
+    clearTimeout(entry.timer);
+    if (error) entry.reject(error);
+    else entry.resolve(page);
+  }
+
+  /**
+   * Rejects the pending `loadOlder` of `room` (of every room when null) with `error`; `via`,
+   * if given, limits it to commands sent that way (`websocket` or `http`).
+   */
+  _failPages(room, error, via) {
+    for (const entry of [...this._pages.values()]) {
+      if ((room === null || entry.room === room) && (!via || entry.via === via)) this._finishPage(entry, error);
+    }
+  }
+
   _sendTimeoutMs() {
+    return this._eventWaitMs(this.options.sendTimeoutMs);
+  }
+
+  /** How long to wait for the event a command causes: on short polling, at least three polls. */
+  _eventWaitMs(ms) {
     const poll = this.transport === 'short-polling' ? 3 * this._shortPollMs() : 0;
-    return Math.max(this.options.sendTimeoutMs, poll);
+    return Math.max(ms, poll);
   }
 
   // ---- helpers ----
@@ -839,9 +971,52 @@ export class Client {
 /**
  * A room's state before the server has described it. `synced` turns true with the first
  * `presence` snapshot: diffs before it (in flight from an earlier membership) are ignored.
+ *
+ * Messages: `loaded` turns true with the room's `history`. From then on the client holds
+ * every message of the room from `oldestMessageId` to `lastMessageId` (0 and 0: none yet),
+ * with no gap: the history, the live messages after it (the server lets none fall between)
+ * and pages of older ones joined below. So one comparison with that span tells whether a
+ * message was delivered already. `more`: whether older messages may exist (the last page's
+ * `more`). `askedBefore`: the `before` of each `history` command sent in this view (0 for
+ * none); only a page answering one of them is applied.
  */
 function newRoomState() {
-  return { online: [], count: 0, complete: true, synced: false, lastMessageId: 0 };
+  return {
+    online: [], count: 0, complete: true, synced: false,
+    loaded: false, lastMessageId: 0, oldestMessageId: 0, more: false, askedBefore: new Set(),
+  };
+}
+
+/** A `history`: the room's messages are these, whatever the client held before. */
+function replaceMessages(room, messages) {
+  const ids = messages.map((m) => m.id);
+  room.loaded = true;
+  room.lastMessageId = ids.length ? Math.max(...ids) : 0;
+  room.oldestMessageId = ids.length ? Math.min(...ids) : 0;
+  room.more = true;
+  room.askedBefore = new Set();
+}
+
+/**
+ * A `history_page`. Applied only if it answers a command sent in the room's current view:
+ * its messages end just below `before`, so they join onto what the client holds if `before`
+ * was the oldest id held then (or none was held). A page asked for before a `reset` or a new
+ * `history` could leave a gap, and is dropped (null). Keeps only the messages older than
+ * every one held: a page can overlap what the client has (one asked for with no `before`
+ * ends with the newest messages, which may have come as `message` events too). Returns the
+ * event with those messages, oldest first.
+ */
+function applyPage(room, event) {
+  if (!room || !room.askedBefore.delete(event.before || 0) || !Array.isArray(event.messages)) return null;
+  const held = room.oldestMessageId;
+  const messages = event.messages.filter((m) => !held || m.id < held);
+  if (messages.length) {
+    const ids = messages.map((m) => m.id);
+    room.oldestMessageId = Math.min(...ids);
+    room.lastMessageId = Math.max(room.lastMessageId, ...ids);
+  }
+  room.more = event.more !== false;
+  return { ...event, messages };
 }
 
 /** A `presence` event (a snapshot, or a full list again): replaces the room's view. */
