@@ -32,6 +32,7 @@ fn main() {
         json: None,
         svg: None,
         quiet: true,
+        server_args: Vec::new(),
         server_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -8,7 +8,9 @@
 //! # Layout
 //!
 //! - [`protocol`]: the wire contract: commands, events, transport names, error codes.
-//! - [`hub`]: the session core (sessions, replay buffers, rooms); knows nothing of HTTP.
+//! - [`hub`]: the session core (sessions, replay buffers, rooms); knows nothing of HTTP. It
+//!   owns the [`HistoryStore`](hub::HistoryStore) seam.
+//! - [`store`]: the history backends behind that seam (the embedded SQLite store).
 //! - [`transport`]: one module per transport adapting a session to HTTP, plus `/commands`.
 //! - [`router`]: `(method, path)` to handler; origin checks and CORS.
 //! - [`server`]: accept loop, connection cap, graceful shutdown.
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod server;
+pub mod store;
 pub mod transport;
 
 pub use config::Config;

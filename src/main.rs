@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use switchyard::config::{HistoryStoreKind, DEFAULT_DATA_DIR};
+use switchyard::hub::Durability;
 use switchyard::protocol::TransportKind;
 use switchyard::Config;
 use tracing_subscriber::EnvFilter;
@@ -116,6 +118,28 @@ struct ServeArgs {
     /// kernel sizes it itself (up to 4 MiB on Linux).
     #[arg(long)]
     socket_send_buffer: Option<usize>,
+    /// Where room history is kept: `sqlite` (an embedded database in --data-dir; history
+    /// survives restarts) or `memory` (the last --history-len messages per room; nothing
+    /// survives a restart).
+    #[arg(long, default_value = "sqlite", value_parser = parse_store)]
+    history_store: HistoryStoreKind,
+    /// The directory of the embedded history store (created if missing; one server per
+    /// directory).
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    data_dir: std::path::PathBuf,
+    /// Messages sent as `history` when a session joins a room (and all the memory store keeps).
+    #[arg(long, default_value_t = 50)]
+    history_len: usize,
+    /// Messages the embedded store keeps per room; older ones are deleted.
+    #[arg(long, default_value_t = 10_000)]
+    history_keep: usize,
+    /// Messages older than this are deleted and never served (e.g. 30days, 12h).
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    history_max_age: Duration,
+    /// `normal`: a message is broadcast at once and written milliseconds later (a crash can
+    /// lose the last batch). `full`: broadcast only once on disk; a failed write fails the send.
+    #[arg(long, default_value = "normal", value_parser = parse_durability)]
+    history_durability: Durability,
     /// Serve the demo page from this directory instead of the copy built into the binary
     /// (for editing the page without rebuilding).
     #[arg(long)]
@@ -134,6 +158,24 @@ fn parse_rate(raw: &str) -> Result<(f64, f64), String> {
     match raw.split_once(':') {
         Some((rate, burst)) => Ok((number(rate)?, number(burst)?)),
         None => number(raw).map(|rate| (rate, rate * 2.0)),
+    }
+}
+
+/// `memory` or `sqlite`.
+fn parse_store(raw: &str) -> Result<HistoryStoreKind, String> {
+    match raw {
+        "memory" => Ok(HistoryStoreKind::Memory),
+        "sqlite" => Ok(HistoryStoreKind::Sqlite),
+        _ => Err(format!("{raw:?} is not a history store (memory or sqlite)")),
+    }
+}
+
+/// `normal` or `full`.
+fn parse_durability(raw: &str) -> Result<Durability, String> {
+    match raw {
+        "normal" => Ok(Durability::Normal),
+        "full" => Ok(Durability::Full),
+        _ => Err(format!("{raw:?} is not a durability (normal or full)")),
     }
 }
 
@@ -175,6 +217,17 @@ impl ServeArgs {
         if self.outbox_bytes >= self.replay_bytes {
             return Err("--outbox-bytes must be smaller than --replay-bytes, so a client closed as slow can resume".into());
         }
+        if self.history_store == HistoryStoreKind::Memory
+            && self.history_durability == Durability::Full
+        {
+            return Err("--history-durability full needs --history-store sqlite".into());
+        }
+        if self.history_keep == 0 || self.history_len > self.history_keep {
+            return Err("--history-keep must be at least 1 and at least --history-len".into());
+        }
+        if self.history_max_age.is_zero() {
+            return Err("--history-max-age must be positive".into());
+        }
         if self.max_message_bytes < 256 {
             return Err("--max-message-bytes must be at least 256".into());
         }
@@ -201,25 +254,39 @@ impl ServeArgs {
             close_timeout: self.close_timeout,
             socket_send_buffer: self.socket_send_buffer,
             demo_dir: self.demo_dir.clone(),
+            history_store: self.history_store,
+            data_dir: self.data_dir.clone(),
+            history_len: self.history_len,
+            history_keep: self.history_keep,
+            history_max_age: self.history_max_age,
+            durability: self.history_durability,
             ..Config::default()
         }
         .with_rate_limit(self.rate_limit))
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT or SIGTERM. The handlers are installed now, before the server says it listens, so a
+/// signal sent right after that line is a graceful shutdown, not the default kill.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("can install a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+        let mut interrupt = signal(SignalKind::interrupt()).expect("can install a SIGINT handler");
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 #[tokio::main]
@@ -260,6 +327,14 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    // The store first: a directory in use or a bad database stops the server before it listens.
+    let hub = match switchyard::server::build_hub(&config) {
+        Ok(hub) => hub,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(args.addr).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -268,10 +343,11 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(args.addr);
+    let shutdown = shutdown_signal();
     println!("switchyard listening on http://{addr}/");
     let transports: Vec<&str> = config.transports.iter().map(|t| t.as_str()).collect();
     tracing::info!(%addr, transports = %transports.join(","), "serving");
-    match switchyard::run(listener, config, shutdown_signal()).await {
+    match switchyard::server::serve(listener, config, hub, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -300,6 +376,14 @@ mod tests {
         assert_eq!(defaults.session_rate_limit, Some((10.0, 30.0)));
         assert_eq!(defaults.room_rate_limit, None);
         assert_eq!(defaults.max_connections, None);
+        assert_eq!(defaults.history_store, HistoryStoreKind::Sqlite);
+        assert_eq!(
+            defaults.data_dir,
+            std::path::PathBuf::from("switchyard-data")
+        );
+        assert_eq!(defaults.history_keep, 10_000);
+        assert_eq!(defaults.history_len, 50);
+        assert_eq!(defaults.durability, Durability::Normal);
         let set = serve_config(&[
             "switchyard",
             "serve",
@@ -326,7 +410,27 @@ mod tests {
             "--max-connections",
             "1000",
             "--session-rate-limit-loopback",
+            "--history-store",
+            "memory",
+            "--history-len",
+            "20",
+            "--history-keep",
+            "100",
+            "--history-max-age",
+            "1h",
         ]);
+        assert_eq!(set.history_store, HistoryStoreKind::Memory);
+        assert_eq!((set.history_len, set.history_keep), (20, 100));
+        assert_eq!(set.history_max_age, Duration::from_secs(3600));
+        let full_in_memory = Cli::try_parse_from([
+            "switchyard",
+            "--history-store",
+            "memory",
+            "--history-durability",
+            "full",
+        ])
+        .unwrap();
+        assert!(full_in_memory.serve.config().is_err());
         assert_eq!(set.session_rate_limit, None);
         assert_eq!(set.room_rate_limit, Some((5.0, 10.0)));
         assert_eq!(set.presence_list_limit, 50);

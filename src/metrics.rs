@@ -43,9 +43,23 @@ pub struct TransportMetrics {
     pub latency: Histogram,
 }
 
+/// Counters of the history store's writer.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryMetrics {
+    /// Messages written to the store.
+    pub written: Counter,
+    /// Messages whose write failed (lost from history; with full durability, not sent).
+    pub write_failures: Counter,
+    /// Transactions committed (each a group of writes).
+    pub batches: Counter,
+    /// The highest message id known to be written.
+    pub written_id: Gauge,
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
+    history: HistoryMetrics,
     transports: [TransportMetrics; 4],
     commands_without_transport: Counter,
     errors: Family<PairLabel, Counter>,
@@ -138,15 +152,42 @@ impl Metrics {
             "Time from an event's creation to the completion of its write, by transport",
             latency,
         );
+        let history = HistoryMetrics::default();
+        registry.register(
+            "history_written",
+            "Messages written to the history store",
+            history.written.clone(),
+        );
+        registry.register(
+            "history_write_failures",
+            "Messages whose write to the history store failed",
+            history.write_failures.clone(),
+        );
+        registry.register(
+            "history_batches",
+            "Transactions the history store committed (each a group of writes)",
+            history.batches.clone(),
+        );
+        registry.register(
+            "history_written_id",
+            "The highest message id written to the history store",
+            history.written_id.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
+                history,
                 transports,
                 commands_without_transport,
                 errors,
                 closes,
             }),
         }
+    }
+
+    /// The history store's counters.
+    pub fn history(&self) -> &HistoryMetrics {
+        &self.inner.history
     }
 
     /// The counters of one transport.

@@ -29,6 +29,7 @@ use crate::admission::AddressLimiter;
 use crate::config::Config;
 use crate::connection::{ConnectionWatch, DeadlineIo};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::protocol::{ErrorBody, ErrorCode};
 use crate::router;
 use crate::transport::error_response;
@@ -59,12 +60,20 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let hub = Hub::new(config.hub_config());
+    let hub = build_hub(&config).map_err(std::io::Error::other)?;
     serve(listener, config, hub, shutdown).await
 }
 
-/// Like [`run`], with a hub (built from `config.hub_config()`) the caller keeps a handle to
-/// (tests, embedding).
+/// The session core for `config`, with the history store it asks for opened. `Err` is a
+/// one-line message (a data directory that cannot be used, a locked or unreadable database).
+pub fn build_hub(config: &Config) -> Result<Hub, String> {
+    let metrics = Metrics::new();
+    let store = crate::store::open(config, &metrics)?;
+    Ok(Hub::with_store(config.hub_config(), store, metrics))
+}
+
+/// Like [`run`], with a hub (from [`build_hub`], or `Hub::new(config.hub_config())`) the
+/// caller keeps a handle to (tests, embedding). The hub's history store is closed on return.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -130,6 +139,9 @@ pub async fn serve(
         );
     }
     timers.abort();
+    // Everything queued is written and the last message id recorded before `run` returns.
+    let hub = app.hub.clone();
+    let _ = tokio::task::spawn_blocking(move || hub.close_store()).await;
     Ok(())
 }
 

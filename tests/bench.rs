@@ -30,6 +30,7 @@ async fn bench_counts_every_delivery_on_all_four_transports() {
         json: None,
         svg: None,
         quiet: true,
+        server_args: Vec::new(),
         server_exe: None,
     };
     let report = support::within("the bench run", run(args))

@@ -106,6 +106,11 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// A flag for the spawned server, repeatable (e.g. `--server-arg=--history-durability=full`).
+    /// Unless one names `--history-store`, the server keeps history in memory, so runs do not
+    /// see each other's history.
+    #[arg(long = "server-arg", allow_hyphen_values = true, requires = "spawn")]
+    pub server_args: Vec<String>,
     /// The switchyard binary to spawn (default: this executable).
     #[arg(long, hide = true)]
     pub server_exe: Option<PathBuf>,
@@ -240,12 +245,21 @@ impl Target {
     fn open(args: &BenchArgs, baseline: bool) -> Result<Target, String> {
         if args.spawn {
             let exe = server_exe(args)?;
-            let command: &[&str] = if baseline {
-                &["bench-baseline"]
+            let mut command = vec![];
+            if baseline {
+                command.push("bench-baseline");
             } else {
-                &["serve"]
-            };
-            Spawned::start(&exe, command, args.pin.then_some(0)).map(Target::Spawned)
+                command.push("serve");
+                if !args
+                    .server_args
+                    .iter()
+                    .any(|a| a.starts_with("--history-store"))
+                {
+                    command.extend(["--history-store", "memory"]);
+                }
+                command.extend(args.server_args.iter().map(String::as_str));
+            }
+            Spawned::start(&exe, &command, args.pin.then_some(0)).map(Target::Spawned)
         } else {
             let url = args.url.as_deref().unwrap_or_default();
             let hostport = url

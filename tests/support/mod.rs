@@ -145,6 +145,31 @@ impl TestServer {
             .expect("send request")
     }
 
+    /// Makes a JSON request on a fresh connection; `None` if the server cannot be reached or
+    /// the connection breaks (a server killed mid-test).
+    pub async fn try_json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Value,
+    ) -> Option<(StatusCode, Value)> {
+        let stream = TcpStream::connect(self.addr).await.ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .body(Full::new(Bytes::from(body.to_string())))
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, serde_json::from_slice(&bytes).ok()?))
+    }
+
     /// Makes a JSON request; returns the status and the parsed JSON body.
     pub async fn json(
         &self,
@@ -524,4 +549,86 @@ pub fn without_ts(mut event: Value) -> Value {
     }
     strip(&mut event);
     event
+}
+
+/// A `switchyard serve` child process on 127.0.0.1, port 0; killed when dropped.
+pub struct ServerProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl ServerProcess {
+    /// Starts `switchyard serve ARGS --addr 127.0.0.1:0` and waits for it to listen.
+    pub async fn start(args: &[&str]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("serve")
+            .args(args)
+            .args(["--addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn switchyard");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = within("the server to print its address", lines.next_line())
+            .await
+            .expect("read stdout")
+            .expect("the server exited before listening");
+        let addr = line
+            .trim()
+            .strip_prefix("switchyard listening on http://")
+            .and_then(|rest| rest.trim_end_matches('/').parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+        // Keep reading stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess { addr, child }
+    }
+
+    /// A client handle for requests to this server.
+    pub fn client(&self) -> TestServer {
+        TestServer::attached_to(self.addr)
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn stop(mut self) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = within("the server to exit after SIGTERM", self.child.wait())
+            .await
+            .expect("wait");
+        assert!(status.success(), "exit after SIGTERM: {status}");
+    }
+
+    /// SIGKILL: the process dies at once, as in a crash.
+    pub async fn kill(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        within("the server to die", self.child.wait())
+            .await
+            .expect("wait");
+    }
+}
+
+/// Runs `switchyard serve ARGS` expecting it to stop at start; returns its stderr.
+pub async fn failing_start(args: &[&str]) -> String {
+    let output = within(
+        "the server to exit at start",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("serve")
+            .args(args)
+            .args(["--addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run switchyard");
+    assert!(
+        !output.status.success(),
+        "the server should have refused to start: {args:?}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }

@@ -1,0 +1,30 @@
+//! History backends behind the hub's [`HistoryStore`] seam, and the one place that picks one
+//! from the configuration. The memory store is the hub's own ([`MemoryStore`]); the embedded
+//! SQLite store is [`sqlite::SqliteStore`].
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use crate::config::{Config, HistoryStoreKind};
+use crate::hub::{HistoryStore, MemoryStore};
+use crate::metrics::Metrics;
+
+/// Opens the history store `config` asks for. `Err` is a one-line message for the user,
+/// naming the path and the cause.
+pub fn open(config: &Config, metrics: &Metrics) -> Result<Arc<dyn HistoryStore>, String> {
+    Ok(match config.history_store {
+        HistoryStoreKind::Memory => {
+            Arc::new(MemoryStore::new(config.history_len, config.history_max_age))
+        }
+        HistoryStoreKind::Sqlite => Arc::new(sqlite::SqliteStore::open(
+            &config.data_dir,
+            sqlite::Settings {
+                keep: config.history_keep,
+                max_age: config.history_max_age,
+                durability: config.durability,
+            },
+            metrics.history().clone(),
+        )?),
+    })
+}

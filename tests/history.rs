@@ -1,0 +1,446 @@
+//! Durable room history: real server processes on 127.0.0.1 port 0 over temp data directories,
+//! restarted gracefully and killed; scrollback on every transport; the bounds; the refusals at
+//! start; and the `history` command's validation.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::*;
+use switchyard::protocol::TransportKind;
+
+/// A data directory in a fresh temp directory, and the flags that use it.
+fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temp directory")
+}
+
+fn flags<'a>(dir: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec![
+        "--data-dir",
+        dir.to_str().expect("utf-8 temp path"),
+        "--rate-limit",
+        "100000",
+    ];
+    flags.extend_from_slice(extra);
+    flags
+}
+
+/// Sends `count` messages to `room` in batches of 100; returns their ids.
+async fn send_many(client: &TestServer, session: &str, room: &str, count: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for start in (0..count).step_by(100) {
+        let batch: Vec<Value> = (start..(start + 100).min(count))
+            .map(|i| send(room, &format!("{room} #{i}"), &format!("{room}-{i}")))
+            .collect();
+        let reply = client.ok(session, Value::Array(batch)).await;
+        for result in reply["results"].as_array().expect("results") {
+            ids.push(result["id"].as_u64().expect("an id"));
+        }
+    }
+    ids
+}
+
+fn message_ids(messages: &Value) -> Vec<u64> {
+    messages
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["id"].as_u64().expect("id"))
+        .collect()
+}
+
+/// Pages back through a room with `history` commands from `before` (none: the newest),
+/// reading each `history_page` from `events`; returns every id, oldest first.
+async fn scroll_back(
+    client: &TestServer,
+    events: &mut Client,
+    room: &str,
+    mut before: Option<u64>,
+    limit: usize,
+) -> Vec<u64> {
+    let mut ids = Vec::new();
+    loop {
+        let mut command = json!({"type": "history", "room": room, "limit": limit});
+        if let Some(before) = before {
+            command["before"] = json!(before);
+        }
+        client.ok(&events.session, command).await;
+        let page = events.next_of("history_page").await;
+        assert_eq!(page["room"], room, "{page}");
+        assert_eq!(page["before"], json!(before), "{page}");
+        let mut older = message_ids(&page["messages"]);
+        assert!(older.len() <= limit, "{page}");
+        assert!(
+            older.windows(2).all(|w| w[0] < w[1]),
+            "oldest first: {page}"
+        );
+        let more = page["more"].as_bool().expect("more");
+        if let Some(first) = older.first() {
+            before = Some(*first);
+        }
+        older.extend(ids);
+        ids = older;
+        if !more {
+            return ids;
+        }
+    }
+}
+
+#[tokio::test]
+async fn history_survives_a_graceful_restart_and_scrollback_pages_through_it_on_every_transport() {
+    let dir = data_dir();
+    let server = ServerProcess::start(&flags(dir.path(), &[])).await;
+    let client = server.client();
+    let ann = client.session("ann").await;
+    client.ok(&ann, json!([join("one"), join("two")])).await;
+    let one = send_many(&client, &ann, "one", 200).await;
+    let two = send_many(&client, &ann, "two", 200).await;
+    server.stop().await;
+
+    let server = ServerProcess::start(&flags(dir.path(), &[])).await;
+    let client = server.client();
+    for kind in TransportKind::ALL {
+        let session = client.session("bob").await;
+        let mut events = client.attach(kind, &session, 0).await;
+        for (room, sent) in [("one", &one), ("two", &two)] {
+            client.ok(&session, join(room)).await;
+            let history = events.next_of("history").await;
+            assert_eq!(
+                message_ids(&history["messages"]),
+                sent[150..],
+                "{kind}: join returns the last 50"
+            );
+            let paged = scroll_back(&client, &mut events, room, Some(sent[150]), 60).await;
+            assert_eq!(
+                paged,
+                sent[..150],
+                "{kind}: scrollback, no gap and no repeat"
+            );
+            let all = scroll_back(&client, &mut events, room, None, 200).await;
+            assert_eq!(&all, sent, "{kind}: one page of the newest 200");
+        }
+    }
+    let next = client
+        .ok(&ann_again(&client).await, send("one", "after", "after"))
+        .await;
+    assert_eq!(
+        next["results"][0]["id"].as_u64(),
+        Some(two[199] + 1),
+        "after a graceful stop the ids continue with the next one"
+    );
+    server.stop().await;
+}
+
+/// A fresh session in room `one`.
+async fn ann_again(client: &TestServer) -> String {
+    let ann = client.session("ann").await;
+    client.ok(&ann, join("one")).await;
+    ann
+}
+
+#[tokio::test]
+async fn a_kill_during_sends_keeps_a_prefix_of_what_was_broadcast_and_never_reuses_an_id() {
+    let dir = data_dir();
+    let server = ServerProcess::start(&flags(dir.path(), &[])).await;
+    let client = server.client();
+    let reader = client.session("reader").await;
+    client.ok(&reader, join("r")).await;
+    let mut ws = client.websocket(&reader, 0).await;
+    let sender = client.session("sender").await;
+    client.ok(&sender, join("r")).await;
+    // Every id the server broadcast, as the sender's replies and the reader's stream show.
+    let mut broadcast = BTreeSet::new();
+    let addr = server.addr;
+    let sending = tokio::spawn(async move {
+        let client = TestServer::attached_to(addr);
+        let mut ids = Vec::new();
+        for i in 0.. {
+            let path = format!("/v1/sessions/{sender}/commands");
+            let body = json!([send("r", "x", &format!("k{i}"))]);
+            match tokio::time::timeout(WAIT, client.try_json(Method::POST, &path, body)).await {
+                Ok(Some((StatusCode::OK, reply))) => {
+                    ids.push(reply["results"][0]["id"].as_u64().expect("id"))
+                }
+                _ => return ids,
+            }
+        }
+        ids
+    });
+    let mut received = 0;
+    while received < 300 {
+        let event = ws_event(&mut ws).await;
+        if event["type"] == "message" {
+            broadcast.insert(event["id"].as_u64().expect("id"));
+            received += 1;
+        }
+    }
+    server.kill().await;
+    broadcast.extend(
+        within("the sender to notice", sending)
+            .await
+            .expect("sender"),
+    );
+
+    let server = ServerProcess::start(&flags(dir.path(), &[])).await;
+    let client = server.client();
+    let session = client.session("later").await;
+    let mut events = client.attach(TransportKind::LongPolling, &session, 0).await;
+    client.ok(&session, join("r")).await;
+    let stored = scroll_back(&client, &mut events, "r", None, 200).await;
+    let first = *broadcast.first().expect("something was broadcast");
+    assert!(!stored.is_empty(), "the writes before the kill are kept");
+    // One sender in one room: the broadcast ids are consecutive, so the stored history must be
+    // the first ones of them, with no hole.
+    let expected: Vec<u64> = (first..first + stored.len() as u64).collect();
+    assert_eq!(stored, expected, "a prefix of what was broadcast, no gap");
+    let highest = broadcast.last().copied().max(stored.last().copied());
+    let next = client.ok(&session, send("r", "after", "after")).await;
+    let next = next["results"][0]["id"].as_u64().expect("id");
+    assert!(
+        Some(next) > highest,
+        "id {next} after a crash must be above every id broadcast ({highest:?})"
+    );
+    server.stop().await;
+}
+
+/// The highest message id the store reports written, from `/metrics`.
+async fn written_id(client: &TestServer) -> u64 {
+    let (status, _, body) = client
+        .request(Method::GET, "/metrics", &[], bytes::Bytes::new())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find_map(|line| line.strip_prefix("switchyard_history_written_id "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no switchyard_history_written_id in {text}"))
+}
+
+#[tokio::test]
+async fn with_full_durability_every_message_a_member_sees_is_already_written() {
+    let dir = data_dir();
+    let server = ServerProcess::start(&flags(dir.path(), &["--history-durability", "full"])).await;
+    let client = server.client();
+    let reader = client.session("reader").await;
+    client.ok(&reader, join("r")).await;
+    let mut ws = client.websocket(&reader, 0).await;
+    let sender = client.session("sender").await;
+    client.ok(&sender, join("r")).await;
+    for round in 0..20 {
+        let reply = client
+            .ok(&sender, send("r", "durable", &format!("d{round}")))
+            .await;
+        let id = reply["results"][0]["id"].as_u64().expect("id");
+        assert!(
+            written_id(&client).await >= id,
+            "the reply waits for the write"
+        );
+        let event = loop {
+            let event = ws_event(&mut ws).await;
+            if event["type"] == "message" {
+                break event;
+            }
+        };
+        assert_eq!(event["id"].as_u64(), Some(id));
+    }
+    server.stop().await;
+}
+
+/// Rows of a room in the database file, read with SQLite while the server runs.
+fn rows_on_disk(dir: &Path, room: &str) -> i64 {
+    let db = rusqlite::Connection::open_with_flags(
+        dir.join("history.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the database read-only");
+    db.query_row(
+        "SELECT count(*) FROM messages WHERE room = ?1",
+        [room],
+        |r| r.get(0),
+    )
+    .expect("count rows")
+}
+
+#[tokio::test]
+async fn history_keep_and_max_age_bound_what_is_kept_and_served() {
+    let dir = data_dir();
+    let bounds = [
+        "--history-keep",
+        "30",
+        "--history-len",
+        "10",
+        "--history-max-age",
+        "2s",
+    ];
+    let server = ServerProcess::start(&flags(dir.path(), &bounds)).await;
+    let client = server.client();
+    let ann = client.session("ann").await;
+    let mut events = client.attach(TransportKind::Sse, &ann, 0).await;
+    client.ok(&ann, join("r")).await;
+    let sent = send_many(&client, &ann, "r", 50).await;
+    let kept = scroll_back(&client, &mut events, "r", None, 7).await;
+    assert_eq!(kept, sent[20..], "the newest 30, and no more after them");
+    assert_eq!(rows_on_disk(dir.path(), "r"), 30, "older rows are deleted");
+
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let bob = client.session("bob").await;
+    let mut bobs = client.attach(TransportKind::ShortPolling, &bob, 0).await;
+    client.ok(&bob, join("r")).await;
+    let history = bobs.next_of("history").await;
+    assert_eq!(history["messages"], json!([]), "past max age: {history}");
+    assert!(scroll_back(&client, &mut bobs, "r", None, 50)
+        .await
+        .is_empty());
+    server.stop().await;
+
+    let server = ServerProcess::start(&flags(dir.path(), &bounds)).await;
+    assert_eq!(
+        rows_on_disk(dir.path(), "r"),
+        0,
+        "the start sweeps messages past max age"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_directory_stops_at_start_with_one_line() {
+    let dir = data_dir();
+    let server = ServerProcess::start(&flags(dir.path(), &[])).await;
+    let stderr = failing_start(&flags(dir.path(), &[])).await;
+    let shown = dir.path().display().to_string();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("in use") && stderr.contains(&shown),
+        "{stderr}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unusable_directory_stops_the_server_at_start_naming_it() {
+    let dir = data_dir();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"a file").unwrap();
+    let stderr = failing_start(&flags(&file, &[])).await;
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&file.display().to_string()) && stderr.contains("cannot create"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"a file", "left as it was");
+}
+
+#[tokio::test]
+async fn a_corrupt_or_newer_database_stops_the_server_and_is_left_untouched() {
+    let dir = data_dir();
+    let db = dir.path().join("history.db");
+    let garbage = b"this is not a database, it only has its name".repeat(100);
+    std::fs::write(&db, &garbage).unwrap();
+    let stderr = failing_start(&flags(dir.path(), &[])).await;
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&db.display().to_string()) && stderr.contains("not a database"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        garbage,
+        "the file is unchanged"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["history.db", "lock"], "no journal files appear");
+
+    // A file written by a newer switchyard.
+    std::fs::remove_file(&db).unwrap();
+    let newer = rusqlite::Connection::open(&db).unwrap();
+    newer
+        .execute_batch(
+            "PRAGMA application_id = 1398360132; PRAGMA user_version = 7; CREATE TABLE future (x);",
+        )
+        .unwrap();
+    drop(newer);
+    let stderr = failing_start(&flags(dir.path(), &[])).await;
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("schema version 7"), "{stderr}");
+}
+
+#[tokio::test]
+async fn invalid_history_commands_get_documented_errors() {
+    let server = TestServer::start().await;
+    let ann = server.session("ann").await;
+    server.ok(&ann, join("r")).await;
+    let cases = [
+        (
+            json!({"type": "history", "room": "r", "before": "ten"}),
+            "bad_command",
+        ),
+        (
+            json!({"type": "history", "room": "r", "before": 0}),
+            "bad_command",
+        ),
+        (
+            json!({"type": "history", "room": "r", "before": -3}),
+            "bad_command",
+        ),
+        (
+            json!({"type": "history", "room": "r", "limit": 0}),
+            "bad_command",
+        ),
+        (
+            json!({"type": "history", "room": "r", "limit": 201}),
+            "bad_command",
+        ),
+        (
+            json!({"type": "history", "room": "r", "limit": 2.5}),
+            "bad_command",
+        ),
+        (
+            json!({"type": "history", "room": "elsewhere"}),
+            "not_in_room",
+        ),
+        (
+            json!({"type": "history", "room": "no spaces"}),
+            "invalid_room",
+        ),
+    ];
+    for (command, code) in cases {
+        let (status, reply) = server.commands(&ann, command.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{command} -> {reply}");
+        assert_eq!(reply["error"]["code"], code, "{command} -> {reply}");
+    }
+    // Over a WebSocket the same refusal is an `error` event; a valid page follows it.
+    let mut ws = server.websocket(&ann, 0).await;
+    ws_send(
+        &mut ws,
+        json!({"type": "history", "room": "r", "limit": 500}),
+    )
+    .await;
+    ws_send(&mut ws, send("r", "hello", "h1")).await;
+    ws_send(
+        &mut ws,
+        json!({"type": "history", "room": "r", "limit": 200}),
+    )
+    .await;
+    let mut seen = Vec::new();
+    while !seen.contains(&"history_page".to_owned()) {
+        let event = ws_event(&mut ws).await;
+        let kind = event["type"].as_str().unwrap().to_owned();
+        if kind == "error" {
+            assert_eq!(event["code"], "bad_command", "{event}");
+        }
+        if kind == "history_page" {
+            assert_eq!(message_ids(&event["messages"]), [1], "{event}");
+            assert_eq!(event["more"], false);
+        }
+        seen.push(kind);
+    }
+    assert!(seen.contains(&"error".to_owned()), "{seen:?}");
+}
