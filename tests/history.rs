@@ -444,3 +444,103 @@ async fn invalid_history_commands_get_documented_errors() {
     }
     assert!(seen.contains(&"error".to_owned()), "{seen:?}");
 }
+
+/// A failure counter from `/metrics`.
+async fn write_failures(client: &TestServer) -> u64 {
+    let (_, _, body) = client
+        .request(Method::GET, "/metrics", &[], bytes::Bytes::new())
+        .await;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|line| line.strip_prefix("switchyard_history_write_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("switchyard_history_write_failures_total")
+}
+
+/// Holds the database's write lock from another connection, as someone writing with the
+/// `sqlite3` tool would: the server's writes fail once its busy timeout passes.
+fn lock_database(dir: &Path) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(dir.join("history.db")).expect("open the database");
+    db.execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    db
+}
+
+/// The next `message` event on a WebSocket.
+async fn next_message(ws: &mut Ws) -> Value {
+    loop {
+        let event = ws_event(ws).await;
+        if event["type"] == "message" {
+            return event;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_write_failing_at_run_time_is_counted_and_the_server_keeps_serving() {
+    let dir = data_dir();
+    let server = ServerProcess::start(&flags(dir.path(), &[])).await;
+    let client = server.client();
+    let ann = client.session("ann").await;
+    client.ok(&ann, join("r")).await;
+    let mut ws = client.websocket(&ann, 0).await;
+    client.ok(&ann, send("r", "before", "b")).await;
+    assert_eq!(next_message(&mut ws).await["text"], "before");
+
+    let lock = lock_database(dir.path());
+    let lost = client.ok(&ann, send("r", "lost", "l")).await;
+    assert_eq!(
+        next_message(&mut ws).await["text"],
+        "lost",
+        "normal durability broadcasts at once"
+    );
+    within("the failed write to be counted", async {
+        while write_failures(&client).await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(lock);
+
+    let after = client.ok(&ann, send("r", "after", "a")).await;
+    assert_eq!(next_message(&mut ws).await["text"], "after");
+    let mut events = client.attach(TransportKind::LongPolling, &ann, 0).await;
+    let kept = scroll_back(&client, &mut events, "r", None, 50).await;
+    let id = |reply: &Value| reply["results"][0]["id"].as_u64().unwrap();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert_eq!(kept[1], id(&after), "writes go on after the failure");
+    assert!(
+        !kept.contains(&id(&lost)),
+        "the failed write is not in history"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn with_full_durability_a_failed_write_fails_the_send_and_nobody_sees_it() {
+    let dir = data_dir();
+    let server = ServerProcess::start(&flags(dir.path(), &["--history-durability", "full"])).await;
+    let client = server.client();
+    let reader = client.session("reader").await;
+    client.ok(&reader, join("r")).await;
+    let mut ws = client.websocket(&reader, 0).await;
+    let ann = client.session("ann").await;
+    client.ok(&ann, join("r")).await;
+    client.ok(&ann, send("r", "first", "f")).await;
+    assert_eq!(next_message(&mut ws).await["text"], "first");
+
+    let lock = lock_database(dir.path());
+    let (status, reply) = client.commands(&ann, send("r", "refused", "x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    assert_eq!(reply["error"]["code"], "history_unavailable", "{reply}");
+    drop(lock);
+
+    // The retry is a new send, not a replay of the failed one; and since a room's messages
+    // are broadcast in write order, the reader's next message shows the failed one never was.
+    let retry = client.ok(&ann, send("r", "refused", "x")).await;
+    assert_eq!(retry["results"][0]["duplicate"], false, "{retry}");
+    let next = next_message(&mut ws).await;
+    assert_eq!(next["text"], "refused");
+    assert_eq!(next["id"], retry["results"][0]["id"]);
+    server.stop().await;
+}

@@ -1435,4 +1435,163 @@ mod tests {
         }
         assert!(reader.lock().protected.is_none());
     }
+
+    /// A memory store whose writes complete only when the test says so.
+    struct GatedStore {
+        memory: MemoryStore,
+        waiting: Mutex<Vec<history::Then>>,
+    }
+
+    impl std::fmt::Debug for GatedStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("GatedStore")
+        }
+    }
+
+    impl GatedStore {
+        fn new() -> Arc<Self> {
+            Arc::new(GatedStore {
+                memory: MemoryStore::new(50, Duration::from_secs(3600)),
+                waiting: Mutex::new(Vec::new()),
+            })
+        }
+
+        async fn wait_for_writes(&self, count: usize) {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while lock(&self.waiting).len() < count {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("timeout: the send's write to be queued");
+        }
+
+        fn finish_writes(&self, result: Result<(), StoreError>) {
+            for then in lock(&self.waiting).drain(..) {
+                then(result.clone());
+            }
+        }
+    }
+
+    impl HistoryStore for GatedStore {
+        fn last_id(&self) -> u64 {
+            0
+        }
+        fn reserved_ids(&self) -> u64 {
+            u64::MAX
+        }
+        fn reserve_ids(&self, up_to: u64) -> history::Reply<u64> {
+            self.memory.reserve_ids(up_to)
+        }
+        fn append(
+            &self,
+            message: Arc<Message>,
+            then: Option<history::Then>,
+        ) -> Result<(), StoreError> {
+            self.memory.append(message, None)?;
+            lock(&self.waiting).extend(then);
+            Ok(())
+        }
+        fn recent(&self, room: &str, limit: usize) -> history::Reply<Vec<Arc<Message>>> {
+            self.memory.recent(room, limit)
+        }
+        fn page(
+            &self,
+            room: &str,
+            before: Option<u64>,
+            limit: usize,
+        ) -> history::Reply<history::Page> {
+            self.memory.page(room, before, limit)
+        }
+        fn forget(&self, room: &str) {
+            self.memory.forget(room)
+        }
+        fn close(&self, _last_used: u64) {}
+    }
+
+    fn messages_seen(hub: &Hub, session: &Arc<Session>) -> Vec<u64> {
+        hub.settle();
+        let state = session.lock();
+        state
+            .replay
+            .after(0, BatchLimit::ALL)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, e)| e.type_name == "message")
+            .map(|(seq, _)| seq)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn with_full_durability_a_send_is_broadcast_only_once_written_and_a_retry_waits_for_it() {
+        let store = GatedStore::new();
+        let config = HubConfig {
+            durability: Durability::Full,
+            ..HubConfig::default().with_rate_limit(1e6)
+        };
+        let hub = Hub::with_store(config, store.clone(), Metrics::new());
+        let reader = hub.create_session("reader").unwrap();
+        let writer = hub.create_session("writer").unwrap();
+        hub.execute(&reader, vec![join("r")]).await;
+        hub.execute(&writer, vec![join("r")]).await;
+
+        let sending = tokio::spawn({
+            let (hub, writer) = (hub.clone(), writer.clone());
+            async move { hub.execute(&writer, vec![send("r", "c1")]).await }
+        });
+        store.wait_for_writes(1).await;
+        let retry = tokio::spawn({
+            let (hub, writer) = (hub.clone(), writer.clone());
+            async move { hub.execute(&writer, vec![send("r", "c1")]).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            messages_seen(&hub, &reader).is_empty() && messages_seen(&hub, &writer).is_empty(),
+            "nobody, not even the sender, sees a message before its write is done"
+        );
+        assert_eq!(
+            lock(&store.waiting).len(),
+            1,
+            "the retry is not a second write"
+        );
+        store.finish_writes(Ok(()));
+        let first = sending.await.unwrap();
+        let again = retry.await.unwrap();
+        assert_eq!(
+            (first[0].ok, first[0].id, first[0].duplicate),
+            (true, Some(1), Some(false))
+        );
+        assert_eq!(
+            (again[0].ok, again[0].id, again[0].duplicate),
+            (true, Some(1), Some(true))
+        );
+        assert_eq!(messages_seen(&hub, &reader).len(), 1);
+
+        let failing = tokio::spawn({
+            let (hub, writer) = (hub.clone(), writer.clone());
+            async move { hub.execute(&writer, vec![send("r", "c2")]).await }
+        });
+        store.wait_for_writes(1).await;
+        store.finish_writes(Err(StoreError::Failed("disk full".into())));
+        let failed = failing.await.unwrap();
+        assert_eq!(
+            failed[0].error.as_ref().map(|e| e.code),
+            Some(ErrorCode::HistoryUnavailable)
+        );
+        assert_eq!(
+            messages_seen(&hub, &reader).len(),
+            1,
+            "a failed write is not broadcast"
+        );
+        // Forgotten, so its retry is a new send.
+        let resend = tokio::spawn({
+            let (hub, writer) = (hub.clone(), writer.clone());
+            async move { hub.execute(&writer, vec![send("r", "c2")]).await }
+        });
+        store.wait_for_writes(1).await;
+        store.finish_writes(Ok(()));
+        let resent = resend.await.unwrap();
+        assert_eq!((resent[0].ok, resent[0].duplicate), (true, Some(false)));
+        assert_eq!(messages_seen(&hub, &reader).len(), 2);
+    }
 }

@@ -47,6 +47,9 @@ pub const LOCK_FILE: &str = "lock";
 const QUEUE: usize = 65_536;
 /// Operations taken into one transaction at most.
 const MAX_BATCH: usize = 4096;
+/// How long a write waits for another connection's lock on the file (someone writing with
+/// the `sqlite3` tool) before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often messages past `max_age` are deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Rooms whose message count the writer remembers; past it, it forgets them all and counts
@@ -239,7 +242,7 @@ fn prepare(conn: &Connection, durability: Durability) -> Result<u64, String> {
     };
     conn.pragma_update(None, "synchronous", synchronous)
         .map_err(text)?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(text)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(text)?;
     let reserved: i64 = conn
         .query_row(
             "SELECT coalesce((SELECT value FROM meta WHERE key = 'ids_reserved'), 0)",
