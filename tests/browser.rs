@@ -428,6 +428,79 @@ async fn a_server_side_close_is_resumed_with_nothing_missing_or_repeated() {
 }
 
 #[tokio::test]
+async fn scrolling_to_the_top_loads_older_messages_until_the_beginning() {
+    let dir = tempfile::tempdir().expect("a temp directory");
+    let config = Config {
+        history_store: switchyard::config::HistoryStoreKind::Sqlite,
+        data_dir: dir.path().to_owned(),
+        ..Config::default().with_rate_limit(10_000.0)
+    };
+    let server = TestServer::with_config(config).await;
+    let bob = server.session("bob").await;
+    server.ok(&bob, join("scroll")).await;
+    let mut sent = Vec::new();
+    for batch in 0..3 {
+        let commands: Vec<Value> = (0..40)
+            .map(|i| {
+                send(
+                    "scroll",
+                    &format!("old {}", batch * 40 + i),
+                    &format!("o{batch}-{i}"),
+                )
+            })
+            .collect();
+        let reply = server.ok(&bob, Value::Array(commands)).await;
+        sent.extend(
+            reply["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].clone()),
+        );
+    }
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    goto(
+        &browser,
+        &format!("http://{}/?name=alice&room=scroll", server.addr),
+    )
+    .await;
+    wait_for_transport(&browser, "websocket").await;
+    let shown = "document.querySelectorAll('#messages li[data-id]').length";
+    wait_until(
+        &browser,
+        "the join's 50 messages",
+        &format!("{shown} >= 50"),
+    )
+    .await;
+    // Each scroll to the top loads one more page, until the beginning of the history.
+    wait_until(
+        &browser,
+        "all 120 messages after scrolling up",
+        &format!("(document.getElementById('messages-scroll').scrollTop = 0, {shown} === 120)"),
+    )
+    .await;
+    wait_until(
+        &browser,
+        "the beginning-of-history marker",
+        "document.getElementById('history-marker').dataset.state === 'start'",
+    )
+    .await;
+    let ids = eval(
+        &browser,
+        "[...document.querySelectorAll('#messages li[data-id]')].map(li => Number(li.dataset.id))",
+    )
+    .await;
+    assert_eq!(ids, Value::Array(sent), "every message once, in order");
+    // A live message still arrives after the pages.
+    server
+        .ok(&bob, send("scroll", "new after scrolling", "n1"))
+        .await;
+    wait_for_message(&browser, "new after scrolling").await;
+    close(browser).await;
+}
+
+#[tokio::test]
 async fn message_text_is_shown_literally_and_never_run() {
     let server = TestServer::start().await;
     let driver = Driver::start().await;

@@ -59,7 +59,7 @@ impl TestServer {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel();
-        let hub = switchyard::hub::Hub::new(config.hub_config());
+        let hub = switchyard::server::build_hub(&config).expect("open the history store");
         let handle = tokio::spawn(switchyard::server::serve(
             listener,
             config,
