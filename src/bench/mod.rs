@@ -106,7 +106,8 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// A flag for the spawned server, repeatable (e.g. `--server-arg=--history-durability=full`).
+    /// A flag for the spawned server, repeatable (e.g. `--server-arg=--history-store=sqlite
+    /// --server-arg=--data-dir=/tmp/bench-data --server-arg=--history-durability=full`).
     /// Unless one names `--history-store`, the server keeps history in memory, so runs do not
     /// see each other's history.
     #[arg(long = "server-arg", allow_hyphen_values = true, requires = "spawn")]

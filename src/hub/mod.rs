@@ -70,7 +70,8 @@ struct Inner {
     /// Where room history is kept.
     store: Arc<dyn HistoryStore>,
     /// With [`Durability::Full`]: written messages, in write order, to the thread that
-    /// broadcasts them.
+    /// broadcasts them. Not bounded by itself, but each entry is a send whose command is
+    /// still waiting for it, and a connection has one batch of commands in flight at most.
     written: Option<mpsc::Sender<Written>>,
 }
 
@@ -98,6 +99,8 @@ struct Chat {
     /// Rooms dropped so far: a room's history read from the store before a drop may miss
     /// messages sent while it was in memory.
     room_drops: u64,
+    /// Set by [`Hub::close_store`]: the last id is recorded, so nothing more may be sent.
+    store_closed: bool,
     tick: u64,
 }
 
@@ -168,7 +171,10 @@ fn history_unavailable(error: &StoreError) -> ErrorBody {
     tracing::warn!(%error, "history store");
     let body = ErrorBody::new(
         ErrorCode::HistoryUnavailable,
-        "the history store cannot take or read messages now; a send was not sent",
+        match error {
+            StoreError::Busy => "the history store is busy; try again shortly",
+            StoreError::Failed(_) => "the history store failed to write or read; try again later",
+        },
     );
     match error {
         StoreError::Busy => body.retry_after(Duration::from_millis(100)),
@@ -267,6 +273,7 @@ impl Hub {
                     last_message_id: last_id,
                     ids_asked: 0,
                     room_drops: 0,
+                    store_closed: false,
                     tick: 0,
                 }),
                 sessions: Mutex::new(HashMap::new()),
@@ -573,6 +580,14 @@ impl Hub {
         };
         if ended {
             return Err(unknown_session(&session.id)).into();
+        }
+        if chat.store_closed {
+            // A command still arriving after shutdown's grace period.
+            return Err(ErrorBody::new(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down",
+            ))
+            .into();
         }
         let room_name = command.room().to_owned();
         if !joined && !matches!(command, Command::Join { .. }) {
@@ -916,8 +931,10 @@ impl Hub {
     /// Writes what the history store holds and closes it, recording the last message id so
     /// the next start continues right after it. Call it last, once no command can arrive.
     pub fn close_store(&self) {
-        let chat = lock(&self.inner.chat);
+        let mut chat = lock(&self.inner.chat);
         chat.fanout.settle();
+        // From here every command is refused, so no id above this one is handed out.
+        chat.store_closed = true;
         let last_used = chat.last_message_id;
         drop(chat);
         self.inner.store.close(last_used);

@@ -69,7 +69,6 @@ CREATE TABLE messages (
     PRIMARY KEY (room, id)
 ) WITHOUT ROWID;
 CREATE INDEX messages_by_ts ON messages (ts);
-COMMIT;
 ";
 
 /// How the store bounds and writes history.
@@ -224,11 +223,12 @@ fn prepare(conn: &Connection, durability: Durability) -> Result<u64, String> {
         if tables > 0 {
             return Err("not a switchyard history database (it has tables of its own)".into());
         }
-        conn.execute_batch(SCHEMA).map_err(text)?;
-        conn.pragma_update(None, "application_id", APPLICATION_ID)
-            .map_err(text)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(text)?;
+        // One transaction: a crash leaves either no schema or all of it, versioned.
+        conn.execute_batch(&format!(
+            "{SCHEMA} PRAGMA application_id = {APPLICATION_ID}; \
+             PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ))
+        .map_err(text)?;
     }
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -344,7 +344,9 @@ impl Writer {
                         self.metrics.written_id.set(id as i64);
                     }
                 }
-                self.metrics.batches.inc();
+                if written > 0 || reserve.is_some() {
+                    self.metrics.batches.inc();
+                }
                 if let Some(up_to) = reserve {
                     self.reserved.fetch_max(up_to, Ordering::AcqRel);
                 }
