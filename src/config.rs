@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::hub::{Budget, Durability, HubConfig};
 use crate::protocol::TransportKind;
+use crate::proxy::TrustedProxies;
 
 /// Descriptors kept free of connections for the listener, logs and the process itself.
 pub const RESERVED_FILES: usize = 64;
@@ -129,6 +130,9 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Serve the demo from this directory instead of the embedded copy (for page development).
     pub demo_dir: Option<PathBuf>,
+    /// Peers whose `Forwarded` / `X-Forwarded-*` headers name the client; everyone else's
+    /// are ignored. None by default.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for Config {
@@ -176,6 +180,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
             demo_dir: None,
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }

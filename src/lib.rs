@@ -16,6 +16,7 @@
 //! - [`server`]: accept loop, connection cap, graceful shutdown.
 //! - [`connection`]: one connection's write deadlines.
 //! - [`admission`]: the per-address rate limit on session creation.
+//! - [`proxy`]: `--trusted-proxies` and the client address, host and scheme they forward.
 //! - [`config`]: every limit with its default; [`error`]: error code to HTTP status.
 //! - [`metrics`]: counters and latency histograms per transport, served on `GET /metrics`.
 //! - [`demo`]: the embedded demo page and browser client.
@@ -33,6 +34,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod store;

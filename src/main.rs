@@ -118,6 +118,12 @@ struct ServeArgs {
     /// kernel sizes it itself (up to 4 MiB on Linux).
     #[arg(long)]
     socket_send_buffer: Option<usize>,
+    /// Reverse proxies trusted to name the client, comma-separated addresses or blocks
+    /// (`127.0.0.1,10.0.0.0/8`): from them the client's address, host and scheme are read from
+    /// `Forwarded` or `X-Forwarded-For/-Host/-Proto` (the rightmost address that is not a
+    /// trusted proxy); from anyone else those headers are ignored.
+    #[arg(long, value_parser = switchyard::proxy::parse_trusted, default_value = "")]
+    trusted_proxies: switchyard::proxy::TrustedProxies,
     /// Where room history is kept: `sqlite` (an embedded database in --data-dir; history
     /// survives restarts) or `memory` (the last --history-len messages per room; nothing
     /// survives a restart).
@@ -255,6 +261,7 @@ impl ServeArgs {
             socket_send_buffer: self.socket_send_buffer,
             demo_dir: self.demo_dir.clone(),
             history_store: self.history_store,
+            trusted_proxies: self.trusted_proxies.clone(),
             data_dir: self.data_dir.clone(),
             history_len: self.history_len,
             history_keep: self.history_keep,
@@ -418,7 +425,12 @@ mod tests {
             "100",
             "--history-max-age",
             "1h",
+            "--trusted-proxies",
+            "127.0.0.1,10.0.0.0/8",
         ]);
+        assert_eq!(set.trusted_proxies.0.len(), 2);
+        assert!(defaults.trusted_proxies.0.is_empty());
+        assert!(Cli::try_parse_from(["switchyard", "--trusted-proxies", "10.0.0.0/40"]).is_err());
         assert_eq!(set.history_store, HistoryStoreKind::Memory);
         assert_eq!((set.history_len, set.history_keep), (20, 100));
         assert_eq!(set.history_max_age, Duration::from_secs(3600));

@@ -21,6 +21,7 @@ use crate::connection::ConnectionWatch;
 use crate::demo;
 use crate::metrics::NO_TRANSPORT;
 use crate::protocol::{ErrorBody, ErrorCode, TransportKind};
+use crate::proxy::Client;
 use crate::server::{App, Peer};
 use crate::transport::{
     commands, error_response, full, json_response, long_poll, query_param, resume_point,
@@ -81,8 +82,20 @@ pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> 
         app.hub.metrics().error(transport, error.code);
         error_response(error)
     };
-    let checked =
-        check_host(&request, &app.config).and_then(|()| check_origin(&request, &app.config));
+    let client = request
+        .extensions()
+        .get::<Peer>()
+        .map(|Peer(peer)| app.config.trusted_proxies.client(*peer, request.headers()));
+    let host = client
+        .as_ref()
+        .and_then(|c| c.host.clone())
+        .or_else(|| header_text(&request, HOST));
+    let checked = check_host(host.as_deref(), &app.config)
+        .and_then(|()| check_origin(&request, host.as_deref(), &app.config));
+    let mut request = request;
+    if let Some(client) = client {
+        request.extensions_mut().insert(client);
+    }
     let mut response = match checked {
         Ok(cors) => {
             // An allowed origin gets the CORS headers on every answer, errors included, so a
@@ -103,15 +116,23 @@ pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> 
     response
 }
 
+/// A header's value as text (a value that is not visible ASCII reads as empty).
+fn header_text(request: &Request<Incoming>, name: hyper::header::HeaderName) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+}
+
 /// Refuses a `Host` the server does not answer to, against DNS rebinding: a page on a name
 /// that resolves to this server would otherwise pass as same-origin. IP literals and
 /// `localhost` are always answered (a rebinding needs a name); other names only if listed in
-/// `--allowed-hosts`, with or without a port.
-fn check_host(request: &Request<Incoming>, config: &Config) -> Result<(), ErrorBody> {
-    let Some(host) = request.headers().get(HOST) else {
+/// `--allowed-hosts`, with or without a port. Behind a trusted proxy the host checked is the
+/// one it forwards.
+fn check_host(host: Option<&str>, config: &Config) -> Result<(), ErrorBody> {
+    let Some(host) = host else {
         return Ok(());
     };
-    let host = host.to_str().unwrap_or("");
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
@@ -302,11 +323,14 @@ async fn create_session(
     app: &App,
 ) -> Result<Response<Body>, ErrorBody> {
     let config = &app.config;
-    if let Some(Peer(peer)) = request.extensions().get::<Peer>().copied() {
-        if let Err(wait) = app.session_limiter.admit(peer.ip()) {
+    if let Some(client) = request.extensions().get::<Client>() {
+        if let Err(wait) = app.session_limiter.admit(client.addr) {
             return Err(ErrorBody::new(
                 ErrorCode::RateLimited,
-                format!("too many sessions created from {}; retry later", peer.ip()),
+                format!(
+                    "too many sessions created from {}; retry later",
+                    client.addr
+                ),
             )
             .retry_after(wait));
         }
@@ -341,17 +365,18 @@ async fn create_session(
     ))
 }
 
-/// Decides whether a request's origin may use the API. Returns the origin to echo in CORS
-/// headers for an allowed cross-origin request.
+/// Decides whether a request's origin may use the API: same-origin when it is `http(s)://`
+/// + `host` (the `Host`, or the host a trusted proxy forwards). Returns the origin to echo in
+/// CORS headers for an allowed cross-origin request.
 fn check_origin(
     request: &Request<Incoming>,
+    host: Option<&str>,
     config: &Config,
 ) -> Result<Option<HeaderValue>, ErrorBody> {
     let Some(origin) = request.headers().get(ORIGIN) else {
         return Ok(None);
     };
     let origin_str = origin.to_str().unwrap_or("");
-    let host = request.headers().get(HOST).and_then(|h| h.to_str().ok());
     let same_origin = host.is_some_and(|host| {
         origin_str
             .split_once("://")

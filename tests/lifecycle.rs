@@ -5,11 +5,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use support::{join, within, ws_close, TestServer};
 use switchyard::protocol::TransportKind;
 use switchyard::Config;
+use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn a_new_transport_supersedes_the_old_one_which_is_told_why() {
@@ -183,12 +185,35 @@ async fn heartbeats_ping_websockets_keep_sse_alive_and_close_silent_sockets() {
     let server = TestServer::with_config(config).await;
     let session = server.session("beat").await;
     let mut sse = server.sse(&session, "", &[]).await;
-    let mut comments = Vec::new();
-    while comments.len() < 3 {
-        let block = sse.next_block().await.expect("stream open");
-        comments.extend(block.comments);
+    // A `ready` event at once, then visible heartbeats: none with an id, so none moves the
+    // resume point.
+    let ready = sse.next_block().await.expect("stream open");
+    assert_eq!(ready.event.as_deref(), Some("ready"), "{ready:?}");
+    assert_eq!(ready.id, None);
+    assert_eq!(
+        serde_json::from_str::<Value>(&ready.data).unwrap(),
+        json!({"type": "ready", "heartbeat_ms": 100})
+    );
+    for _ in 0..2 {
+        let beat = sse.next_block().await.expect("stream open");
+        assert_eq!(beat.event.as_deref(), Some("heartbeat"), "{beat:?}");
+        assert_eq!(
+            (beat.id, beat.data.as_str()),
+            (None, r#"{"type":"heartbeat"}"#)
+        );
     }
-    assert!(comments.iter().any(|c| c == "keep-alive"), "{comments:?}");
+
+    // A WebSocket that reads (and so answers pings) sees a heartbeat frame, without a seq.
+    let mut reader = server.websocket(&session, 0).await;
+    let beat = loop {
+        match within("a heartbeat frame", reader.next()).await {
+            Some(Ok(Message::Text(text))) => break text.to_string(),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a heartbeat, got {other:?}"),
+        }
+    };
+    assert_eq!(beat, r#"{"type":"heartbeat"}"#);
+    drop(reader);
 
     let mut ws = server.websocket(&session, 0).await;
     // This client reads nothing, so it answers no ping: the server gives up after two beats.

@@ -1,10 +1,13 @@
 //! Server-Sent Events: `GET /v1/sessions/{id}/sse?after=N` streams `text/event-stream`.
 //!
 //! Each event is `id: <seq>`, `event: <type>`, `data: <json>`. `Last-Event-ID` wins over
-//! `after`. A comment keeps the stream alive after `heartbeat` without an event (the timer
-//! restarts with every event). When the hub closes the stream it ends with
-//! `event: close` / `data: {"reason": NAME}` and no `id:` line, so that a browser's automatic
-//! reconnect does not move its resume point.
+//! `after`. Every stream starts with a `ready` event, sent at once, and a `heartbeat` event
+//! keeps it alive after `heartbeat` without an event (the timer restarts with every event).
+//! Neither has an `id:` line or a seq: they tell the client that bytes get through (a proxy
+//! that buffers or compresses the stream holds them back, and the client falls back), and
+//! they are visible to a page, where comments are not. When the hub closes the stream it ends
+//! with `event: close` / `data: {"reason": NAME}` and no `id:` line, so that a browser's
+//! automatic reconnect does not move its resume point.
 //!
 //! A stream owns its connection (`connection: close`), so the connection's deadlines are the
 //! stream's: a write that waits two heartbeats for the client closes the stream
@@ -26,10 +29,17 @@ use crate::protocol::{CloseReason, EncodedEvent};
 
 use super::{Body, WRITE_BATCH};
 
-/// Sent first: tells EventSource how long to wait before reconnecting by itself, and gets the
-/// headers and a first byte through any buffering proxy.
-const PREAMBLE: &[u8] = b"retry: 1000\n: switchyard\n\n";
-const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+/// Sent first: tells EventSource how long to wait before reconnecting by itself, and shows the
+/// client an event at once, before any seq (see the module docs).
+fn preamble(heartbeat: Duration) -> Bytes {
+    Bytes::from(format!(
+        "retry: 1000\nevent: ready\ndata: {{\"type\":\"ready\",\"heartbeat_ms\":{}}}\n\n",
+        heartbeat.as_millis()
+    ))
+}
+
+/// Sent after a heartbeat interval without an event.
+const HEARTBEAT: &[u8] = b"event: heartbeat\ndata: {\"type\":\"heartbeat\"}\n\n";
 
 /// Appends one event in SSE framing.
 pub fn write_event(seq: u64, event: &EncodedEvent, out: &mut Vec<u8>) {
@@ -85,7 +95,7 @@ pub fn stream(
     }
     let mut stream = Stream { attachment, watch };
     let frames = async_stream::stream! {
-        yield Ok(Frame::data(Bytes::from_static(PREAMBLE)));
+        yield Ok(Frame::data(preamble(heartbeat)));
         loop {
             let attachment = &mut stream.attachment;
             let step = tokio::select! {
@@ -108,14 +118,19 @@ pub fn stream(
                     yield Ok(Frame::data(close_frame(reason)));
                     break;
                 }
-                Step::KeepAlive => yield Ok(Frame::data(Bytes::from_static(KEEP_ALIVE))),
+                Step::KeepAlive => yield Ok(Frame::data(Bytes::from_static(HEARTBEAT))),
             }
         }
     };
     let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // no-transform: a proxy that honours it does not compress the stream (which would hold
+    // events back in the compressor's buffer).
+    headers.insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response

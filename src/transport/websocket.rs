@@ -231,6 +231,7 @@ async fn serve(
                     break End::Closed(reason);
                 }
                 writer.ping();
+                writer.heartbeat();
             }
             incoming = socket.next() => {
                 last_heard = Instant::now();

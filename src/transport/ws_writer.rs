@@ -221,6 +221,13 @@ impl SocketWriter {
         self.write_control(&[0x89, 0x00]);
     }
 
+    /// Sends the `heartbeat` text frame (no seq), which a page can see where it cannot see
+    /// pings.
+    pub fn heartbeat(&self) {
+        const FRAME: &[u8] = b"\x81\x14{\"type\":\"heartbeat\"}";
+        self.write_control(FRAME);
+    }
+
     /// Sends a close frame with a code and reason.
     pub fn close(&self, code: u16, reason: &str) {
         let reason = &reason.as_bytes()[..reason.len().min(123)];

@@ -319,7 +319,11 @@ pub async fn ws_event(ws: &mut Ws) -> Value {
     loop {
         match within("a WebSocket frame", ws.next()).await {
             Some(Ok(Message::Text(text))) => {
-                return serde_json::from_str(&text).expect("event JSON");
+                let event: Value = serde_json::from_str(&text).expect("event JSON");
+                if event == json!({"type": "heartbeat"}) {
+                    continue;
+                }
+                return event;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             other => panic!("expected an event frame, got {other:?}"),
@@ -409,12 +413,20 @@ impl SseStream {
         }
     }
 
-    /// The next data-carrying block (events and the final close), skipping comments and
-    /// the `retry:` preamble.
+    /// The next data-carrying block (events and the final close), skipping comments, the
+    /// `ready` event that starts every stream and `heartbeat` events.
     pub async fn next_event(&mut self) -> SseEvent {
         loop {
             let block = self.next_block().await.expect("SSE stream ended early");
-            if !block.data.is_empty() {
+            let unsequenced = matches!(block.event.as_deref(), Some("ready" | "heartbeat"));
+            if unsequenced {
+                assert!(
+                    block.id.is_none(),
+                    "{} carries no id: {block:?}",
+                    block.event.as_deref().unwrap_or("")
+                );
+            }
+            if !block.data.is_empty() && !unsequenced {
                 return block;
             }
         }
