@@ -365,9 +365,9 @@ async fn create_session(
     ))
 }
 
-/// Decides whether a request's origin may use the API: same-origin when it is `http(s)://`
-/// + `host` (the `Host`, or the host a trusted proxy forwards). Returns the origin to echo in
-/// CORS headers for an allowed cross-origin request.
+/// Decides whether a request's origin may use the API: same-origin when it is `http://` or
+/// `https://` followed by `host` (the `Host`, or the host a trusted proxy forwards). Returns
+/// the origin to echo in CORS headers for an allowed cross-origin request.
 fn check_origin(
     request: &Request<Incoming>,
     host: Option<&str>,
