@@ -171,7 +171,7 @@ function renderFallbacks(fallbacks) {
     const chip = document.createElement('span');
     chip.className = 'fallback';
     chip.dataset.transport = step.transport;
-    chip.title = `${step.transport}: ${step.reason} (${step.ms} ms)`;
+    chip.title = `${step.transport}: ${step.reason}: ${step.detail} (${step.ms} ms)`;
     const name = document.createElement('s');
     name.textContent = step.transport;
     const why = document.createElement('span');

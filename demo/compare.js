@@ -137,7 +137,7 @@ async function startPanel(panel) {
     panel.root.classList.add('unavailable');
     setPanelState(panel, 'failed', 'unavailable');
     panel.note.textContent = error.fallbacks?.length
-      ? `${panel.transport}: ${error.fallbacks[error.fallbacks.length - 1].reason}`
+      ? `${panel.transport}: ${error.fallbacks[error.fallbacks.length - 1].detail}`
       : error.message;
     return;
   }

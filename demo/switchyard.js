@@ -48,6 +48,16 @@ const MAX_PAGE = 200;
 const STABLE_AFTER_MS = 5000;
 /** Extra time a long poll may take beyond its `wait` before it is presumed dead. */
 const LONG_POLL_GRACE_MS = 15000;
+/** The server's heartbeat interval when neither the session nor the stream names one. */
+const DEFAULT_HEARTBEAT_MS = 15000;
+/**
+ * A WebSocket or SSE stream from which nothing (no event, no heartbeat) has come for two
+ * heartbeat intervals and this much more is presumed dead: the slack covers a heartbeat that
+ * is a little late on a busy server or network.
+ */
+const SILENCE_SLACK_MS = 1000;
+/** Frames without a seq that only show the stream is alive; never delivered as events. */
+const LIVENESS_TYPES = new Set(['ready', 'heartbeat']);
 /** A send refused with `rate_limited` this many times rejects with that error. */
 const MAX_RATE_LIMITED = 10;
 /** The wait before retrying a `rate_limited` command when the server gives no hint. */
@@ -112,7 +122,11 @@ export class Client {
     this.transport = null;
     /** connecting | open | reconnecting | superseded | expired | closed | failed */
     this.state = 'connecting';
-    /** The last transport selection's failures: `{transport, reason, ms}`, in order tried. */
+    /**
+     * The last transport selection's failures, in the order tried: `{transport, reason,
+     * detail, ms}`. `reason` is a code (not_offered, timeout, no_data, error, or a close
+     * reason), `detail` says what happened in words.
+     */
     this.fallbacks = [];
     /** Seq of the last event delivered; resume point of the next attach. */
     this.lastSeq = 0;
@@ -436,7 +450,7 @@ export class Client {
     for (const name of list) {
       if (epoch !== this._epoch) throw new SwitchyardError('cancelled', 'superseded by a newer attach');
       if (!offered.includes(name)) {
-        this._recordFallback(name, 'not offered by the server', 0);
+        this._recordFallback(name, { reason: 'not_offered', detail: 'not offered by the server' }, 0);
         tried.push(name);
         continue;
       }
@@ -449,7 +463,7 @@ export class Client {
         if (info.reason === 'unknown_session' || info.reason === 'expired' || info.reason === 'invalid_after') {
           throw new SwitchyardError(info.reason, info.detail || info.reason);
         }
-        this._recordFallback(name, describeFailure(info), Math.round(now() - started));
+        this._recordFallback(name, info, Math.round(now() - started));
         tried.push(name);
       }
     }
@@ -460,7 +474,8 @@ export class Client {
 
   /**
    * Opens one transport, resuming after `lastSeq`. Resolves once it is open; rejects with
-   * `{reason, detail}` if it errors or does not open within `openTimeoutMs`.
+   * `{reason, detail}` if it errors or does not open within `openTimeoutMs` (`timeout`;
+   * `no_data` for a stream whose first event did not come, see SseTransport).
    */
   _tryTransport(name, epoch) {
     return new Promise((resolve, reject) => {
@@ -495,7 +510,7 @@ export class Client {
         if (settled) return;
         transport.stop();
         if (this._active === transport) this._active = null;
-        settle(reject, { reason: 'timeout', detail: `did not open within ${this.options.openTimeoutMs} ms` });
+        settle(reject, transport.openTimedOut(this.options.openTimeoutMs));
       }, this.options.openTimeoutMs);
       this._stopActive();
       this._active = transport;
@@ -518,8 +533,8 @@ export class Client {
     }
   }
 
-  _recordFallback(transport, reason, ms) {
-    this.fallbacks.push({ transport, reason, ms });
+  _recordFallback(transport, { reason, detail }, ms) {
+    this.fallbacks.push({ transport, reason, detail: detail || reason, ms });
   }
 
   /** A transport that had opened went away. */
@@ -679,7 +694,9 @@ export class Client {
 
   _onEvent(transport, event) {
     if (transport !== this._active) return;
-    if (!event || typeof event.seq !== 'number' || event.seq <= this.lastSeq) return; // seen
+    // Every event the application sees has a seq; frames without one (ready, heartbeat) stop
+    // in the transport. A seq at or below lastSeq was delivered already.
+    if (!event || typeof event.seq !== 'number' || event.seq <= this.lastSeq) return;
     this.lastSeq = event.seq;
     switch (event.type) {
       case 'message': {
@@ -1076,6 +1093,11 @@ function checkRoom(room) {
   }
 }
 
+/** A heartbeat interval the server named, if it is a usable one. */
+function validHeartbeat(ms) {
+  return typeof ms === 'number' && Number.isFinite(ms) && ms > 0 ? ms : undefined;
+}
+
 function describeFailure(info) {
   switch (info.reason) {
     case 'timeout':
@@ -1093,7 +1115,9 @@ function describeFailure(info) {
 // and `hooks.lost({reason, detail})` once when it ends by itself. `stop()` ends it silently.
 // `reason` is a server close reason (superseded, slow_consumer, shutdown, expired,
 // heartbeat_timeout), 'unknown_session', 'invalid_after', 'network' (dropped after opening) or
-// 'error' (failed before opening).
+// 'error' (failed before opening). `heartbeat_timeout` is also the client's own verdict on a
+// stream it heard nothing from for two heartbeat intervals (see `watchesSilence`): the same
+// rule the server applies to the client, seen from the other end.
 
 function makeTransport(name, client, hooks) {
   switch (name) {
@@ -1118,11 +1142,23 @@ class Transport {
     this.live = true;
     this.opened = false;
     this.sessionPath = `/v1/sessions/${client.sessionId}`;
+    /**
+     * Streams (WebSocket, SSE) are presumed dead after two heartbeat intervals without a
+     * frame: the browser hides pings and comments, so the server sends heartbeat frames a page
+     * can see. Polls need no watchdog: each reply is proof of life, and a poll that hangs is
+     * aborted by its own timer.
+     */
+    this.watchesSilence = false;
+    /** The server's heartbeat interval: the session's, until a `ready` event names one. */
+    this.heartbeatMs = validHeartbeat(client.server?.heartbeat_ms) ?? DEFAULT_HEARTBEAT_MS;
+    this.lastHeard = 0;
+    this.silenceTimer = null;
   }
 
   _open() {
     if (!this.live || this.opened) return;
     this.opened = true;
+    this._heard();
     this.hooks.open();
   }
 
@@ -1130,29 +1166,84 @@ class Transport {
     if (this.live) this.hooks.event(event);
   }
 
-  /** Hands on one event frame's JSON; a frame that is not JSON is ignored. */
-  _eventJson(text) {
+  /**
+   * One frame of a stream arrived (WebSocket text frame, SSE event): proof that data gets
+   * through, which opens a stream that waits for it (SSE) and feeds the silence watchdog.
+   * `ready` and `heartbeat` end here; anything else is handed on as an event. A frame that
+   * is not JSON is ignored.
+   */
+  _frame(text) {
+    if (!this.live) return;
+    this._heard();
     let event;
     try {
       event = JSON.parse(text);
     } catch {
       return;
     }
+    if (!event || typeof event !== 'object') return;
+    if (LIVENESS_TYPES.has(event.type) && typeof event.seq !== 'number') {
+      this.heartbeatMs = validHeartbeat(event.heartbeat_ms) ?? this.heartbeatMs;
+      this._open();
+      return;
+    }
+    this._open();
     this._event(event);
+  }
+
+  /** Data came in now; (re)starts the silence watchdog of an open stream. */
+  _heard() {
+    this.lastHeard = now();
+    if (this.watchesSilence && this.opened && this.live && !this.silenceTimer) {
+      this._watchSilence(this._silenceLimitMs());
+    }
+  }
+
+  /** Two heartbeat intervals and a little slack. */
+  _silenceLimitMs() {
+    return 2 * this.heartbeatMs + SILENCE_SLACK_MS;
+  }
+
+  /**
+   * Checks for silence after `ms`. One timer per stream, not one per frame: when it fires
+   * after data came, it waits for the rest of the limit counted from the last frame.
+   */
+  _watchSilence(ms) {
+    this.silenceTimer = setTimeout(() => {
+      this.silenceTimer = null;
+      if (!this.live) return;
+      const limit = this._silenceLimitMs();
+      const silent = now() - this.lastHeard;
+      if (silent < limit) {
+        this._watchSilence(limit - silent);
+        return;
+      }
+      this.fail({ reason: 'heartbeat_timeout', detail: `nothing from the server for ${Math.round(silent)} ms` });
+    }, ms);
+  }
+
+  /** What a transport that did not open within `ms` failed with. */
+  openTimedOut(ms) {
+    return { reason: 'timeout', detail: `did not open within ${ms} ms` };
   }
 
   /** Ends the attempt and reports why. */
   fail(info) {
     if (!this.live) return;
-    this.live = false;
-    this.teardown();
+    this._end();
     this.hooks.lost(info);
   }
 
   /** Ends the attempt without reporting. */
   stop() {
     if (!this.live) return;
+    this._end();
+  }
+
+  _end() {
     this.live = false;
+    clearTimeout(this.silenceTimer);
+    this.silenceTimer = null;
     this.teardown();
   }
 
@@ -1163,9 +1254,15 @@ class Transport {
   teardown() {}
 }
 
+/**
+ * Open once the handshake completes: a proxy that does not pass the upgrade makes the
+ * handshake fail, so a socket that opened reaches the server. A socket that goes silent later
+ * is caught by the silence watchdog.
+ */
 class WebSocketTransport extends Transport {
   constructor(client, hooks) {
     super('websocket', client, hooks);
+    this.watchesSilence = true;
   }
 
   start(after) {
@@ -1174,7 +1271,7 @@ class WebSocketTransport extends Transport {
     const ws = new WebSocket(url.href);
     this.ws = ws;
     ws.onopen = () => this._open();
-    ws.onmessage = (message) => this._eventJson(message.data);
+    ws.onmessage = (message) => this._frame(message.data);
     ws.onerror = () => {}; // onclose follows with the code
     ws.onclose = (close) => {
       const reason = CLOSE_REASONS[close.code] || (this.opened ? 'network' : 'error');
@@ -1201,17 +1298,25 @@ class WebSocketTransport extends Transport {
   }
 }
 
+/**
+ * Open when the first event arrives (the server's `ready`, sent at once), not on
+ * EventSource's `open`: a proxy that buffers or compresses the stream lets the headers through
+ * (or not) and holds every event back, so a stream counts as working only once data came.
+ */
 class SseTransport extends Transport {
   constructor(client, hooks) {
     super('sse', client, hooks);
+    this.watchesSilence = true;
+    /** Whether EventSource saw the response's headers. */
+    this.responded = false;
   }
 
   start(after) {
     const source = new EventSource(this.client._url(`${this.sessionPath}/sse`, { after }));
     this.source = source;
-    const onData = (message) => this._eventJson(message.data);
-    source.onopen = () => this._open();
-    for (const type of SERVER_EVENT_TYPES) {
+    const onData = (message) => this._frame(message.data);
+    source.onopen = () => { this.responded = true; };
+    for (const type of [...SERVER_EVENT_TYPES, ...LIVENESS_TYPES]) {
       source.addEventListener(type, onData);
     }
     // `error` is both the server's error event (it has data) and EventSource's own failure.
@@ -1222,7 +1327,9 @@ class SseTransport extends Transport {
       }
       // EventSource would reconnect by itself; we close it and resume ourselves, so it never
       // races another transport or resumes from a point we did not choose.
-      this.fail({ reason: this.opened ? 'network' : 'error', detail: this.opened ? 'stream dropped' : 'could not open the stream' });
+      let detail = 'stream dropped';
+      if (!this.opened) detail = this.responded ? 'the stream ended before its ready event' : 'could not open the stream';
+      this.fail({ reason: this.opened ? 'network' : 'error', detail });
     });
     source.addEventListener('close', (message) => {
       let reason = 'network';
@@ -1233,6 +1340,17 @@ class SseTransport extends Transport {
       }
       this.fail({ reason, detail: 'the server closed the stream' });
     });
+  }
+
+  /**
+   * `no_data` whether or not the headers came: a proxy that holds the events back may hold
+   * the headers with them (nginx sends nothing until it has a packet's worth to send).
+   */
+  openTimedOut(ms) {
+    const detail = this.responded
+      ? `the stream opened but no event came within ${ms} ms (a proxy buffering or compressing it?)`
+      : `neither headers nor events within ${ms} ms`;
+    return { reason: 'no_data', detail };
   }
 
   teardown() {
