@@ -500,6 +500,67 @@ async fn scrolling_to_the_top_loads_older_messages_until_the_beginning() {
     close(browser).await;
 }
 
+/// An nginx set-up that breaks event streams: gzip on for every type, responses buffered
+/// whatever the upstream asks (switchyard's `X-Accel-Buffering: no` ignored), and no
+/// WebSocket upgrade passed on. (With the header honoured, nginx 1.22 flushes its gzip output
+/// with every chunk and SSE works.)
+const COMPRESSING_NGINX: &str = "
+server {
+    listen 80;
+    gzip on;
+    gzip_types *;
+    gzip_min_length 0;
+    proxy_ignore_headers X-Accel-Buffering;
+    location / {
+        proxy_pass http://127.0.0.1:8080;
+        proxy_http_version 1.1;
+        proxy_set_header Host $http_host;
+    }
+}";
+
+#[tokio::test]
+async fn behind_an_nginx_that_compresses_event_streams_the_page_falls_back_to_polling() {
+    let server = TestServer::start().await;
+    let upstream = server.addr.to_string();
+    let proxy = support::proxy::Proxy::nginx(server.addr, |_| {
+        COMPRESSING_NGINX.replace("127.0.0.1:8080", &upstream)
+    })
+    .await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    let started = std::time::Instant::now();
+    goto(
+        &browser,
+        &format!("http://{}/?name=carol&room=proxied", proxy.addr),
+    )
+    .await;
+    wait_for_transport(&browser, "long-polling").await;
+    // WebSocket fails at once (no upgrade); SSE gets no event within the 3 s open timeout.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "fell back in {took:?}");
+    let trail = eval(&browser, "window.switchyardClient.fallbacks").await;
+    let reasons: Vec<(&str, &str)> = trail
+        .as_array()
+        .expect("a fallback trail")
+        .iter()
+        .map(|f| {
+            (
+                f["transport"].as_str().unwrap(),
+                f["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(reasons.first().map(|r| r.0), Some("websocket"), "{trail}");
+    assert!(reasons.contains(&("sse", "no_data")), "{trail}");
+    type_and_send(&browser, "through the proxy").await;
+    wait_for_message(&browser, "through the proxy").await;
+    let bob = server.session("bob").await;
+    server.ok(&bob, join("proxied")).await;
+    server.ok(&bob, send("proxied", "to carol", "b1")).await;
+    wait_for_message(&browser, "to carol").await;
+    close(browser).await;
+}
+
 #[tokio::test]
 async fn message_text_is_shown_literally_and_never_run() {
     let server = TestServer::start().await;

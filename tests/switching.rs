@@ -3,79 +3,18 @@
 
 mod support;
 
-use std::time::Duration;
-
 use futures_util::StreamExt;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use support::{join, send, within, TestServer};
+use support::{join, scenarios, send, within, TestServer};
 use switchyard::protocol::TransportKind;
 use switchyard::Config;
 use tokio_tungstenite::tungstenite::Message;
 
-const MESSAGES: usize = 300;
-
 #[tokio::test]
 async fn hopping_across_all_transports_mid_stream_loses_and_repeats_nothing() {
     let server = TestServer::with_config(Config::default().with_rate_limit(10_000.0)).await;
-    let hopper = server.session("hopper").await;
-    let sender = server.session("sender").await;
-    server.ok(&hopper, join("stream")).await;
-    server.ok(&sender, join("stream")).await;
-    let mut last_seq = 0;
-
-    let addr = server.addr;
-    let sending = tokio::spawn({
-        let sender = sender.clone();
-        async move {
-            let server = support::TestServer::attached_to(addr);
-            for i in 0..MESSAGES {
-                server
-                    .ok(&sender, send("stream", &format!("m{i}"), &format!("c{i}")))
-                    .await;
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-        }
-    });
-
-    let hops = [
-        TransportKind::WebSocket,
-        TransportKind::Sse,
-        TransportKind::LongPolling,
-        TransportKind::ShortPolling,
-        TransportKind::WebSocket,
-    ];
-    let mut received: Vec<String> = Vec::new();
-    for (hop, kind) in hops.into_iter().enumerate() {
-        let mut client = server.attach(kind, &hopper, last_seq).await;
-        let target = if hop == hops.len() - 1 {
-            MESSAGES
-        } else {
-            (hop + 1) * 50
-        };
-        while received.len() < target {
-            let event = client.next().await;
-            if event["type"] == "message" {
-                received.push(event["text"].as_str().unwrap().to_owned());
-            }
-        }
-        last_seq = client.last_seq;
-        if kind == TransportKind::LongPolling {
-            // Abandon a held poll: its reply, if any, is lost with the connection.
-            let path = format!("/v1/sessions/{hopper}/poll?after={last_seq}&wait=5000");
-            let poll = tokio::spawn(support::poll_json(addr, Box::leak(path.into_boxed_str())));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            poll.abort();
-        }
-        // Dropping the client closes its connection without a goodbye.
-        drop(client);
-    }
-    within("the sender to finish", sending)
-        .await
-        .expect("sender task");
-
-    let expected: Vec<String> = (0..MESSAGES).map(|i| format!("m{i}")).collect();
-    assert_eq!(received, expected, "every message exactly once, in order");
+    scenarios::hopping(&server).await;
 }
 
 #[tokio::test]

@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+pub mod scenarios;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,150 @@
+//! Reverse proxies for the tests: `nginx` and `haproxy` processes (Debian's packages) on free
+//! loopback ports, with configurations from docs/deploy.md or the test's own.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::{within, TestServer};
+
+const NGINX: &str = "/usr/sbin/nginx";
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// The first fenced block of `lang` in docs/deploy.md, with its listen address and upstream
+/// replaced by `listen` and `upstream`.
+pub fn documented(lang: &str, listen: &str, upstream: SocketAddr) -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deploy.md"))
+        .expect("docs/deploy.md");
+    let start = doc
+        .find(&format!("```{lang}\n"))
+        .unwrap_or_else(|| panic!("no {lang} block in docs/deploy.md"))
+        + lang.len()
+        + 4;
+    let end = start + doc[start..].find("```").expect("the block ends");
+    let block = &doc[start..end];
+    for placeholder in ["127.0.0.1:8080", listen.split_whitespace().next().unwrap()] {
+        assert!(
+            block.contains(placeholder),
+            "{placeholder} in the {lang} block"
+        );
+    }
+    block.replace("127.0.0.1:8080", &upstream.to_string())
+}
+
+/// A proxy process on a free loopback port, killed on drop.
+pub struct Proxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts `program` with the config `make_config(dir, listen address)` writes, and waits
+    /// until it accepts connections.
+    async fn start(
+        program: &str,
+        package: &str,
+        make_config: impl Fn(&Path, SocketAddr) -> (String, Vec<String>),
+    ) -> Proxy {
+        assert!(
+            Path::new(program).exists(),
+            "the proxy tests need Debian's `{package}` package ({program} is missing): run \
+             scripts/test, which installs it, or apt-get install {package}"
+        );
+        // The port is picked free and then handed over, so another process may take it in
+        // between: the proxy then exits, and we try again on another port.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("a temp directory");
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port");
+            let (config, args) = make_config(dir.path(), addr);
+            std::fs::write(dir.path().join("proxy.conf"), config).expect("write the config");
+            let mut child = tokio::process::Command::new(program)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {program}: {e}"));
+            let listening = within(&format!("{package} to listen"), async {
+                loop {
+                    if TcpStream::connect(addr).await.is_ok() {
+                        return true;
+                    }
+                    if child.try_wait().expect("proxy status").is_some() {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            if listening {
+                return Proxy { addr, child, dir };
+            }
+            let output = child.wait_with_output().await.expect("proxy output");
+            eprintln!(
+                "{package} exited at start: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        panic!("{package} exited at start five times in a row");
+    }
+
+    /// nginx running `server_block` (with `listen 80;` and the upstream filled in) inside a
+    /// minimal main configuration of its own.
+    pub async fn nginx(upstream: SocketAddr, server_block: impl Fn(SocketAddr) -> String) -> Proxy {
+        Proxy::start(NGINX, "nginx", |dir, addr| {
+            let d = dir.display();
+            let block = server_block(addr).replace("listen 80;", &format!("listen {addr};"));
+            let config = format!(
+                "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    \
+                 proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    \
+                 uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n{block}\n}}\n"
+            );
+            let _ = upstream;
+            let args = vec![
+                "-p".into(),
+                format!("{d}/"),
+                "-e".into(),
+                format!("{d}/error.log"),
+                "-c".into(),
+                format!("{d}/proxy.conf"),
+            ];
+            (config, args)
+        })
+        .await
+    }
+
+    /// HAProxy running `config` with `bind :80` replaced by the free address.
+    pub async fn haproxy(config: String) -> Proxy {
+        Proxy::start(HAPROXY, "haproxy", |dir, addr| {
+            let config = config.replace("bind :80", &format!("bind {addr}"));
+            let args = vec![
+                "-db".into(),
+                "-f".into(),
+                format!("{}/proxy.conf", dir.display()),
+            ];
+            (config, args)
+        })
+        .await
+    }
+
+    /// A client handle that goes through the proxy.
+    pub fn client(&self) -> TestServer {
+        TestServer::attached_to(self.addr)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = &self.dir;
+    }
+}
