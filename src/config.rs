@@ -45,7 +45,8 @@ pub struct Config {
     pub rate_limit_burst: f64,
     /// How long a session with no transport attached lives.
     pub session_ttl: Duration,
-    /// WebSocket ping interval and SSE keep-alive interval.
+    /// How often a quiet WebSocket gets a ping and a `heartbeat` frame, and a quiet SSE stream a
+    /// `heartbeat` event; a WebSocket silent for two intervals is closed.
     pub heartbeat: Duration,
     /// Long-poll wait when the client gives no `wait`.
     pub long_poll: Duration,

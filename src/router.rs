@@ -300,7 +300,7 @@ pub struct SessionCreated {
     pub name: String,
     /// Enabled transports, in preferred order.
     pub transports: Vec<String>,
-    /// WebSocket ping / SSE keep-alive interval.
+    /// WebSocket ping and visible heartbeat interval (WebSocket frames, SSE events).
     pub heartbeat_ms: u64,
     /// Default long-poll wait.
     pub long_poll_ms: u64,

@@ -484,8 +484,16 @@ async fn a_write_failing_at_run_time_is_counted_and_the_server_keeps_serving() {
     let ann = client.session("ann").await;
     client.ok(&ann, join("r")).await;
     let mut ws = client.websocket(&ann, 0).await;
-    client.ok(&ann, send("r", "before", "b")).await;
+    let before = client.ok(&ann, send("r", "before", "b")).await;
     assert_eq!(next_message(&mut ws).await["text"], "before");
+    // Written before the lock is taken (normal durability writes a moment after the reply).
+    let before = before["results"][0]["id"].as_u64().unwrap();
+    within("the first message to be written", async {
+        while written_id(&client).await < before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 
     let lock = lock_database(dir.path());
     let lost = client.ok(&ann, send("r", "lost", "l")).await;
