@@ -45,8 +45,9 @@ pub struct Config {
     pub rate_limit_burst: f64,
     /// How long a session with no transport attached lives.
     pub session_ttl: Duration,
-    /// How often a quiet WebSocket gets a ping and a `heartbeat` frame, and a quiet SSE stream a
-    /// `heartbeat` event; a WebSocket silent for two intervals is closed.
+    /// How often a WebSocket gets a ping and a `heartbeat` frame (every interval), and how long
+    /// an SSE stream may stay without an event before it gets a `heartbeat` event; a WebSocket
+    /// silent for two intervals is closed.
     pub heartbeat: Duration,
     /// Long-poll wait when the client gives no `wait`.
     pub long_poll: Duration,

@@ -69,8 +69,9 @@ struct ServeArgs {
     /// How long a session with no transport attached lives (e.g. 30s).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     session_ttl: Duration,
-    /// How often a quiet WebSocket gets a ping and a visible heartbeat frame, and a quiet SSE
-    /// stream a heartbeat event (e.g. 15s); below half of any proxy idle timeout.
+    /// Every interval a WebSocket gets a ping and a visible heartbeat frame; an SSE stream
+    /// without an event for an interval gets a heartbeat event (e.g. 15s). Keep it below half
+    /// of any proxy's idle timeout.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
     /// Bytes of events kept per session for resume (the newest event is kept whatever its

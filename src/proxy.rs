@@ -10,7 +10,7 @@
 //! write them.
 //!
 //! This module reads headers and addresses only; the router decides what the client is used
-//! for (the per-address session limit, the host and origin checks, logs).
+//! for (the per-address session limit, the host and origin checks, the log of a new session).
 
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -165,11 +165,18 @@ fn x_forwarded_chain(headers: &HeaderMap) -> Vec<Hop> {
             ..Hop::default()
         })
         .collect();
+    let host = items(headers, &X_FORWARDED_HOST).last().map(str::to_owned);
+    let proto = items(headers, &X_FORWARDED_PROTO)
+        .last()
+        .map(str::to_ascii_lowercase);
+    if chain.is_empty() && (host.is_some() || proto.is_some()) {
+        // A proxy that forwards the host or scheme but not the address: the peer is the
+        // client as far as anyone can tell.
+        chain.push(Hop::default());
+    }
     if let Some(last) = chain.last_mut() {
-        last.host = items(headers, &X_FORWARDED_HOST).last().map(str::to_owned);
-        last.proto = items(headers, &X_FORWARDED_PROTO)
-            .last()
-            .map(str::to_ascii_lowercase);
+        last.host = host;
+        last.proto = proto;
     }
     chain
 }
@@ -334,5 +341,15 @@ mod tests {
             ("x-forwarded-proto", "gopher"),
         ]);
         assert_eq!(trusted.client(peer("127.0.0.1"), &odd_proto).proto, None);
+        let host_only = headers(&[
+            ("x-forwarded-host", "chat.example"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let client = trusted.client(peer("127.0.0.1"), &host_only);
+        assert_eq!(client.addr, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            (client.host.as_deref(), client.proto.as_deref()),
+            (Some("chat.example"), Some("https"))
+        );
     }
 }

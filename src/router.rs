@@ -90,8 +90,9 @@ pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> 
         .as_ref()
         .and_then(|c| c.host.clone())
         .or_else(|| header_text(&request, HOST));
+    let scheme = client.as_ref().and_then(|c| c.proto.as_deref());
     let checked = check_host(host.as_deref(), &app.config)
-        .and_then(|()| check_origin(&request, host.as_deref(), &app.config));
+        .and_then(|()| check_origin(&request, host.as_deref(), scheme, &app.config));
     let mut request = request;
     if let Some(client) = client {
         request.extensions_mut().insert(client);
@@ -323,14 +324,12 @@ async fn create_session(
     app: &App,
 ) -> Result<Response<Body>, ErrorBody> {
     let config = &app.config;
-    if let Some(client) = request.extensions().get::<Client>() {
-        if let Err(wait) = app.session_limiter.admit(client.addr) {
+    let client = request.extensions().get::<Client>().map(|c| c.addr);
+    if let Some(client) = client {
+        if let Err(wait) = app.session_limiter.admit(client) {
             return Err(ErrorBody::new(
                 ErrorCode::RateLimited,
-                format!(
-                    "too many sessions created from {}; retry later",
-                    client.addr
-                ),
+                format!("too many sessions created from {client}; retry later"),
             )
             .retry_after(wait));
         }
@@ -343,6 +342,9 @@ async fn create_session(
         )
     })?;
     let session = app.hub.create_session(&create.name)?;
+    if let Some(client) = client {
+        tracing::debug!(session = %session.id, %client, "session created");
+    }
     Ok(json_response(
         StatusCode::CREATED,
         &SessionCreated {
@@ -366,11 +368,13 @@ async fn create_session(
 }
 
 /// Decides whether a request's origin may use the API: same-origin when it is `http://` or
-/// `https://` followed by `host` (the `Host`, or the host a trusted proxy forwards). Returns
-/// the origin to echo in CORS headers for an allowed cross-origin request.
+/// `https://` followed by `host` (the `Host`, or the host a trusted proxy forwards), with the
+/// scheme a trusted proxy forwards, if any. Returns the origin to echo in CORS headers for an
+/// allowed cross-origin request.
 fn check_origin(
     request: &Request<Incoming>,
     host: Option<&str>,
+    scheme: Option<&str>,
     config: &Config,
 ) -> Result<Option<HeaderValue>, ErrorBody> {
     let Some(origin) = request.headers().get(ORIGIN) else {
@@ -378,9 +382,13 @@ fn check_origin(
     };
     let origin_str = origin.to_str().unwrap_or("");
     let same_origin = host.is_some_and(|host| {
-        origin_str
-            .split_once("://")
-            .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && rest == host)
+        origin_str.split_once("://").is_some_and(|(used, rest)| {
+            let scheme_ok = match scheme {
+                Some(forwarded) => used == forwarded,
+                None => matches!(used, "http" | "https"),
+            };
+            scheme_ok && rest == host
+        })
     });
     if same_origin {
         return Ok(None);

@@ -141,6 +141,18 @@ async fn behind_a_proxy_with_a_short_idle_timeout_a_matching_heartbeat_keeps_str
 
 /// Creates a session from source address `from`, saying the client is `forwarded`.
 async fn create_from(server: &TestServer, from: &str, forwarded: &str) -> StatusCode {
+    create_with(server, from, &[("x-forwarded-for", forwarded)])
+        .await
+        .0
+}
+
+/// Creates a session from source address `from` with extra headers; the status and the error
+/// code, if any.
+async fn create_with(
+    server: &TestServer,
+    from: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket
         .bind(format!("{from}:0").parse().unwrap())
@@ -153,17 +165,28 @@ async fn create_from(server: &TestServer, from: &str, forwarded: &str) -> Status
             .await
             .expect("handshake");
     tokio::spawn(connection);
-    let request = hyper::Request::post("/v1/sessions")
-        .header("host", server.addr.to_string())
-        .header("x-forwarded-for", forwarded)
+    let mut request = hyper::Request::post("/v1/sessions").header("host", server.addr.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(http_body_util::Full::new(bytes::Bytes::from(
             json!({"name": "x"}).to_string(),
         )))
         .unwrap();
-    within("a session", sender.send_request(request))
+    let response = within("a session", sender.send_request(request))
         .await
-        .expect("a reply")
-        .status()
+        .expect("a reply");
+    let status = response.status();
+    let body = within(
+        "a body",
+        http_body_util::BodyExt::collect(response.into_body()),
+    )
+    .await
+    .expect("read the body")
+    .to_bytes();
+    let reply: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status, reply["error"]["code"].clone())
 }
 
 #[tokio::test]
@@ -209,5 +232,59 @@ async fn trusted_proxies_name_the_client_and_others_cannot() {
         create_from(&server, "127.0.0.2", "192.0.2.3").await,
         StatusCode::TOO_MANY_REQUESTS,
         "a new forwarded address from an untrusted peer is still that peer"
+    );
+}
+
+#[tokio::test]
+async fn the_host_and_scheme_a_trusted_proxy_forwards_decide_the_origin_checks() {
+    let server = TestServer::with_config(Config {
+        allowed_hosts: vec!["chat.example".into()],
+        trusted_proxies: switchyard::proxy::parse_trusted("127.0.0.1").unwrap(),
+        ..Config::default()
+    })
+    .await;
+    let page = |origin: &'static str, host: &'static str| {
+        [
+            ("origin", origin),
+            ("x-forwarded-host", host),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ]
+    };
+    // The browser's page is https://chat.example; the proxy reached us on an IP address.
+    let ok = create_with(
+        &server,
+        "127.0.0.1",
+        &page("https://chat.example", "chat.example"),
+    )
+    .await;
+    assert_eq!(ok.0, StatusCode::CREATED, "{ok:?}");
+    let wrong_scheme = create_with(
+        &server,
+        "127.0.0.1",
+        &page("http://chat.example", "chat.example"),
+    )
+    .await;
+    assert_eq!(
+        wrong_scheme,
+        (StatusCode::FORBIDDEN, json!("forbidden_origin"))
+    );
+    let other_name = create_with(
+        &server,
+        "127.0.0.1",
+        &page("https://evil.example", "evil.example"),
+    )
+    .await;
+    assert_eq!(other_name, (StatusCode::FORBIDDEN, json!("forbidden_host")));
+    // From an untrusted peer the forwarded host is ignored: the page is cross-origin.
+    let untrusted = create_with(
+        &server,
+        "127.0.0.2",
+        &page("https://chat.example", "chat.example"),
+    )
+    .await;
+    assert_eq!(
+        untrusted,
+        (StatusCode::FORBIDDEN, json!("forbidden_origin"))
     );
 }
