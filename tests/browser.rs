@@ -562,6 +562,67 @@ async fn behind_an_nginx_that_compresses_event_streams_the_page_falls_back_to_po
 }
 
 #[tokio::test]
+async fn a_stream_that_goes_silent_is_given_up_after_two_heartbeats_and_resumed() {
+    // A 1 s heartbeat: the page gives a silent stream up after 2 x 1 s + 1 s.
+    let server = TestServer::with_config(Config {
+        heartbeat: Duration::from_secs(1),
+        ..Config::default()
+    })
+    .await;
+    let relay = support::proxy::Relay::start(server.addr).await;
+    let driver = Driver::start().await;
+    let bob = server.session("bob").await;
+    for kind in ["websocket", "sse"] {
+        let browser = driver.browser().await;
+        let room = format!("silent-{kind}");
+        goto(
+            &browser,
+            &format!(
+                "http://{}/?transport={kind}&name=dana&room={room}",
+                relay.addr
+            ),
+        )
+        .await;
+        wait_for_transport(&browser, kind).await;
+        server.ok(&bob, join(&room)).await;
+        server
+            .ok(
+                &bob,
+                send(&room, "before the silence", &format!("{kind}-1")),
+            )
+            .await;
+        wait_for_message(&browser, "before the silence").await;
+        // The connection stays open but carries nothing: no close, no error, no heartbeat.
+        relay.freeze();
+        server
+            .ok(
+                &bob,
+                send(&room, "during the silence", &format!("{kind}-2")),
+            )
+            .await;
+        let frozen_at = std::time::Instant::now();
+        wait_for_message(&browser, "during the silence").await;
+        let took = frozen_at.elapsed();
+        assert!(
+            took >= Duration::from_secs(2),
+            "{kind}: the message came through a frozen connection? ({took:?})"
+        );
+        let texts = eval(
+            &browser,
+            "[...document.querySelectorAll('#messages li[data-id]')].map(li => li.textContent)",
+        )
+        .await;
+        let shown = texts.to_string();
+        assert_eq!(
+            shown.matches("during the silence").count(),
+            1,
+            "{kind}: exactly once: {shown}"
+        );
+        close(browser).await;
+    }
+}
+
+#[tokio::test]
 async fn message_text_is_shown_literally_and_never_run() {
     let server = TestServer::start().await;
     let driver = Driver::start().await;

@@ -148,3 +148,90 @@ impl Drop for Proxy {
         let _ = &self.dir;
     }
 }
+
+/// A TCP relay to `upstream` that can freeze every connection open so far: a frozen
+/// connection stays open but carries nothing more either way (a proxy or NAT that lost its
+/// state without telling anyone). Connections made after a freeze are relayed.
+pub struct Relay {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Connections with a number below this are frozen.
+    frozen_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Starts relaying on a free loopback port.
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn({
+            let (frozen_below, next) = (frozen_below.clone(), next.clone());
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let number = next.fetch_add(1, Ordering::SeqCst);
+                    let frozen_below = frozen_below.clone();
+                    tokio::spawn(async move {
+                        let Ok(server) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        let frozen = move || frozen_below.load(Ordering::SeqCst) > number;
+                        let up = copy_until_frozen(client_read, server_write, frozen.clone());
+                        let down = copy_until_frozen(server_read, client_write, frozen);
+                        tokio::join!(up, down);
+                    });
+                }
+            }
+        });
+        Relay {
+            addr,
+            frozen_below,
+            next,
+            task,
+        }
+    }
+
+    /// Freezes every connection open now.
+    pub fn freeze(&self) {
+        use std::sync::atomic::Ordering;
+        self.frozen_below
+            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies until EOF, or until `frozen()`: then holds both sockets open, silent, for good.
+async fn copy_until_frozen(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen() {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
