@@ -135,6 +135,9 @@ pub struct Config {
     /// Peers whose `Forwarded` / `X-Forwarded-*` headers name the client; everyone else's
     /// are ignored. None by default.
     pub trusted_proxies: TrustedProxies,
+    /// Verifies identity tokens when authentication is on (`--auth-hmac-secret-file`,
+    /// `--auth-public-key`); `None`: anyone may create a session with any name.
+    pub auth: Option<std::sync::Arc<dyn crate::hub::TokenVerifier>>,
 }
 
 impl Default for Config {
@@ -183,6 +186,7 @@ impl Default for Config {
             close_timeout: Duration::from_secs(2),
             demo_dir: None,
             trusted_proxies: TrustedProxies::default(),
+            auth: None,
         }
     }
 }
@@ -211,6 +215,7 @@ impl Config {
             max_rooms: self.max_rooms,
             max_sessions: self.max_sessions,
             dedup_window: self.dedup_window,
+            tokens: self.auth.clone(),
         }
     }
 

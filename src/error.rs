@@ -25,7 +25,16 @@ pub fn status(code: ErrorCode) -> StatusCode {
         }
         ErrorCode::PollInProgress => StatusCode::CONFLICT,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::ForbiddenOrigin | ErrorCode::ForbiddenHost => StatusCode::FORBIDDEN,
+        ErrorCode::ForbiddenOrigin | ErrorCode::ForbiddenHost | ErrorCode::Forbidden => {
+            StatusCode::FORBIDDEN
+        }
+        ErrorCode::TokenMissing
+        | ErrorCode::TokenMalformed
+        | ErrorCode::TokenBadSignature
+        | ErrorCode::TokenUnsigned
+        | ErrorCode::TokenWrongAlgorithm
+        | ErrorCode::TokenExpired
+        | ErrorCode::TokenNotYetValid => StatusCode::UNAUTHORIZED,
         ErrorCode::ServerFull | ErrorCode::ShuttingDown | ErrorCode::HistoryUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }

@@ -16,6 +16,7 @@
 //! - [`server`]: accept loop, connection cap, graceful shutdown.
 //! - [`connection`]: one connection's write deadlines.
 //! - [`admission`]: the per-address rate limit on session creation.
+//! - [`auth`]: identity tokens (JWT) verified for session creation and `refresh`.
 //! - [`proxy`]: `--trusted-proxies` and the client address, host and scheme they forward.
 //! - [`config`]: every limit with its default; [`error`]: error code to HTTP status.
 //! - [`metrics`]: counters and latency histograms per transport, served on `GET /metrics`.
@@ -26,6 +27,7 @@
 #![deny(missing_docs)]
 
 pub mod admission;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod connection;

@@ -31,6 +31,8 @@ enum Command {
     /// Compare the transports' latency, throughput, bytes and server cost (see
     /// docs/benchmarks.md).
     Bench(switchyard::bench::BenchArgs),
+    /// Mint an HS256 identity token for development and tests (see --auth-hmac-secret-file).
+    Token(TokenArgs),
     /// The bench's baseline: a bare tokio-tungstenite broadcast server.
     #[command(hide = true)]
     BenchBaseline {
@@ -38,6 +40,25 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         addr: SocketAddr,
     },
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The HS256 secret the server is given with --auth-hmac-secret-file.
+    #[arg(long)]
+    hmac_secret_file: std::path::PathBuf,
+    /// The user id.
+    #[arg(long)]
+    sub: String,
+    /// The display name (default: the user id).
+    #[arg(long)]
+    name: Option<String>,
+    /// Rooms the user may join, comma-separated: exact names, or prefixes ending in `*`.
+    #[arg(long, value_delimiter = ',')]
+    rooms: Option<Vec<String>>,
+    /// How long the token is valid (e.g. 1h, 10m).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
 }
 
 #[derive(Args)]
@@ -126,6 +147,14 @@ struct ServeArgs {
     /// trusted proxy); from anyone else those headers are ignored.
     #[arg(long, value_parser = switchyard::proxy::parse_trusted, default_value = "")]
     trusted_proxies: switchyard::proxy::TrustedProxies,
+    /// Turn authentication on with an HS256 secret (at least 32 bytes) read from this file:
+    /// creating a session then needs a token (see `switchyard token`).
+    #[arg(long, conflicts_with = "auth_public_key")]
+    auth_hmac_secret_file: Option<std::path::PathBuf>,
+    /// Turn authentication on with a PEM public key: RSA (RS256), P-256 (ES256) or Ed25519
+    /// (EdDSA); tokens signed with any other algorithm are refused.
+    #[arg(long)]
+    auth_public_key: Option<std::path::PathBuf>,
     /// Where room history is kept: `sqlite` (an embedded database in --data-dir; history
     /// survives restarts) or `memory` (the last --history-len messages per room; nothing
     /// survives a restart).
@@ -239,6 +268,16 @@ impl ServeArgs {
         if self.max_message_bytes < 256 {
             return Err("--max-message-bytes must be at least 256".into());
         }
+        let auth: Option<std::sync::Arc<dyn switchyard::hub::TokenVerifier>> =
+            match (&self.auth_hmac_secret_file, &self.auth_public_key) {
+                (Some(file), _) => Some(std::sync::Arc::new(
+                    switchyard::auth::Verifier::hmac_secret_file(file)?,
+                )),
+                (None, Some(file)) => Some(std::sync::Arc::new(
+                    switchyard::auth::Verifier::public_key_file(file)?,
+                )),
+                (None, None) => None,
+            };
         let mut transports = self.transports.clone();
         transports.sort();
         transports.dedup();
@@ -264,6 +303,7 @@ impl ServeArgs {
             demo_dir: self.demo_dir.clone(),
             history_store: self.history_store,
             trusted_proxies: self.trusted_proxies.clone(),
+            auth,
             data_dir: self.data_dir.clone(),
             history_len: self.history_len,
             history_keep: self.history_keep,
@@ -312,6 +352,27 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Bench(args)) => {
             return match switchyard::bench::run(args).await {
                 Ok(_) => std::process::ExitCode::SUCCESS,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Token(args)) => {
+            let rooms = args
+                .rooms
+                .map(|rooms| rooms.into_iter().map(|r| r.trim().to_owned()).collect());
+            return match switchyard::auth::mint(
+                &args.hmac_secret_file,
+                &args.sub,
+                args.name.as_deref(),
+                rooms,
+                args.ttl,
+            ) {
+                Ok(token) => {
+                    println!("{token}");
+                    std::process::ExitCode::SUCCESS
+                }
                 Err(message) => {
                     eprintln!("error: {message}");
                     std::process::ExitCode::FAILURE

@@ -101,6 +101,8 @@ pub enum CloseReason {
     Expired,
     /// No pong (or any frame) within two heartbeat intervals.
     HeartbeatTimeout,
+    /// The session's identity token expired without a `refresh`: the session is over.
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -112,6 +114,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Expired => "expired",
             CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 
@@ -123,6 +126,7 @@ impl CloseReason {
             CloseReason::Shutdown => 4002,
             CloseReason::Expired => 4003,
             CloseReason::HeartbeatTimeout => 4004,
+            CloseReason::TokenExpired => 4005,
         }
     }
 }
@@ -175,6 +179,23 @@ pub enum ErrorCode {
     /// The history store could not take or read messages (its queue is full, a write or read
     /// failed); a `send` that gets it was not broadcast.
     HistoryUnavailable,
+    /// Authentication is on and the request carried no token.
+    TokenMissing,
+    /// The token is not a well-formed JWT, or lacks a required claim (`sub`, `exp`).
+    TokenMalformed,
+    /// The token's signature does not verify with the server's key.
+    TokenBadSignature,
+    /// The token is unsigned (`alg: none`).
+    TokenUnsigned,
+    /// The token is signed with another algorithm than the server's key takes.
+    TokenWrongAlgorithm,
+    /// The token's `exp` has passed.
+    TokenExpired,
+    /// The token's `nbf` is still ahead.
+    TokenNotYetValid,
+    /// The token does not allow this: a `join` outside its `rooms`, or a `refresh` for
+    /// another user.
+    Forbidden,
     /// A fault inside the server; details are logged, never sent.
     Internal,
 }
@@ -204,6 +225,14 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::HistoryUnavailable => "history_unavailable",
+            ErrorCode::TokenMissing => "token_missing",
+            ErrorCode::TokenMalformed => "token_malformed",
+            ErrorCode::TokenBadSignature => "token_bad_signature",
+            ErrorCode::TokenUnsigned => "token_unsigned",
+            ErrorCode::TokenWrongAlgorithm => "token_wrong_algorithm",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenNotYetValid => "token_not_yet_valid",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Internal => "internal",
         }
     }
@@ -280,6 +309,12 @@ pub enum Command {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// Extend the session with a new identity token for the same user, before the current
+    /// one expires (authentication on).
+    Refresh {
+        /// The new token (a JWT).
+        token: String,
+    },
 }
 
 /// Messages in a `history_page` when the command gives no `limit`.
@@ -287,7 +322,7 @@ pub const DEFAULT_PAGE: usize = 50;
 /// The largest `limit` a `history` command may ask for.
 pub const MAX_PAGE: usize = 200;
 
-const COMMAND_TYPES: [&str; 5] = ["join", "leave", "send", "typing", "history"];
+const COMMAND_TYPES: [&str; 6] = ["join", "leave", "send", "typing", "history", "refresh"];
 
 impl Command {
     /// The `client_id` of a `send`.
@@ -298,14 +333,15 @@ impl Command {
         }
     }
 
-    /// The room every command names.
-    pub fn room(&self) -> &str {
+    /// The room the command names (every command but `refresh` names one).
+    pub fn room(&self) -> Option<&str> {
         match self {
             Command::Join { room }
             | Command::Leave { room }
             | Command::Send { room, .. }
             | Command::Typing { room }
-            | Command::History { room, .. } => room,
+            | Command::History { room, .. } => Some(room),
+            Command::Refresh { .. } => None,
         }
     }
 
@@ -318,7 +354,7 @@ impl Command {
             None => return Err(bad_command("command has no \"type\" field")),
             Some(Value::String(t)) if !COMMAND_TYPES.contains(&t.as_str()) => {
                 return Err(bad_command(format!(
-                    "unknown command type {t:?} (expected join, leave, send, typing or history)"
+                    "unknown command type {t:?} (expected join, leave, send, typing, history or refresh)"
                 )))
             }
             Some(Value::String(_)) => {}
@@ -331,7 +367,9 @@ impl Command {
     }
 
     fn validate(&self) -> Result<(), ErrorBody> {
-        validate_room(self.room())?;
+        if let Some(room) = self.room() {
+            validate_room(room)?;
+        }
         if let Command::History { before, limit, .. } = self {
             if *before == Some(0) {
                 return Err(bad_command("before must be a message id (1 or more)"));

@@ -10,8 +10,8 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
-    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, ALLOW, CONTENT_TYPE, HOST, ORIGIN, VARY,
-    X_CONTENT_TYPE_OPTIONS,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, ALLOW, AUTHORIZATION, CONTENT_TYPE, HOST,
+    ORIGIN, VARY, X_CONTENT_TYPE_OPTIONS,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -289,7 +289,12 @@ fn enabled(config: &Config, kind: TransportKind) -> Result<(), ErrorBody> {
 
 #[derive(Deserialize)]
 struct CreateSession {
-    name: String,
+    /// The user name; with authentication on, the token's name is used instead.
+    #[serde(default)]
+    name: Option<String>,
+    /// The identity token, when not in an `Authorization: Bearer` header.
+    #[serde(default)]
+    token: Option<String>,
 }
 
 /// The `201` reply to `POST /v1/sessions`.
@@ -299,6 +304,12 @@ pub struct SessionCreated {
     pub session: String,
     /// The user name.
     pub name: String,
+    /// The authenticated user (the token's `sub`), when authentication is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// When the session ends unless refreshed (the token's `exp`, ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
     /// Enabled transports, in preferred order.
     pub transports: Vec<String>,
     /// WebSocket ping and visible heartbeat interval (WebSocket frames, SSE events).
@@ -334,14 +345,37 @@ async fn create_session(
             .retry_after(wait));
         }
     }
+    let bearer = header_text(&request, AUTHORIZATION).and_then(|value| {
+        value
+            .strip_prefix("Bearer ")
+            .map(|token| token.trim().to_owned())
+    });
     let body = commands::read_body(request, config.max_message_bytes, config.body_timeout).await?;
     let create: CreateSession = serde_json::from_slice(&body).map_err(|e| {
         ErrorBody::new(
             ErrorCode::BadRequest,
-            format!("expected {{\"name\": string}}: {e}"),
+            format!("expected {{\"name\": string}} (or {{\"token\": string}}): {e}"),
         )
     })?;
-    let session = app.hub.create_session(&create.name)?;
+    let (session, expires_at) = match &config.auth {
+        Some(verifier) => {
+            let token = bearer.or(create.token).ok_or_else(|| {
+                ErrorBody::new(
+                    ErrorCode::TokenMissing,
+                    "this server needs an identity token: an Authorization: Bearer header or a \"token\" field",
+                )
+            })?;
+            let identity = verifier.verify(&token)?;
+            let expires_at = identity.expires_at;
+            (app.hub.create_session_for(identity)?, Some(expires_at))
+        }
+        None => {
+            let name = create.name.ok_or_else(|| {
+                ErrorBody::new(ErrorCode::BadRequest, "expected {\"name\": string}")
+            })?;
+            (app.hub.create_session(&name)?, None)
+        }
+    };
     if let Some(client) = client {
         tracing::debug!(session = %session.id, %client, "session created");
     }
@@ -350,6 +384,12 @@ async fn create_session(
         &SessionCreated {
             session: session.id.clone(),
             name: session.name.to_string(),
+            user: session.user.as_deref().map(str::to_owned),
+            expires_at_ms: expires_at.and_then(|at| {
+                at.duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_millis() as u64)
+            }),
             transports: config
                 .transports
                 .iter()
@@ -419,7 +459,7 @@ fn preflight(allowed: &[Method]) -> Response<Body> {
     headers.insert(ACCESS_CONTROL_ALLOW_METHODS, allow_header(allowed));
     headers.insert(
         ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("content-type, last-event-id"),
+        HeaderValue::from_static("content-type, last-event-id, authorization"),
     );
     headers.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));

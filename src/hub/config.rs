@@ -43,6 +43,8 @@ pub struct HubConfig {
     pub max_sessions: usize,
     /// Recent `client_id`s remembered per session to recognise retried sends.
     pub dedup_window: usize,
+    /// Checks the tokens of `refresh` commands, when the server authenticates users.
+    pub tokens: Option<std::sync::Arc<dyn super::TokenVerifier>>,
 }
 
 impl Default for HubConfig {
@@ -68,6 +70,7 @@ impl Default for HubConfig {
             max_rooms: 10_000,
             max_sessions: 100_000,
             dedup_window: 64,
+            tokens: None,
         }
     }
 }

@@ -16,13 +16,14 @@
 mod config;
 mod fanout;
 pub mod history;
+mod identity;
 mod room;
 mod session;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -30,6 +31,7 @@ use tokio::time::Instant;
 
 use history::{cutoff, now_micros, StoreError};
 pub use history::{Durability, HistoryStore, MemoryStore};
+pub use identity::{Identity, TokenVerifier};
 use room::Room;
 pub use session::{Attachment, BatchLimit, Budget, Delivery, Session};
 pub(crate) use session::{DirectSink, Gap, OutboxFull, TokenBucket};
@@ -182,6 +184,39 @@ fn history_unavailable(error: &StoreError) -> ErrorBody {
     }
 }
 
+/// Why a session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// `DELETE`.
+    Deleted,
+    /// No transport for the session TTL.
+    Idle,
+    /// Its identity token expired without a `refresh`.
+    TokenExpired,
+}
+
+impl Ending {
+    /// Whether the session should end for this reason now.
+    fn holds(self, state: &session::SessionState, ttl: Duration) -> bool {
+        match self {
+            Ending::Deleted => true,
+            Ending::Idle => state.attached.is_none() && state.last_seen.elapsed() >= ttl,
+            Ending::TokenExpired => state
+                .identity
+                .as_ref()
+                .is_some_and(|i| i.expires_at <= SystemTime::now()),
+        }
+    }
+
+    /// What the attached transport is told.
+    fn reason(self) -> CloseReason {
+        match self {
+            Ending::Deleted | Ending::Idle => CloseReason::Expired,
+            Ending::TokenExpired => CloseReason::TokenExpired,
+        }
+    }
+}
+
 /// What applying a command came to.
 enum Applied {
     Done(Result<CommandResult, ErrorBody>),
@@ -312,6 +347,17 @@ impl Hub {
 
     /// Creates a session for a user name.
     pub fn create_session(&self, name: &str) -> Result<Arc<Session>, ErrorBody> {
+        self.create(name, None)
+    }
+
+    /// Creates a session for a verified user: it ends when the identity expires, unless
+    /// refreshed, and counts once per user in room presence.
+    pub fn create_session_for(&self, identity: Identity) -> Result<Arc<Session>, ErrorBody> {
+        let name = identity.name.clone();
+        self.create(&name, Some(identity))
+    }
+
+    fn create(&self, name: &str, identity: Option<Identity>) -> Result<Arc<Session>, ErrorBody> {
         self.refuse_if_shutting_down()?;
         validate_name(name)?;
         let mut sessions = lock(&self.inner.sessions);
@@ -326,6 +372,7 @@ impl Hub {
         let session = Arc::new(Session::new(
             id.clone(),
             Arc::from(name),
+            identity,
             &self.inner.config,
             shard,
         ));
@@ -485,6 +532,11 @@ impl Hub {
         session: &Arc<Session>,
         mut command: Command,
     ) -> Result<CommandResult, (u64, bool, Outcome)> {
+        if let Command::Refresh { token } = &command {
+            return Ok(self
+                .refresh(session, token)
+                .unwrap_or_else(CommandResult::failed));
+        }
         let store = &self.inner.store;
         let mut loaded = None;
         loop {
@@ -496,7 +548,7 @@ impl Hub {
                     outcome,
                 } => return Err((id, duplicate, outcome)),
                 Applied::LoadRoom(command, drops) => {
-                    let room = command.room().to_owned();
+                    let room = command.room().unwrap_or_default().to_owned();
                     let reply = store.recent(&room, self.inner.config.history_len);
                     match reply.await.unwrap_or_else(|_| Err(closed_store())) {
                         Ok(messages) => {
@@ -574,9 +626,10 @@ impl Hub {
         let mut chat = lock(&self.inner.chat);
         // Checked again under the chat lock: `end` takes it too, so a session that ended
         // after `admit` is never put back into a room.
+        let room_name = command.room().unwrap_or_default().to_owned();
         let (ended, joined) = {
             let state = session.lock();
-            (state.ended, state.rooms.iter().any(|r| r == command.room()))
+            (state.ended, state.rooms.iter().any(|r| *r == room_name))
         };
         if ended {
             return Err(unknown_session(&session.id)).into();
@@ -589,7 +642,6 @@ impl Hub {
             ))
             .into();
         }
-        let room_name = command.room().to_owned();
         if !joined && !matches!(command, Command::Join { .. }) {
             return Err(ErrorBody::new(
                 ErrorCode::NotInRoom,
@@ -613,6 +665,18 @@ impl Hub {
                 }
             }
             Command::Join { room } => {
+                let allowed = session
+                    .lock()
+                    .identity
+                    .as_ref()
+                    .is_none_or(|i| i.may_join(&room));
+                if !allowed {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Forbidden,
+                        format!("your token does not let you join room {room:?}"),
+                    ))
+                    .into();
+                }
                 if session.lock().rooms.len() >= config.max_rooms_per_session {
                     return Err(ErrorBody::new(
                         ErrorCode::TooManyRooms,
@@ -778,6 +842,8 @@ impl Hub {
                     chat.presence_changed(&room, config);
                 }
             }
+            // Handled by `run`, with no lock held.
+            Command::Refresh { .. } => {}
         }
         Ok(CommandResult::done()).into()
     }
@@ -822,46 +888,75 @@ impl Hub {
     /// Ends a session now (`DELETE`): it leaves its rooms and its transport closes `expired`.
     pub fn end_session(&self, session_id: &str) -> Result<(), ErrorBody> {
         let session = self.session(session_id)?;
-        self.end(&session, false);
+        self.end(&session, Ending::Deleted);
         Ok(())
     }
 
-    /// Ends a session. With `only_if_idle`, only if it is still unattached past its TTL.
-    fn end(&self, session: &Arc<Session>, only_if_idle: bool) {
+    /// Ends a session, if `why` still holds under the locks.
+    fn end(&self, session: &Arc<Session>, why: Ending) {
         let mut chat = lock(&self.inner.chat);
         let rooms = {
             let mut state = session.lock();
-            let idle = state.attached.is_none()
-                && state.last_seen.elapsed() >= self.inner.config.session_ttl;
-            if state.ended || (only_if_idle && !idle) {
+            if state.ended || !why.holds(&state, self.inner.config.session_ttl) {
                 return;
             }
             state.ended = true;
-            state.close_attached(CloseReason::Expired);
+            state.close_attached(why.reason());
             state.rooms.clone()
         };
         for room in rooms {
             chat.leave(session, &room, &self.inner.config);
         }
         lock(&self.inner.sessions).remove(&session.id);
-        tracing::debug!(session = %session.id, only_if_idle, "session ended");
+        tracing::debug!(session = %session.id, ?why, "session ended");
     }
 
-    /// Ends every session that has had no transport for its TTL; returns how many.
+    /// Ends every session that has had no transport for its TTL, or whose identity token
+    /// expired; returns how many.
     pub fn expire_idle(&self) -> usize {
         let ttl = self.inner.config.session_ttl;
-        let idle: Vec<Arc<Session>> = lock(&self.inner.sessions)
+        let due: Vec<(Arc<Session>, Ending)> = lock(&self.inner.sessions)
             .values()
-            .filter(|s| {
+            .filter_map(|s| {
                 let state = s.lock();
-                state.attached.is_none() && state.last_seen.elapsed() >= ttl
+                [Ending::TokenExpired, Ending::Idle]
+                    .into_iter()
+                    .find(|why| why.holds(&state, ttl))
+                    .map(|why| (s.clone(), why))
             })
-            .cloned()
             .collect();
-        for session in &idle {
-            self.end(session, true);
+        for (session, why) in &due {
+            self.end(session, *why);
         }
-        idle.len()
+        due.len()
+    }
+
+    /// Extends a session with a new token for the same user (`refresh`).
+    fn refresh(&self, session: &Session, token: &str) -> Result<CommandResult, ErrorBody> {
+        let Some(verifier) = &self.inner.config.tokens else {
+            return Err(ErrorBody::new(
+                ErrorCode::BadCommand,
+                "this server does not authenticate users; there is nothing to refresh",
+            ));
+        };
+        // Verified with no lock held: a signature check can take a while.
+        let fresh = verifier.verify(token)?;
+        let mut state = session.lock();
+        let Some(identity) = &mut state.identity else {
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                "this session was created without a token",
+            ));
+        };
+        if identity.user != fresh.user {
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                "a refresh token must be for the session's own user",
+            ));
+        }
+        identity.expires_at = fresh.expires_at;
+        identity.rooms = fresh.rooms;
+        Ok(CommandResult::done())
     }
 
     /// Waits until every event decided so far is in its sessions' replay buffers (events reach

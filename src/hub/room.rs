@@ -68,6 +68,11 @@ pub(crate) struct Room {
     shards: Vec<Arc<Vec<Arc<Session>>>>,
     /// Each member's place, by session address.
     index: HashMap<usize, Place>,
+    /// Sessions per authenticated user: a user with several sessions (tabs) in the room is one
+    /// member of its presence, who joins with the first and leaves with the last.
+    users: HashMap<Arc<str>, usize>,
+    /// Members as presence counts them: users, and sessions without one.
+    present: usize,
     joins: u64,
     history: VecDeque<Arc<Message>>,
     /// The `history` event, encoded once until the history changes.
@@ -99,6 +104,8 @@ impl Room {
         Room {
             shards: (0..shards.max(1)).map(|_| Arc::new(Vec::new())).collect(),
             index: HashMap::new(),
+            users: HashMap::new(),
+            present: 0,
             joins: 0,
             history: history.into(),
             history_event: None,
@@ -150,6 +157,18 @@ impl Room {
         };
         list.push(session.clone());
         self.index.insert(key(&session), place);
+        let first = match &session.user {
+            Some(user) => {
+                let sessions = self.users.entry(user.clone()).or_insert(0);
+                *sessions += 1;
+                *sessions == 1
+            }
+            None => true,
+        };
+        if !first {
+            return;
+        }
+        self.present += 1;
         self.presence.changed = true;
         if self.presence.exact || self.presence.joined.len() < PRESENCE_SAMPLE {
             self.presence.joined.push(name);
@@ -174,6 +193,23 @@ impl Room {
                 *shard = Arc::new(Vec::new());
             }
         }
+        let last = match &session.user {
+            Some(user) => match self.users.get_mut(user) {
+                Some(sessions) if *sessions > 1 => {
+                    *sessions -= 1;
+                    false
+                }
+                _ => {
+                    self.users.remove(user);
+                    true
+                }
+            },
+            None => true,
+        };
+        if !last {
+            return true;
+        }
+        self.present -= 1;
         self.presence.changed = true;
         if self.presence.exact || self.presence.left.len() < PRESENCE_SAMPLE {
             self.presence.left.push(session.name.clone());
@@ -242,7 +278,7 @@ impl Room {
             let online: Vec<&str> = if presence.exact {
                 presence.published.iter().map(|n| &**n).collect()
             } else {
-                self.each_member()
+                self.present_members()
                     .take(PRESENCE_SAMPLE)
                     .map(|m| &*m.name)
                     .collect()
@@ -265,7 +301,7 @@ impl Room {
     /// `typing`. Rooms past `list_limit` members publish a count and a sample of names.
     pub fn flush(&mut self, room: &str, list_limit: usize) -> Vec<EncodedEvent> {
         let mut events = Vec::new();
-        let count = self.index.len();
+        let count = self.present;
         let rebuilt =
             (!self.presence.exact && count <= list_limit).then(|| self.names_in_join_order());
         let presence = &mut self.presence;
@@ -335,13 +371,26 @@ impl Room {
         self.presence.published.iter().map(|n| &**n).collect()
     }
 
-    /// Every member's name, in join order.
+    /// One session per member as presence counts them: each user's first (in shard order),
+    /// and every session without a user.
+    fn present_members(&self) -> impl Iterator<Item = &Arc<Session>> {
+        let mut seen = std::collections::HashSet::new();
+        self.each_member()
+            .filter(move |m| m.user.as_ref().is_none_or(|u| seen.insert(u.clone())))
+    }
+
+    /// Every member's name, in join order (a user's first session's).
     fn names_in_join_order(&self) -> Vec<Arc<str>> {
         let mut members: Vec<(u64, &Arc<Session>)> = self
             .each_member()
             .map(|m| (self.index[&key(m)].joined_at, m))
             .collect();
         members.sort_by_key(|(joined_at, _)| *joined_at);
-        members.into_iter().map(|(_, m)| m.name.clone()).collect()
+        let mut seen = std::collections::HashSet::new();
+        members
+            .into_iter()
+            .filter(|(_, m)| m.user.as_ref().is_none_or(|u| seen.insert(u.clone())))
+            .map(|(_, m)| m.name.clone())
+            .collect()
     }
 }

@@ -343,6 +343,8 @@ pub(crate) struct SessionState {
     /// When the last transport detached (or the session was created).
     pub(crate) last_seen: Instant,
     pub(crate) limiter: TokenBucket,
+    /// The verified identity, when the server authenticates (its expiry moves on `refresh`).
+    pub(crate) identity: Option<super::Identity>,
     pub(crate) sent: SentMessages,
     /// Set once the session is expired or deleted; it takes no more events or transports.
     pub(crate) ended: bool,
@@ -358,6 +360,9 @@ pub struct Session {
     pub id: String,
     /// User name, validated at creation (shared with the presence lists it appears in).
     pub name: Arc<str>,
+    /// The authenticated user (a token's `sub`), when the server authenticates: the sessions
+    /// of one user count once in a room's presence.
+    pub user: Option<Arc<str>>,
     /// Which fan-out thread pushes this session's events.
     pub(crate) shard: usize,
     pub(crate) state: Mutex<SessionState>,
@@ -386,10 +391,17 @@ impl Budget {
 }
 
 impl Session {
-    pub(crate) fn new(id: String, name: Arc<str>, config: &HubConfig, shard: usize) -> Self {
+    pub(crate) fn new(
+        id: String,
+        name: Arc<str>,
+        identity: Option<super::Identity>,
+        config: &HubConfig,
+        shard: usize,
+    ) -> Self {
         Session {
             id,
             name,
+            user: identity.as_ref().map(|i| i.user.clone()),
             shard,
             state: Mutex::new(SessionState {
                 replay: ReplayBuffer::new(config.replay_window, config.replay_bytes as u64),
@@ -398,6 +410,7 @@ impl Session {
                 rooms: Vec::new(),
                 last_seen: Instant::now(),
                 limiter: TokenBucket::new(config.rate_limit_per_sec, config.rate_limit_burst),
+                identity,
                 sent: SentMessages::default(),
                 ended: false,
                 protected: None,
