@@ -41,6 +41,9 @@ pub struct Claims {
     pub rooms: Option<Vec<String>>,
 }
 
+/// Reads a PEM public key of one kind.
+type KeyLoader = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+
 /// Verifies tokens with one key.
 pub struct Verifier {
     key: DecodingKey,
@@ -74,10 +77,7 @@ impl Verifier {
     pub fn public_key_file(path: &Path) -> Result<Verifier, String> {
         let pem =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let attempts: [(
-            fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>,
-            Algorithm,
-        ); 3] = [
+        let attempts: [(KeyLoader, Algorithm); 3] = [
             (DecodingKey::from_rsa_pem, Algorithm::RS256),
             (DecodingKey::from_ec_pem, Algorithm::ES256),
             (DecodingKey::from_ed_pem, Algorithm::EdDSA),

@@ -629,7 +629,7 @@ impl Hub {
         let room_name = command.room().unwrap_or_default().to_owned();
         let (ended, joined) = {
             let state = session.lock();
-            (state.ended, state.rooms.iter().any(|r| *r == room_name))
+            (state.ended, state.rooms.contains(&room_name))
         };
         if ended {
             return Err(unknown_session(&session.id)).into();
