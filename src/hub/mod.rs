@@ -1622,15 +1622,10 @@ mod tests {
     }
 
     fn messages_seen(hub: &Hub, session: &Arc<Session>) -> Vec<u64> {
-        hub.settle();
-        let state = session.lock();
-        state
-            .replay
-            .after(0, BatchLimit::ALL)
-            .unwrap()
-            .into_iter()
-            .filter(|(_, e)| e.type_name == "message")
-            .map(|(seq, _)| seq)
+        events_of(hub, session)
+            .iter()
+            .filter(|e| e["type"] == "message")
+            .map(|e| e["seq"].as_u64().unwrap())
             .collect()
     }
 
