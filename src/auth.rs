@@ -26,13 +26,15 @@ pub const LEEWAY_SECS: u64 = 5;
 /// The claims switchyard reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
-    /// The user id.
-    pub sub: String,
+    /// The user id (required; optional here so that its absence is reported as such).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
     /// The display name (`sub` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Expiry, seconds since the Unix epoch.
-    pub exp: u64,
+    /// Expiry, seconds since the Unix epoch (required, as `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
     /// Not before, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
@@ -112,6 +114,9 @@ impl Verifier {
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // No audience is configured: an `aud` claim (many issuers always set one) is not ours
+        // to check.
+        validation.validate_aud = false;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &validation).map_err(|e| {
             let expected = self.algorithm;
             match e.kind() {
@@ -172,19 +177,25 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
 impl TokenVerifier for Verifier {
     fn verify(&self, token: &str) -> Result<Identity, ErrorBody> {
         let claims = self.claims(token)?;
-        if claims.sub.is_empty() {
+        let (Some(sub), Some(exp)) = (claims.sub.filter(|s| !s.is_empty()), claims.exp) else {
             return Err(refused(
                 ErrorCode::TokenMalformed,
-                "the token's sub is empty",
+                "the token needs a non-empty sub and an exp",
             ));
+        };
+        let expires_at = UNIX_EPOCH + Duration::from_secs(exp);
+        // The leeway lets a token from a clock a little ahead through `nbf`, but a session
+        // never starts already past its `exp` (it would end at once).
+        if expires_at <= SystemTime::now() {
+            return Err(refused(ErrorCode::TokenExpired, "the token has expired"));
         }
-        let name = claims.name.unwrap_or_else(|| claims.sub.clone());
+        let name = claims.name.unwrap_or_else(|| sub.clone());
         validate_name(&name)?;
         Ok(Identity {
-            user: Arc::from(claims.sub),
+            user: Arc::from(sub),
             name,
             rooms: claims.rooms.map(Arc::from),
-            expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            expires_at,
         })
     }
 }
@@ -197,14 +208,18 @@ pub fn mint(
     rooms: Option<Vec<String>>,
     ttl: Duration,
 ) -> Result<String, String> {
+    if sub.is_empty() {
+        return Err("--sub must not be empty".into());
+    }
+    validate_name(name.unwrap_or(sub)).map_err(|e| format!("--name: {}", e.message))?;
     let secret = read_secret(secret_file)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_err(|e| e.to_string())?;
     let claims = Claims {
-        sub: sub.to_owned(),
+        sub: Some(sub.to_owned()),
         name: name.map(str::to_owned),
-        exp: (now + ttl).as_secs(),
+        exp: Some((now + ttl).as_secs()),
         nbf: None,
         rooms,
     };

@@ -345,10 +345,12 @@ async fn create_session(
             .retry_after(wait));
         }
     }
+    // The scheme name is case-insensitive (RFC 9110).
     let bearer = header_text(&request, AUTHORIZATION).and_then(|value| {
-        value
-            .strip_prefix("Bearer ")
-            .map(|token| token.trim().to_owned())
+        let (scheme, token) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned())
     });
     let body = commands::read_body(request, config.max_message_bytes, config.body_timeout).await?;
     let create: CreateSession = serde_json::from_slice(&body).map_err(|e| {

@@ -121,6 +121,11 @@ fn refused_tokens() -> Vec<(&'static str, String, &'static str)> {
         ),
         ("expired", hs256(&claims("ann", -120)), "token_expired"),
         (
+            "expired within the clock leeway",
+            hs256(&claims("ann", -2)),
+            "token_expired",
+        ),
+        (
             "not yet valid",
             hs256(&json!({"sub": "ann", "exp": now() + 600, "nbf": now() + 300})),
             "token_not_yet_valid",
@@ -148,6 +153,34 @@ async fn every_bad_token_is_refused_with_its_own_code_over_http_and_on_refresh()
         (status, &reply["error"]["code"]),
         (StatusCode::UNAUTHORIZED, &json!("token_missing"))
     );
+    let (_, headers, _) = server
+        .request(Method::POST, "/v1/sessions", &[], "{}")
+        .await;
+    assert_eq!(
+        headers["www-authenticate"], "Bearer",
+        "a 401 names its scheme"
+    );
+    // An audience claim (most issuers set one) is not ours to check; the scheme name is
+    // case-insensitive; the token may come in the body instead.
+    let with_aud = hs256(&json!({"sub": "ann", "aud": "some-api", "exp": now() + 600}));
+    let (_, _, body) = server
+        .request(
+            Method::POST,
+            "/v1/sessions",
+            &[("authorization", &format!("bearer {with_aud}"))],
+            "{}",
+        )
+        .await;
+    let created: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(created["user"], "ann", "{created}");
+    let (status, created) = server
+        .json(
+            Method::POST,
+            "/v1/sessions",
+            Some(json!({"token": hs256(&claims("ann", 600))})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
     for (case, token, code) in refused_tokens() {
         let (status, reply) = create(&server, Some(&token)).await;
         let expected = if code == "invalid_name" {
@@ -300,11 +333,13 @@ async fn presence_counts_a_user_with_two_sessions_once() {
     let mut events = server.attach(TransportKind::LongPolling, watcher, 0).await;
     server.ok(watcher, join("room")).await;
     let mut tabs = Vec::new();
-    for _ in 0..2 {
+    // Two tabs of one user, whose tokens happen to carry different names: presence names
+    // the user once, as the first tab announced them.
+    for name in ["Una", "Una B."] {
         let (_, tab) = create(
             &server,
             Some(&hs256(
-                &json!({"sub": "u1", "name": "Una", "exp": now() + 600}),
+                &json!({"sub": "u1", "name": name, "exp": now() + 600}),
             )),
         )
         .await;

@@ -1012,7 +1012,7 @@ impl Hub {
                     _ = reap.tick() => {
                         let expired = hub.expire_idle();
                         if expired > 0 {
-                            tracing::info!(expired, "expired idle sessions");
+                            tracing::info!(expired, "ended sessions (idle past their TTL or their token expired)");
                         }
                     }
                     _ = flush.tick() => {

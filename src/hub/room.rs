@@ -70,7 +70,9 @@ pub(crate) struct Room {
     index: HashMap<usize, Place>,
     /// Sessions per authenticated user: a user with several sessions (tabs) in the room is one
     /// member of its presence, who joins with the first and leaves with the last.
-    users: HashMap<Arc<str>, usize>,
+    /// Each user's session count and the name presence announced for them (a user's tokens
+    /// may carry different names; the one announced is the one taken back).
+    users: HashMap<Arc<str>, (usize, Arc<str>)>,
     /// Members as presence counts them: users, and sessions without one.
     present: usize,
     joins: u64,
@@ -159,7 +161,7 @@ impl Room {
         self.index.insert(key(&session), place);
         let first = match &session.user {
             Some(user) => {
-                let sessions = self.users.entry(user.clone()).or_insert(0);
+                let (sessions, _) = self.users.entry(user.clone()).or_insert((0, name.clone()));
                 *sessions += 1;
                 *sessions == 1
             }
@@ -193,18 +195,18 @@ impl Room {
                 *shard = Arc::new(Vec::new());
             }
         }
-        let last = match &session.user {
+        let (last, name) = match &session.user {
             Some(user) => match self.users.get_mut(user) {
-                Some(sessions) if *sessions > 1 => {
+                Some((sessions, _)) if *sessions > 1 => {
                     *sessions -= 1;
-                    false
+                    (false, session.name.clone())
                 }
                 _ => {
-                    self.users.remove(user);
-                    true
+                    let announced = self.users.remove(user).map(|(_, name)| name);
+                    (true, announced.unwrap_or_else(|| session.name.clone()))
                 }
             },
-            None => true,
+            None => (true, session.name.clone()),
         };
         if !last {
             return true;
@@ -212,7 +214,7 @@ impl Room {
         self.present -= 1;
         self.presence.changed = true;
         if self.presence.exact || self.presence.left.len() < PRESENCE_SAMPLE {
-            self.presence.left.push(session.name.clone());
+            self.presence.left.push(name);
         }
         true
     }

@@ -59,9 +59,17 @@ pub fn json_bytes_response(status: StatusCode, bytes: impl Into<Bytes>) -> Respo
 /// `Retry-After` (whole seconds, rounded up) when the error says when to retry.
 pub fn error_response(error: ErrorBody) -> Response<Body> {
     let retry_after = error.retry_after_ms;
-    let mut response = json_response(status(error.code), &HttpError { error });
+    let code = status(error.code);
+    let mut response = json_response(code, &HttpError { error });
     if let Some(ms) = retry_after {
         set_retry_after(&mut response, ms);
+    }
+    if code == hyper::StatusCode::UNAUTHORIZED {
+        // RFC 9110: a 401 names the scheme that would be accepted.
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
     }
     response
 }
