@@ -1,7 +1,7 @@
 // The chat page: one switchyard client, rooms in the sidebar, messages in the middle.
 // User data is only ever written with textContent, never as HTML.
 
-import { connect, TRANSPORTS } from '/switchyard.js';
+import { connect, TRANSPORTS, TOKEN_ERRORS } from '/switchyard.js';
 
 const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
 const MAX_KEPT = 500; // messages kept per room while the reader is at the bottom
@@ -27,6 +27,9 @@ const el = {
   picker: $('transport-picker'),
   nameForm: $('name-form'),
   nameInput: $('name-input'),
+  identity: $('identity'),
+  identityName: $('identity-name'),
+  identityUser: $('identity-user'),
   roomList: $('room-list'),
   joinForm: $('join-form'),
   joinInput: $('join-input'),
@@ -55,6 +58,9 @@ const params = new URLSearchParams(location.search);
 let myName = validName(params.get('name')) || `guest-${String(Math.floor(Math.random() * 10000)).padStart(4, '0')}`;
 const wantedRoom = ROOM_PATTERN.test(params.get('room') || '') ? params.get('room') : 'lobby';
 let forced = TRANSPORTS.includes(params.get('transport')) ? params.get('transport') : null;
+// An identity token for a server that authenticates users (a development convenience: a token
+// in the address bar lands in the history; a real page fetches it from its own backend).
+const token = params.get('token') || null;
 
 /** @type {import('/switchyard.js').Client | null} */
 let client = null;
@@ -71,6 +77,8 @@ let retryTimer = null;
 
 el.picker.value = forced || 'auto';
 el.nameInput.value = myName;
+// With a token the server names the user; the name field comes back if it ignores the token.
+el.nameForm.hidden = Boolean(token);
 
 // ---- connection ----
 
@@ -80,17 +88,27 @@ async function start(roomsToJoin) {
   renderConnection(null);
   let next;
   try {
-    next = await connect('', { name: myName, transports: forced ? [forced] : TRANSPORTS });
+    next = await connect('', { name: myName, token: token || undefined, transports: forced ? [forced] : TRANSPORTS });
   } catch (error) {
+    window.switchyardError = error;
     renderConnection(null, 'failed');
-    showBanner(`Cannot connect: ${error.message}`, 'Retry now', () => start(roomsToJoin));
+    renderIdentity(null);
+    if (TOKEN_ERRORS.includes(error.code)) {
+      // The same token gets the same answer: no retry, say what is wrong with it.
+      showBanner(tokenProblem(error.code, error.message), null, null, error.code);
+      return;
+    }
+    showBanner(`Cannot connect: ${error.message}`, 'Retry now', () => start(roomsToJoin), error.code);
     retryTimer = setTimeout(() => start(roomsToJoin), 5000);
     return;
   }
   client = next;
   window.switchyardClient = client;
+  window.switchyardError = null;
   myName = client.name;
   el.nameInput.value = myName;
+  renderIdentity(client);
+  if (token && client.user === null) showToast('This server does not authenticate users: the token was ignored');
   wire(client);
   renderConnection(client);
   for (const room of roomsToJoin) await joinRoom(room, room === roomsToJoin[0]);
@@ -100,7 +118,7 @@ function wire(c) {
   const mine = (fn) => (payload) => {
     if (c === client) fn(payload);
   };
-  c.on('state', mine(({ state, reason }) => {
+  c.on('state', mine(({ state, reason, error }) => {
     renderConnection(c);
     if (state === 'superseded') {
       showBanner('This session was taken over by another tab or transport.', 'Take it back', () => c.reconnect());
@@ -108,6 +126,9 @@ function wire(c) {
       showBanner('Your session expired; starting a new one and rejoining your rooms…');
     } else if (state === 'failed') {
       showBanner(`Connection failed: ${reason || 'unknown error'}`, 'Reconnect', () => restart());
+    } else if (state === 'closed' && c.closeReason) {
+      // The client stopped by itself: its token expired, or a new session's was refused.
+      showBanner(tokenProblem(c.closeReason, error && error.message), null, null, c.closeReason);
     } else if (state === 'open') {
       hideBanner();
     }
@@ -145,6 +166,28 @@ async function restart() {
   await start(joined.length ? joined : [wantedRoom]);
 }
 
+/** What to tell the user about a token the server refused, or one that expired. */
+function tokenProblem(code, message) {
+  if (code === 'token_expired') {
+    return 'Your token has expired. Open the page with a new ?token= to continue.';
+  }
+  if (code === 'token_missing') return 'This server needs an identity token: open the page with ?token=.';
+  return `Your token was refused (${code})${message ? `: ${message}` : ''}.`;
+}
+
+/** With a token, the user as the server knows them replaces the name field. */
+function renderIdentity(c) {
+  const signedIn = Boolean(c && c.user !== null);
+  el.identity.hidden = !signedIn;
+  el.nameForm.hidden = signedIn || (!c && Boolean(token));
+  if (!signedIn) return;
+  el.identityName.textContent = c.name;
+  el.identityUser.textContent = c.user;
+  el.identity.title = c.expiresAtMs
+    ? `signed in by token as ${c.user}, valid until ${new Date(c.expiresAtMs).toLocaleString()}`
+    : `signed in by token as ${c.user}`;
+}
+
 function renderConnection(c, forcedState) {
   const state = forcedState || (c ? c.state : 'connecting');
   el.dot.dataset.state = state;
@@ -156,7 +199,7 @@ function renderConnection(c, forcedState) {
     reconnecting: 'reconnecting…',
     superseded: 'taken over',
     expired: 'session expired',
-    closed: 'closed',
+    closed: c && c.closeReason ? (c.closeReason === 'token_expired' ? 'token expired' : 'token refused') : 'closed',
     failed: 'offline',
   }[state] || state;
   el.state.title = c && c.sessionId ? `session ${c.sessionId}` : "";
@@ -630,8 +673,10 @@ function renderTyping() {
 
 // ---- banner, toast, helpers ----
 
-function showBanner(text, actionLabel, action) {
+/** `code`: the error code or close reason behind it, if any (in `data-code`, for tests). */
+function showBanner(text, actionLabel, action, code) {
   el.banner.hidden = false;
+  el.banner.dataset.code = code || '';
   el.bannerText.textContent = text;
   el.bannerAction.hidden = !actionLabel;
   el.bannerAction.textContent = actionLabel || '';
@@ -640,6 +685,7 @@ function showBanner(text, actionLabel, action) {
 
 function hideBanner() {
   el.banner.hidden = true;
+  el.banner.dataset.code = '';
 }
 
 let toastTimer = null;
@@ -749,6 +795,7 @@ el.historyRetry.addEventListener('click', () => {
 
 el.nameForm.addEventListener('submit', (event) => {
   event.preventDefault();
+  if (client && client.user !== null) return; // the token names the user
   const name = validName(el.nameInput.value.trim());
   if (!name) {
     showToast('Names are 1-32 characters, no control characters');

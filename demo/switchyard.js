@@ -3,7 +3,9 @@
 // An ES module with no dependencies and no build step. `connect()` creates a session, attaches
 // the first transport that works (WebSocket, Server-Sent Events, long polling, short polling),
 // and keeps it attached: a dropped transport is resumed from the last seq seen, so the
-// application sees every event once, in order. docs/client.md describes the API.
+// application sees every event once, in order. On a server that authenticates users it sends
+// the application's identity token and keeps the session's token fresh (`refresh`).
+// docs/client.md describes the API.
 
 /** Transport names, in the default fallback order. */
 export const TRANSPORTS = Object.freeze(['websocket', 'sse', 'long-polling', 'short-polling']);
@@ -15,6 +17,7 @@ export const CLOSE_REASONS = Object.freeze({
   4002: 'shutdown',
   4003: 'expired',
   4004: 'heartbeat_timeout',
+  4005: 'token_expired',
 });
 
 /** Events a handler can subscribe to with `client.on(type, handler)`. */
@@ -38,6 +41,8 @@ const DEFAULTS = Object.freeze({
   historyTimeoutMs: 10000,
   reconnectMinMs: 250,
   reconnectMaxMs: 10000,
+  token: undefined,
+  refreshBeforeMs: 60000,
 });
 
 const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
@@ -65,8 +70,22 @@ const RATE_LIMITED_WAIT_MS = 1200;
 /** Codes of HTTP command failures that a retry cannot fix. */
 const FINAL_CODES = new Set([
   'bad_command', 'too_large', 'invalid_room', 'invalid_name', 'invalid_text', 'not_in_room',
-  'too_many_rooms', 'forbidden_origin', 'forbidden_host', 'closed',
+  'too_many_rooms', 'forbidden_origin', 'forbidden_host', 'forbidden', 'closed',
 ]);
+/**
+ * The server's refusals of an identity token (401). The same token gets the same answer, so
+ * none is retried: creating a session with a refused token ends the client (`closed`).
+ */
+export const TOKEN_ERRORS = Object.freeze([
+  'token_missing', 'token_malformed', 'token_bad_signature', 'token_unsigned',
+  'token_wrong_algorithm', 'token_expired', 'token_not_yet_valid',
+]);
+/** Reasons a transport ends for that mean the session is gone (or its resume point is). */
+const SESSION_GONE = new Set(['unknown_session', 'expired', 'invalid_after', 'token_expired']);
+/** An automatic refresh that failed for a reason that may pass is tried again after this. */
+const REFRESH_RETRY_MS = 5000;
+/** setTimeout's longest delay; a token valid for longer is checked again after it. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** An error from the server (`code` is its stable error code) or from the client. */
 export class SwitchyardError extends Error {
@@ -110,6 +129,12 @@ export class Client {
       throw new SwitchyardError('bad_option', `transports must be a non-empty list of ${TRANSPORTS.join(', ')}; got ${JSON.stringify(wanted)}`);
     }
     this.options.transports = [...wanted];
+    const { token } = this.options;
+    if (token !== undefined && token !== null && typeof token !== 'function' && (typeof token !== 'string' || !token)) {
+      throw new SwitchyardError('bad_option', 'token must be a non-empty string or a function returning one');
+    }
+    /** The token to create a session with when the `token` option is a string: moved on by refresh(). */
+    this._token = typeof token === 'string' ? token : null;
     const base = new URL(baseUrl || '/', globalThis.location ? globalThis.location.href : undefined);
     this.baseUrl = base.href.replace(/\/+$/, '');
     this.name = this.options.name || `guest-${String(Math.floor(Math.random() * 10000)).padStart(4, '0')}`;
@@ -122,6 +147,18 @@ export class Client {
     this.transport = null;
     /** connecting | open | reconnecting | superseded | expired | closed | failed */
     this.state = 'connecting';
+    /**
+     * Why the client closed by itself (state `closed` without close()): `token_expired`, or
+     * the token_* code that refused a new session. null otherwise.
+     */
+    this.closeReason = null;
+    /** The authenticated user (the token's `sub`) when the server authenticates, else null. */
+    this.user = null;
+    /**
+     * When the session ends unless refreshed, in ms since the Unix epoch (the token's `exp`),
+     * when the server authenticates; else null.
+     */
+    this.expiresAtMs = null;
     /**
      * The last transport selection's failures, in the order tried: `{transport, reason,
      * detail, ms}`. `reason` is a code (not_offered, timeout, no_data, error, or a close
@@ -148,6 +185,9 @@ export class Client {
     this._stableTimer = null;
     this._renewing = false;
     this._sessionReady = Promise.resolve();
+    this._roomRules = null; // the `rooms` claim of the session's token, if it has one
+    this._clockOffsetMs = 0; // the server's clock minus ours, from its Date header
+    this._refreshTimer = null;
     this._onOnline = () => {
       if (this.state === 'reconnecting') this._reconnectNow();
     };
@@ -173,6 +213,11 @@ export class Client {
    */
   async join(room) {
     checkRoom(room);
+    // The server refuses it too (403); over the WebSocket its `error` event could not say
+    // which join it answers, so the token's own `rooms` claim is checked first.
+    if (this._roomRules && !mayJoin(this._roomRules, room)) {
+      throw new SwitchyardError('forbidden', `your token does not let you join room ${JSON.stringify(room)}`, 403);
+    }
     if (!this.rooms.has(room)) this.rooms.set(room, newRoomState());
     try {
       await this._command({ type: 'join', room });
@@ -370,19 +415,40 @@ export class Client {
     this._reconnectNow();
   }
 
+  /**
+   * Extends the session with a new identity token for the same user, before the current one
+   * expires (the `refresh` command). Without `token`, the `token` option (a function) is asked
+   * for one. Sent with `POST /commands` whatever the transport: over the WebSocket a refresh
+   * that works gets no answer. Resolves with `{expiresAtMs}`, the session's new end; rejects
+   * with the server's error: a token_* code, `forbidden` (a token for another user, or a
+   * session created without one), `bad_command` (the server does not authenticate).
+   */
+  async refresh(token) {
+    this._ensureNotClosed();
+    if (token === undefined && typeof this.options.token === 'function') token = await this._freshToken();
+    if (typeof token !== 'string' || !token) {
+      throw new SwitchyardError('bad_option', 'refresh needs a token (a non-empty string)');
+    }
+    await this._sessionReady;
+    this._ensureNotClosed();
+    await this._post({ type: 'refresh', token });
+    const claims = tokenClaims(token);
+    if (this._token !== null) this._token = token;
+    if (claims && Array.isArray(claims.rooms)) this._roomRules = claims.rooms;
+    else if (claims) this._roomRules = null;
+    const expiresAtMs = claims && typeof claims.exp === 'number' ? claims.exp * 1000 : null;
+    // An expiry that did not move is not scheduled again: it would refresh in a loop.
+    if (expiresAtMs !== null && (this.expiresAtMs === null || expiresAtMs > this.expiresAtMs)) {
+      this.expiresAtMs = expiresAtMs;
+      this._scheduleRefresh();
+    }
+    return { expiresAtMs: this.expiresAtMs };
+  }
+
   /** Ends the session on the server (its rooms see it `left` in a `presence_diff`) and stops the client. */
   async close() {
     if (this.state === 'closed') return;
-    this._cancelFlows();
-    this._stopActive();
-    this._setState('closed');
-    globalThis.removeEventListener?.('online', this._onOnline);
-    for (const entry of this._pending.values()) {
-      clearTimeout(entry.timer);
-      entry.reject(new SwitchyardError('closed', 'the client was closed'));
-    }
-    this._pending.clear();
-    this._failPages(null, new SwitchyardError('closed', 'the client was closed'));
+    this._shutDown(null, new SwitchyardError('closed', 'the client was closed'));
     if (this.sessionId) {
       await fetch(this._url(`/v1/sessions/${this.sessionId}`), { method: 'DELETE', keepalive: true })
         .catch(() => {});
@@ -400,6 +466,26 @@ export class Client {
     return true;
   }
 
+  /**
+   * Stops the client for good: state `closed` (its `reason`: `reason`, null for close()),
+   * pending sends and `loadOlder`s reject with `error`.
+   */
+  _shutDown(reason, error) {
+    this._cancelFlows();
+    this._stopActive();
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    this.closeReason = reason;
+    this._setState('closed', reason || undefined, reason ? { error } : undefined);
+    globalThis.removeEventListener?.('online', this._onOnline);
+    for (const entry of this._pending.values()) {
+      clearTimeout(entry.timer);
+      entry.reject(error);
+    }
+    this._pending.clear();
+    this._failPages(null, error);
+  }
+
   // ---- session and transport selection ----
 
   async _start() {
@@ -411,6 +497,8 @@ export class Client {
     } catch (error) {
       this._cancelFlows();
       this._stopActive();
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
       this._setState('failed', error.message);
       globalThis.removeEventListener?.('online', this._onOnline);
       if (this.sessionId) {
@@ -420,12 +508,20 @@ export class Client {
     }
   }
 
-  async _createSession() {
+  /**
+   * Creates a session: with the identity token, if there is one, as `Authorization: Bearer`
+   * (a server that does not authenticate ignores it and takes the name). `token`: the one to
+   * use, else the `token` option's.
+   */
+  async _createSession(token) {
+    if (token === undefined) token = typeof this.options.token === 'function' ? await this._freshToken() : this._token;
+    const headers = { 'content-type': 'application/json' };
+    if (token) headers.authorization = `Bearer ${token}`;
     let response;
     try {
       response = await fetch(this._url('/v1/sessions'), {
         method: 'POST',
-        headers: { 'content-type': 'application/json' },
+        headers,
         body: JSON.stringify({ name: this.name }),
       });
     } catch (error) {
@@ -436,10 +532,101 @@ export class Client {
       const error = body?.error || { code: `http_${response.status}`, message: `session creation answered ${response.status}` };
       throw new SwitchyardError(error.code, error.message, response.status);
     }
+    // Date is whole seconds, so the server's clock is on average half a second past it.
+    // Hidden cross-origin (not a safelisted header): then our own clock is taken as right.
+    const serverNow = Date.parse(response.headers.get('date') || '') + 500;
+    if (Number.isFinite(serverNow)) this._clockOffsetMs = serverNow - Date.now();
     this.sessionId = body.session;
     this.name = body.name;
     this.server = body;
     this.lastSeq = 0;
+    this.user = typeof body.user === 'string' ? body.user : null;
+    this.expiresAtMs = typeof body.expires_at_ms === 'number' ? body.expires_at_ms : null;
+    const claims = this.user !== null && token ? tokenClaims(token) : null;
+    this._roomRules = claims && Array.isArray(claims.rooms) ? claims.rooms : null;
+    this._scheduleRefresh();
+  }
+
+  /** A token from the `token` option's function; `token_unavailable` if it gives none. */
+  async _freshToken() {
+    let token;
+    try {
+      token = await this.options.token();
+    } catch (error) {
+      throw new SwitchyardError('token_unavailable', `the token function failed: ${error?.message || error}`);
+    }
+    if (typeof token !== 'string' || !token) {
+      throw new SwitchyardError('token_unavailable', 'the token function returned no token (a non-empty string)');
+    }
+    return token;
+  }
+
+  /**
+   * Refreshes the session's token shortly before it expires, when the `token` option is a
+   * function: `refreshBeforeMs` ahead, or halfway through a shorter remaining life.
+   */
+  _scheduleRefresh() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    const lead = this.options.refreshBeforeMs;
+    if (typeof this.options.token !== 'function' || !(lead > 0) || this.expiresAtMs === null) return;
+    const remaining = this.expiresAtMs - this._serverNow();
+    const dueAt = Date.now() + Math.max(0, remaining - Math.min(lead, remaining / 2));
+    this._refreshAt(dueAt, this.sessionId);
+  }
+
+  _refreshAt(dueAt, sessionId) {
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      if (Date.now() < dueAt) this._refreshAt(dueAt, sessionId); // past setTimeout's range
+      else this._autoRefresh(sessionId);
+    }, Math.min(MAX_TIMER_MS, Math.max(0, dueAt - Date.now())));
+  }
+
+  /**
+   * The scheduled refresh. A failure is reported as an `error` event (code `refresh_failed`,
+   * the cause in `cause`) and, unless the server refused the token, tried again while the
+   * session lasts; at worst the session ends `token_expired` and is replaced with a fresh
+   * token (see _sessionGone).
+   */
+  async _autoRefresh(sessionId) {
+    const current = () => sessionId === this.sessionId && this.state !== 'closed';
+    if (!current()) return;
+    try {
+      await this.refresh();
+    } catch (error) {
+      if (!current()) return;
+      this._emit('error', {
+        type: 'error', code: 'refresh_failed', cause: error.code, message: `automatic token refresh failed: ${error.message}`,
+      });
+      const refused = TOKEN_ERRORS.includes(error.code) || error.code === 'forbidden' || error.code === 'bad_command';
+      const wait = Math.min(REFRESH_RETRY_MS, (this.expiresAtMs - this._serverNow()) / 2);
+      if (!refused && wait >= 500) this._refreshAt(Date.now() + wait, sessionId);
+    }
+  }
+
+  /** Our estimate of the server's clock, in ms since the Unix epoch. */
+  _serverNow() {
+    return Date.now() + this._clockOffsetMs;
+  }
+
+  /**
+   * The session is gone (or its resume point is). A session that ended `token_expired` is
+   * replaced only with a token from the `token` option's function: the token it was created
+   * with has expired, so the client closes with that reason. Anything else: see _renew.
+   */
+  _sessionGone(reason) {
+    // A session found gone (unknown_session) after its token's expiry ended that way too,
+    // with no transport attached to be told. The server would take the expired token for a
+    // few seconds more (its leeway for clock skew) and end each new session at once.
+    if (reason !== 'invalid_after' && this.expiresAtMs !== null && this._serverNow() >= this.expiresAtMs) {
+      reason = 'token_expired';
+    }
+    if (reason === 'token_expired' && typeof this.options.token !== 'function') {
+      this._shutDown('token_expired', new SwitchyardError('token_expired', 'the identity token expired: a new session needs a new token', 401));
+      return;
+    }
+    this._renew(reason);
   }
 
   /** Tries each transport in `list` until one opens; records the failures in `fallbacks`. */
@@ -460,7 +647,7 @@ export class Client {
         return name;
       } catch (info) {
         if (epoch !== this._epoch) throw new SwitchyardError('cancelled', 'superseded by a newer attach');
-        if (info.reason === 'unknown_session' || info.reason === 'expired' || info.reason === 'invalid_after') {
+        if (SESSION_GONE.has(info.reason)) {
           throw new SwitchyardError(info.reason, info.detail || info.reason);
         }
         this._recordFallback(name, info, Math.round(now() - started));
@@ -551,7 +738,8 @@ export class Client {
       case 'expired':
       case 'unknown_session':
       case 'invalid_after':
-        this._renew(info.reason);
+      case 'token_expired':
+        this._sessionGone(info.reason);
         return;
       default:
         this._scheduleReconnect(info.reason);
@@ -589,15 +777,15 @@ export class Client {
       return;
     } catch (info) {
       if (epoch !== this._epoch || info.reason === 'cancelled') return;
-      if (['unknown_session', 'expired', 'invalid_after'].includes(info.reason)) {
-        this._renew(info.reason);
+      if (SESSION_GONE.has(info.reason)) {
+        this._sessionGone(info.reason);
         return;
       }
       // WebSocket and EventSource cannot show why they failed: ask whether the session lives.
       // (A poll sees the HTTP status itself.)
       const blind = name === 'websocket' || name === 'sse';
       if (blind && await this._probeSession() === false) {
-        if (epoch === this._epoch) this._renew('unknown_session');
+        if (epoch === this._epoch) this._sessionGone('unknown_session');
         return;
       }
       if (epoch !== this._epoch) return;
@@ -617,8 +805,8 @@ export class Client {
 
   _afterAttachFailure(error, epoch) {
     if (epoch !== this._epoch || error.code === 'cancelled') return;
-    if (['unknown_session', 'expired', 'invalid_after'].includes(error.code)) {
-      this._renew(error.code);
+    if (SESSION_GONE.has(error.code)) {
+      this._sessionGone(error.code);
     } else {
       this._scheduleReconnect(error.message);
     }
@@ -637,15 +825,20 @@ export class Client {
   }
 
   /**
-   * The session is gone (expired, deleted, server restarted): create a new one with the same
-   * name, rejoin the rooms and attach again. Handlers see `state` 'expired' and a `reset`
-   * with `synthetic: true`, then fresh `history` events.
+   * The session is gone (expired, deleted, server restarted, its token expired): create a new
+   * one with the same name (or token), rejoin the rooms and attach again. Handlers see `state`
+   * 'expired' and a `reset` with `synthetic: true`, then fresh `history` events. A creation
+   * that fails for a reason that may pass is tried again with backoff; one the same request
+   * would get again (a refused token, an invalid name) stops the client.
    */
   async _renew(reason) {
     if (this._renewing || this.state === 'closed') return;
     this._renewing = true;
+    const expiredAtMs = this.expiresAtMs;
     const epoch = this._cancelFlows();
     this._stopActive();
+    clearTimeout(this._refreshTimer); // the new session's token schedules its own
+    this._refreshTimer = null;
     let ready;
     this._sessionReady = new Promise((resolve) => { ready = resolve; });
     this._setState('expired', reason);
@@ -656,7 +849,17 @@ export class Client {
     let attempt = 0;
     for (;;) {
       try {
-        await this._createSession();
+        let token;
+        if (reason === 'token_expired') {
+          // Only the function gets here (see _sessionGone). One that hands back the token that
+          // just expired would make a session the server ends at once: stop instead.
+          token = await this._freshToken();
+          const exp = tokenClaims(token)?.exp;
+          if (typeof exp === 'number' && expiredAtMs !== null && exp * 1000 <= expiredAtMs) {
+            throw new SwitchyardError('token_expired', 'the token function returned no fresh token', 401);
+          }
+        }
+        await this._createSession(token);
         break;
       } catch (error) {
         if (epoch !== this._epoch) { this._renewing = false; ready(); return; }
@@ -664,6 +867,12 @@ export class Client {
           this._renewing = false;
           ready();
           this._setState('failed', error.message);
+          return;
+        }
+        if (TOKEN_ERRORS.includes(error.code)) {
+          this._renewing = false;
+          ready();
+          this._shutDown(error.code, error);
           return;
         }
         this._setState('reconnecting', `cannot create a new session: ${error.message}`);
@@ -679,7 +888,11 @@ export class Client {
       return;
     }
     for (const room of this.rooms.keys()) {
-      this._command({ type: 'join', room }).catch((error) => this._emit('error', { type: 'error', code: error.code, message: error.message }));
+      this._command({ type: 'join', room }).catch((error) => {
+        // The new token may allow fewer rooms.
+        if (error.code === 'forbidden') this.rooms.delete(room);
+        this._emit('error', { type: 'error', code: error.code, message: error.message, room });
+      });
     }
     if (epoch !== this._epoch) return; // setTransports or reconnect took over attaching
     this._setState('connecting', 'new session');
@@ -782,11 +995,12 @@ export class Client {
     }
   }
 
-  _setState(state, reason) {
+  /** `extra`: more fields for the `state` event (`error` when a failure closed the client). */
+  _setState(state, reason, extra) {
     if (this.state === state) return;
     const previous = this.state;
     this.state = state;
-    this._emit('state', { state, previous, reason });
+    this._emit('state', { state, previous, reason, ...extra });
   }
 
   // ---- commands ----
@@ -844,8 +1058,9 @@ export class Client {
       throw refused;
     }
     if (error.code === 'unknown_session' && attempt < 2 && this.state !== 'closed') {
-      if (sessionId === this.sessionId) this._renew('unknown_session');
+      if (sessionId === this.sessionId) this._sessionGone('unknown_session');
       await this._sessionReady;
+      this._ensureNotClosed(); // the new session could not be made
       return again();
     }
     throw new SwitchyardError(error.code, error.message, response.status);
@@ -1066,6 +1281,27 @@ function applyPresenceDiff(room, event) {
   if (room.online.length !== room.count) room.complete = false;
 }
 
+/**
+ * The claims of a JWT, read without checking anything (the server verifies tokens; the client
+ * only wants `exp` and `rooms`). null if it is not a JWT.
+ */
+function tokenClaims(token) {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const bytes = Uint8Array.from(atob(part + '='.repeat((4 - (part.length % 4)) % 4)), (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    return claims && typeof claims === 'object' && !Array.isArray(claims) ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Whether a token's `rooms` claim lets its user join `room`: exact names, or prefixes ending in `*`. */
+function mayJoin(rules, room) {
+  return rules.some((rule) => (typeof rule === 'string'
+    && (rule.endsWith('*') ? room.startsWith(rule.slice(0, -1)) : rule === room)));
+}
+
 /** The server's retry hint of a `rate_limited` error: `retry_after_ms`, else `Retry-After`. */
 function retryAfter(error, response) {
   if (typeof error?.retry_after_ms === 'number') return error.retry_after_ms;
@@ -1114,8 +1350,8 @@ function describeFailure(info) {
 // Each transport attempt calls `hooks.open()` once it is attached, `hooks.event(e)` per event
 // and `hooks.lost({reason, detail})` once when it ends by itself. `stop()` ends it silently.
 // `reason` is a server close reason (superseded, slow_consumer, shutdown, expired,
-// heartbeat_timeout), 'unknown_session', 'invalid_after', 'network' (dropped after opening) or
-// 'error' (failed before opening). `heartbeat_timeout` is also the client's own verdict on a
+// heartbeat_timeout, token_expired), 'unknown_session', 'invalid_after', 'network' (dropped
+// after opening) or 'error' (failed before opening). `heartbeat_timeout` is also the client's own verdict on a
 // stream it heard nothing from for two heartbeat intervals (see `watchesSilence`): the same
 // rule the server applies to the client, seen from the other end.
 
