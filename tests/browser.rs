@@ -623,6 +623,56 @@ async fn a_stream_that_goes_silent_is_given_up_after_two_heartbeats_and_resumed(
 }
 
 #[tokio::test]
+async fn a_token_in_the_page_url_names_the_user_until_it_expires() {
+    let dir = tempfile::tempdir().expect("a temp directory");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a demo secret that is thirty-two bytes or more").unwrap();
+    let verifier = switchyard::auth::Verifier::hmac_secret_file(&secret).unwrap();
+    let server = TestServer::with_config(Config {
+        auth: Some(std::sync::Arc::new(verifier)),
+        ..Config::default()
+    })
+    .await;
+    let token = switchyard::auth::mint(
+        &secret,
+        "alice",
+        Some("Alice"),
+        Some(vec!["tokens".into()]),
+        Duration::from_secs(4),
+    )
+    .unwrap();
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    goto(
+        &browser,
+        &format!(
+            "http://{}/?token={token}&room=tokens&transport=websocket",
+            server.addr
+        ),
+    )
+    .await;
+    wait_for_transport(&browser, "websocket").await;
+    assert_eq!(
+        eval(&browser, &testid_text("identity-name")).await,
+        json!("Alice")
+    );
+    assert_eq!(
+        eval(&browser, &testid_text("identity-user")).await,
+        json!("alice")
+    );
+    type_and_send(&browser, "signed in").await;
+    wait_for_message(&browser, "signed in").await;
+    wait_until(
+        &browser,
+        "the page to say the token expired",
+        "window.switchyardClient.closeReason === 'token_expired' && \
+         document.querySelector('[data-testid=banner]').dataset.code === 'token_expired'",
+    )
+    .await;
+    close(browser).await;
+}
+
+#[tokio::test]
 async fn message_text_is_shown_literally_and_never_run() {
     let server = TestServer::start().await;
     let driver = Driver::start().await;
