@@ -19,6 +19,8 @@
 //! - [`auth`]: identity tokens (JWT) verified for session creation and `refresh`.
 //! - [`proxy`]: `--trusted-proxies` and the client address, host and scheme they forward.
 //! - [`config`]: every limit with its default; [`error`]: error code to HTTP status.
+//! - [`checks`]: what must hold for any client input; run by the fuzz targets and the corpus
+//!   replay test.
 //! - [`metrics`]: counters and latency histograms per transport, served on `GET /metrics`.
 //! - [`demo`]: the embedded demo page and browser client.
 //! - [`bench`](mod@bench): `switchyard bench`, the load generator comparing the transports; it talks to
@@ -29,6 +31,7 @@
 pub mod admission;
 pub mod auth;
 pub mod bench;
+pub mod checks;
 pub mod config;
 pub mod connection;
 pub mod demo;

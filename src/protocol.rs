@@ -269,8 +269,9 @@ impl ErrorBody {
     }
 }
 
-/// A command from a client, already validated.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A command from a client, already validated. Serializes back to the JSON it was read from
+/// (the fuzz checks round-trip it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
     /// Join a room (creating it), receive its history and announce presence.
@@ -303,10 +304,10 @@ pub enum Command {
         /// Room name.
         room: String,
         /// Messages with ids below this one; `None`: the newest.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         before: Option<u64>,
         /// At most this many messages, 1-200; `None`: [`DEFAULT_PAGE`].
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
     },
     /// Extend the session with a new identity token for the same user, before the current

@@ -5,7 +5,6 @@
 //! preflight, disabled transports and the `405` for a known path with the wrong method.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{
@@ -25,7 +24,7 @@ use crate::proxy::Client;
 use crate::server::{App, Peer};
 use crate::transport::{
     commands, error_response, full, json_response, long_poll, query_param, resume_point,
-    short_poll, sse, websocket, Body,
+    short_poll, sse, wait_param, websocket, Body,
 };
 
 /// The endpoints, each with the methods it answers.
@@ -91,8 +90,14 @@ pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> 
         .and_then(|c| c.host.clone())
         .or_else(|| header_text(&request, HOST));
     let scheme = client.as_ref().and_then(|c| c.proto.as_deref());
-    let checked = check_host(host.as_deref(), &app.config)
-        .and_then(|()| check_origin(&request, host.as_deref(), scheme, &app.config));
+    let checked = check_host(host.as_deref(), &app.config).and_then(|()| {
+        check_origin(
+            request.headers().get(ORIGIN),
+            host.as_deref(),
+            scheme,
+            &app.config,
+        )
+    });
     let mut request = request;
     if let Some(client) = client {
         request.extensions_mut().insert(client);
@@ -130,7 +135,7 @@ fn header_text(request: &Request<Incoming>, name: hyper::header::HeaderName) -> 
 /// `localhost` are always answered (a rebinding needs a name); other names only if listed in
 /// `--allowed-hosts`, with or without a port. Behind a trusted proxy the host checked is the
 /// one it forwards.
-fn check_host(host: Option<&str>, config: &Config) -> Result<(), ErrorBody> {
+pub fn check_host(host: Option<&str>, config: &Config) -> Result<(), ErrorBody> {
     let Some(host) = host else {
         return Ok(());
     };
@@ -246,15 +251,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             ))
         }
         Endpoint::Poll(id) => {
-            let wait = match query_param(query, "wait") {
-                None => config.long_poll,
-                Some(raw) => raw.parse::<u64>().map(Duration::from_millis).map_err(|_| {
-                    ErrorBody::new(
-                        ErrorCode::BadRequest,
-                        format!("wait must be a non-negative integer of milliseconds, got {raw:?}"),
-                    )
-                })?,
-            };
+            let wait = wait_param(query_param(query, "wait"), config.long_poll)?;
             if wait.is_zero() {
                 enabled(config, TransportKind::ShortPolling)?;
                 short_poll::poll(hub, id, after()?)
@@ -413,13 +410,13 @@ async fn create_session(
 /// `https://` followed by `host` (the `Host`, or the host a trusted proxy forwards), with the
 /// scheme a trusted proxy forwards, if any. Returns the origin to echo in CORS headers for an
 /// allowed cross-origin request.
-fn check_origin(
-    request: &Request<Incoming>,
+pub fn check_origin(
+    origin: Option<&HeaderValue>,
     host: Option<&str>,
     scheme: Option<&str>,
     config: &Config,
 ) -> Result<Option<HeaderValue>, ErrorBody> {
-    let Some(origin) = request.headers().get(ORIGIN) else {
+    let Some(origin) = origin else {
         return Ok(None);
     };
     let origin_str = origin.to_str().unwrap_or("");

@@ -12,6 +12,7 @@ pub mod websocket;
 pub mod ws_writer;
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -132,6 +133,19 @@ pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
         .find(|(key, _)| *key == name)
         .map(|(_, value)| value)
+}
+
+/// Reads a poll's `wait` (milliseconds); absent means `default`.
+pub fn wait_param(raw: Option<&str>, default: Duration) -> Result<Duration, ErrorBody> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => raw.parse::<u64>().map(Duration::from_millis).map_err(|_| {
+            ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("wait must be a non-negative integer of milliseconds, got {raw:?}"),
+            )
+        }),
+    }
 }
 
 /// Reads a resume point: `Last-Event-ID` wins over `after`; absent means from the start.

@@ -40,6 +40,26 @@ pub fn hard_frame_limit(max_message_bytes: usize) -> usize {
     (max_message_bytes * 4).max(1 << 20)
 }
 
+/// tungstenite's settings for a socket the server reads: the hard frame limit, a small read
+/// buffer, and no write buffer (tungstenite writes only pongs and close replies here; events
+/// bypass it).
+pub fn read_config(max_message_bytes: usize, read_buffer: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(Some(hard_frame_limit(max_message_bytes)))
+        .max_frame_size(Some(hard_frame_limit(max_message_bytes)))
+}
+
+/// The close code the server answers a read error with (`None`: the connection is gone,
+/// nothing is sent).
+pub fn close_code_for(error: &WsError) -> Option<u16> {
+    match End::from_read_error(error) {
+        End::Violation(code, _) => Some(code),
+        _ => None,
+    }
+}
+
 fn bad_request(message: &str) -> ErrorBody {
     ErrorBody::new(ErrorCode::BadRequest, message)
 }
@@ -99,12 +119,7 @@ pub fn upgrade(
         max_message_bytes: config.max_message_bytes,
         close_timeout: config.close_timeout,
     };
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(config.ws_read_buffer)
-        // tungstenite writes only pongs and close replies here (events bypass it).
-        .write_buffer_size(0)
-        .max_message_size(Some(hard_frame_limit(config.max_message_bytes)))
-        .max_frame_size(Some(hard_frame_limit(config.max_message_bytes)));
+    let ws_config = read_config(config.max_message_bytes, config.ws_read_buffer);
     let hub = hub.clone();
     app.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -154,7 +169,7 @@ enum End {
 }
 
 impl End {
-    fn from_read_error(error: WsError) -> End {
+    fn from_read_error(error: &WsError) -> End {
         match error {
             WsError::Capacity(_) => End::Violation(1009, ErrorCode::TooLarge.as_str()),
             WsError::Utf8(_) => End::Violation(1007, "invalid_utf8"),
@@ -247,7 +262,7 @@ async fn serve(
                     ),
                     Some(Ok(Message::Close(_))) => break End::ClientClosed,
                     Some(Ok(_)) => {}
-                    Some(Err(error)) => break End::from_read_error(error),
+                    Some(Err(error)) => break End::from_read_error(&error),
                     None => break End::Gone,
                 }
             }
