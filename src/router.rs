@@ -33,6 +33,7 @@ enum Endpoint<'a> {
     Asset(&'static demo::Asset),
     Health,
     Metrics,
+    OpenApi,
     Sessions,
     Session(&'a str),
     WebSocket(&'a str),
@@ -50,6 +51,7 @@ impl<'a> Endpoint<'a> {
         Some(match segments.as_slice() {
             ["healthz"] => Endpoint::Health,
             ["metrics"] => Endpoint::Metrics,
+            ["openapi.yaml"] => Endpoint::OpenApi,
             ["v1", "sessions"] => Endpoint::Sessions,
             ["v1", "sessions", id] if !id.is_empty() => Endpoint::Session(id),
             ["v1", "sessions", id, "ws"] => Endpoint::WebSocket(id),
@@ -65,6 +67,7 @@ impl<'a> Endpoint<'a> {
             Endpoint::Asset(_)
             | Endpoint::Health
             | Endpoint::Metrics
+            | Endpoint::OpenApi
             | Endpoint::WebSocket(_)
             | Endpoint::Sse(_)
             | Endpoint::Poll(_) => &[Method::GET],
@@ -72,6 +75,51 @@ impl<'a> Endpoint<'a> {
             Endpoint::Session(_) => &[Method::GET, Method::DELETE],
         }
     }
+
+    /// The path as docs/openapi.yaml names it (`None` for the demo's pages, which are not
+    /// part of the API).
+    fn template(self) -> Option<&'static str> {
+        Some(match self {
+            Endpoint::Asset(_) => return None,
+            Endpoint::Health => "/healthz",
+            Endpoint::Metrics => "/metrics",
+            Endpoint::OpenApi => "/openapi.yaml",
+            Endpoint::Sessions => "/v1/sessions",
+            Endpoint::Session(_) => "/v1/sessions/{id}",
+            Endpoint::WebSocket(_) => "/v1/sessions/{id}/ws",
+            Endpoint::Sse(_) => "/v1/sessions/{id}/sse",
+            Endpoint::Poll(_) => "/v1/sessions/{id}/poll",
+            Endpoint::Commands(_) => "/v1/sessions/{id}/commands",
+        })
+    }
+}
+
+/// The HTTP API's OpenAPI document, served at `GET /openapi.yaml`.
+pub const OPENAPI: &str = include_str!("../docs/openapi.yaml");
+
+/// Every API route the router answers, as `(method, path template)`, from probing
+/// [`Endpoint::resolve`] with one path per endpoint: what docs/openapi.yaml must list.
+pub fn api_routes() -> Vec<(String, &'static str)> {
+    let probes = [
+        "/healthz",
+        "/metrics",
+        "/openapi.yaml",
+        "/v1/sessions",
+        "/v1/sessions/x",
+        "/v1/sessions/x/ws",
+        "/v1/sessions/x/sse",
+        "/v1/sessions/x/poll",
+        "/v1/sessions/x/commands",
+    ];
+    let mut routes = Vec::new();
+    for probe in probes {
+        let endpoint = Endpoint::resolve(probe).expect("every probe is an endpoint");
+        let template = endpoint.template().expect("an API endpoint");
+        for method in endpoint.allowed() {
+            routes.push((method.as_str().to_ascii_lowercase(), template));
+        }
+    }
+    routes
 }
 
 /// Answers one request.
@@ -207,6 +255,13 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             StatusCode::OK,
             &serde_json::json!({"ok": true}),
         )),
+        Endpoint::OpenApi => {
+            let mut response = Response::new(full(OPENAPI));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+            Ok(response)
+        }
         Endpoint::Metrics => {
             let mut response = Response::new(full(hub.metrics().encode()));
             response.headers_mut().insert(
@@ -350,12 +405,18 @@ async fn create_session(
             .then(|| token.trim().to_owned())
     });
     let body = commands::read_body(request, config.max_message_bytes, config.body_timeout).await?;
-    let create: CreateSession = serde_json::from_slice(&body).map_err(|e| {
-        ErrorBody::new(
-            ErrorCode::BadRequest,
-            format!("expected {{\"name\": string}} (or {{\"token\": string}}): {e}"),
-        )
-    })?;
+    // An object: serde would also read the struct from an array (`["bob"]`).
+    let create: CreateSession = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .ok_or_else(|| "the body is not a JSON object".to_owned())
+        .and_then(|value| serde_json::from_value(value).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("expected {{\"name\": string}} (or {{\"token\": string}}): {e}"),
+            )
+        })?;
     let (session, expires_at) = match &config.auth {
         Some(verifier) => {
             let token = bearer.or(create.token).ok_or_else(|| {

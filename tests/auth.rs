@@ -212,6 +212,17 @@ async fn every_bad_token_is_refused_with_its_own_code_over_http_and_on_refresh()
             "{case}: {event}"
         );
     }
+    // Refused over HTTP, a refresh answers like any 401.
+    let (status, headers, _) = server
+        .request(
+            Method::POST,
+            &format!("/v1/sessions/{session}/commands"),
+            &[],
+            json!({"type": "refresh", "token": "abc"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["www-authenticate"], "Bearer");
     // A good refresh is silent over the WebSocket and ok over HTTP.
     let reply = server
         .ok(

@@ -606,3 +606,16 @@ async fn a_server_shutting_down_refuses_new_sessions_and_transports() {
         (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down"))
     );
 }
+
+#[tokio::test]
+async fn a_session_is_created_only_from_a_json_object() {
+    let server = TestServer::start().await;
+    for body in [r#"["bob"]"#, r#""bob""#, "7", "null", "{}"] {
+        let (status, _, reply) = server
+            .request(Method::POST, "/v1/sessions", &[], body)
+            .await;
+        let reply: Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {reply}");
+        assert_eq!(reply["error"]["code"], "bad_request", "{body}: {reply}");
+    }
+}

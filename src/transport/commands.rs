@@ -90,5 +90,12 @@ pub async fn post(
     if let Some(ms) = error.and_then(|e| e.retry_after_ms) {
         set_retry_after(&mut response, ms);
     }
+    if code == StatusCode::UNAUTHORIZED {
+        // A refused `refresh` token, named like every 401 (RFC 9110).
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+    }
     Ok(response)
 }
