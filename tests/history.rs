@@ -147,9 +147,7 @@ async fn a_kill_during_sends_keeps_a_prefix_of_what_was_broadcast_and_never_reus
     let dir = data_dir();
     let server = ServerProcess::start(&flags(dir.path(), &[])).await;
     let client = server.client();
-    let reader = client.session("reader").await;
-    client.ok(&reader, join("r")).await;
-    let mut ws = client.websocket(&reader, 0).await;
+    let (_reader, mut ws) = member_on_websocket(&client, "reader").await;
     let sender = client.session("sender").await;
     client.ok(&sender, join("r")).await;
     // Every id the server broadcast, as the sender's replies and the reader's stream show.
@@ -225,9 +223,7 @@ async fn with_full_durability_every_message_a_member_sees_is_already_written() {
     let dir = data_dir();
     let server = ServerProcess::start(&flags(dir.path(), &["--history-durability", "full"])).await;
     let client = server.client();
-    let reader = client.session("reader").await;
-    client.ok(&reader, join("r")).await;
-    let mut ws = client.websocket(&reader, 0).await;
+    let (_reader, mut ws) = member_on_websocket(&client, "reader").await;
     let sender = client.session("sender").await;
     client.ok(&sender, join("r")).await;
     for round in 0..20 {
@@ -239,12 +235,7 @@ async fn with_full_durability_every_message_a_member_sees_is_already_written() {
             written_id(&client).await >= id,
             "the reply waits for the write"
         );
-        let event = loop {
-            let event = ws_event(&mut ws).await;
-            if event["type"] == "message" {
-                break event;
-            }
-        };
+        let event = next_message(&mut ws).await;
         assert_eq!(event["id"].as_u64(), Some(id));
     }
     server.stop().await;
@@ -466,6 +457,14 @@ fn lock_database(dir: &Path) -> rusqlite::Connection {
     db
 }
 
+/// A new session `name` in room `r`, reading its events over a WebSocket.
+async fn member_on_websocket(client: &TestServer, name: &str) -> (String, Ws) {
+    let session = client.session(name).await;
+    client.ok(&session, join("r")).await;
+    let ws = client.websocket(&session, 0).await;
+    (session, ws)
+}
+
 /// The next `message` event on a WebSocket.
 async fn next_message(ws: &mut Ws) -> Value {
     loop {
@@ -481,9 +480,7 @@ async fn a_write_failing_at_run_time_is_counted_and_the_server_keeps_serving() {
     let dir = data_dir();
     let server = ServerProcess::start(&flags(dir.path(), &[])).await;
     let client = server.client();
-    let ann = client.session("ann").await;
-    client.ok(&ann, join("r")).await;
-    let mut ws = client.websocket(&ann, 0).await;
+    let (ann, mut ws) = member_on_websocket(&client, "ann").await;
     let before = client.ok(&ann, send("r", "before", "b")).await;
     assert_eq!(next_message(&mut ws).await["text"], "before");
     // Written before the lock is taken (normal durability writes a moment after the reply).
@@ -529,9 +526,7 @@ async fn with_full_durability_a_failed_write_fails_the_send_and_nobody_sees_it()
     let dir = data_dir();
     let server = ServerProcess::start(&flags(dir.path(), &["--history-durability", "full"])).await;
     let client = server.client();
-    let reader = client.session("reader").await;
-    client.ok(&reader, join("r")).await;
-    let mut ws = client.websocket(&reader, 0).await;
+    let (_reader, mut ws) = member_on_websocket(&client, "reader").await;
     let ann = client.session("ann").await;
     client.ok(&ann, join("r")).await;
     client.ok(&ann, send("r", "first", "f")).await;
