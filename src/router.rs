@@ -133,19 +133,18 @@ pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> 
         .extensions()
         .get::<Peer>()
         .map(|Peer(peer)| app.config.trusted_proxies.client(*peer, request.headers()));
-    let host = client
-        .as_ref()
-        .and_then(|c| c.host.clone())
-        .or_else(|| header_text(&request, HOST));
-    let scheme = client.as_ref().and_then(|c| c.proto.as_deref());
-    let checked = check_host(host.as_deref(), &app.config).and_then(|()| {
-        check_origin(
-            request.headers().get(ORIGIN),
-            host.as_deref(),
-            scheme,
-            &app.config,
-        )
-    });
+    let checked = {
+        // The host a trusted proxy forwards, else the `Host` header.
+        let host = client.as_ref().and_then(|c| c.host.as_deref()).or_else(|| {
+            request
+                .headers()
+                .get(HOST)
+                .map(|v| v.to_str().unwrap_or(""))
+        });
+        let scheme = client.as_ref().and_then(|c| c.proto.as_deref());
+        check_host(host, &app.config)
+            .and_then(|()| check_origin(request.headers().get(ORIGIN), host, scheme, &app.config))
+    };
     let mut request = request;
     if let Some(client) = client {
         request.extensions_mut().insert(client);

@@ -521,10 +521,9 @@ server {
 #[tokio::test]
 async fn behind_an_nginx_that_compresses_event_streams_the_page_falls_back_to_polling() {
     let server = TestServer::start().await;
-    let upstream = server.addr.to_string();
-    let proxy = support::proxy::Proxy::nginx(server.addr, |_| {
-        COMPRESSING_NGINX.replace("127.0.0.1:8080", &upstream)
-    })
+    let proxy = support::proxy::Proxy::nginx(
+        COMPRESSING_NGINX.replace("127.0.0.1:8080", &server.addr.to_string()),
+    )
     .await;
     let driver = Driver::start().await;
     let browser = driver.browser().await;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use hyper::{Method, StatusCode};
 use serde_json::Value;
-use support::{join, send, within, ws_close, ws_event, TestServer};
+use support::{join, metric, send, within, ws_close, ws_event, TestServer};
 use switchyard::protocol::CloseReason;
 use switchyard::Config;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -51,15 +51,6 @@ where
     .await
     .expect("handshake")
     .0
-}
-
-/// The value of one sample line of `GET /metrics` (0 when absent).
-async fn metric(server: &TestServer, sample: &str) -> f64 {
-    let (_, _, body) = server.request(Method::GET, "/metrics", &[], "").await;
-    let text = String::from_utf8(body.to_vec()).expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Waits until a metric sample has `value`; on a timeout, says what the closes and the

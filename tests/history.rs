@@ -207,15 +207,7 @@ async fn a_kill_during_sends_keeps_a_prefix_of_what_was_broadcast_and_never_reus
 
 /// The highest message id the store reports written, from `/metrics`.
 async fn written_id(client: &TestServer) -> u64 {
-    let (status, _, body) = client
-        .request(Method::GET, "/metrics", &[], bytes::Bytes::new())
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let text = String::from_utf8_lossy(&body).into_owned();
-    text.lines()
-        .find_map(|line| line.strip_prefix("switchyard_history_written_id "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no switchyard_history_written_id in {text}"))
+    metric(client, "switchyard_history_written_id").await as u64
 }
 
 #[tokio::test]
@@ -436,16 +428,9 @@ async fn invalid_history_commands_get_documented_errors() {
     assert!(seen.contains(&"error".to_owned()), "{seen:?}");
 }
 
-/// A failure counter from `/metrics`.
+/// The history store's failed writes, from `/metrics`.
 async fn write_failures(client: &TestServer) -> u64 {
-    let (_, _, body) = client
-        .request(Method::GET, "/metrics", &[], bytes::Bytes::new())
-        .await;
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|line| line.strip_prefix("switchyard_history_write_failures_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("switchyard_history_write_failures_total")
+    metric(client, "switchyard_history_write_failures_total").await as u64
 }
 
 /// Holds the database's write lock from another connection, as someone writing with the

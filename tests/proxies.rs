@@ -34,10 +34,7 @@ async fn every_scenario_through(proxy: &Proxy) {
 #[tokio::test]
 async fn the_documented_nginx_config_carries_every_transport_and_the_hopping_scenario() {
     let server = backend(Config::default()).await;
-    let proxy = Proxy::nginx(server.addr, |_| {
-        documented("nginx", "listen 80;", server.addr)
-    })
-    .await;
+    let proxy = Proxy::nginx(documented("nginx", "listen 80;", server.addr)).await;
     every_scenario_through(&proxy).await;
 }
 
@@ -88,7 +85,7 @@ async fn behind_a_proxy_with_a_short_idle_timeout_a_matching_heartbeat_keeps_str
         ..Config::default()
     })
     .await;
-    let proxy = Proxy::nginx(server.addr, |_| nginx_with_timeout(server.addr, 3)).await;
+    let proxy = Proxy::nginx(nginx_with_timeout(server.addr, 3)).await;
     let client = proxy.client();
     let ws_session = client.session("ws").await;
     client.ok(&ws_session, join("quiet")).await;
@@ -119,7 +116,7 @@ async fn behind_a_proxy_with_a_short_idle_timeout_a_matching_heartbeat_keeps_str
     // The control: the default heartbeat (15 s) is too slow for this proxy, which cuts the
     // quiet stream after its 3 s.
     let slow = backend(Config::default()).await;
-    let proxy = Proxy::nginx(slow.addr, |_| nginx_with_timeout(slow.addr, 3)).await;
+    let proxy = Proxy::nginx(nginx_with_timeout(slow.addr, 3)).await;
     let client = proxy.client();
     let session = client.session("cut").await;
     let response = client

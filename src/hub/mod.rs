@@ -29,7 +29,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use history::{cutoff, now_micros, StoreError};
+use history::{now_micros, StoreError};
 pub use history::{Durability, HistoryStore, MemoryStore};
 pub use identity::{Identity, TokenVerifier};
 use room::Room;
@@ -461,8 +461,8 @@ impl Hub {
         let cursor = match &mut chat {
             Some(chat) if gap.is_err() => {
                 let reset_seq = state.replay.last_seq() + 1;
-                let oldest = cutoff(self.inner.config.history_max_age);
-                for event in reset_events(chat, &state.rooms, oldest) {
+                let max_age = self.inner.config.history_max_age;
+                for event in reset_events(chat, &state.rooms, max_age) {
                     state.push_keeping(event, session.outbox, reset_seq);
                 }
                 state.protected = Some((reset_seq, state.replay.last_seq()));
@@ -652,13 +652,12 @@ impl Hub {
         chat.tick += 1;
         let tick = chat.tick;
         let chat = &mut *chat;
-        let oldest = cutoff(config.history_max_age);
         match command {
             Command::Join { room } if joined => {
                 // A fresh view of the room, as on a reset.
                 if let Some(entry) = chat.rooms.get_mut(&room) {
                     let view = vec![
-                        entry.history_event(&room, oldest),
+                        entry.history_event(&room, config.history_max_age),
                         entry.snapshot_event(&room),
                     ];
                     chat.fanout.one(session, view);
@@ -706,7 +705,7 @@ impl Hub {
                 // The joiner gets the published view first; its own join reaches it, like
                 // everyone else, in the next presence_diff.
                 let view = vec![
-                    entry.history_event(&room, oldest),
+                    entry.history_event(&room, config.history_max_age),
                     entry.snapshot_event(&room),
                 ];
                 chat.fanout.one(session, view);
@@ -1089,14 +1088,14 @@ fn broadcast_written(hub: Weak<Inner>, written: mpsc::Receiver<Written>) {
 }
 
 /// A `reset`, then each of `rooms`' history and presence.
-fn reset_events(chat: &mut Chat, rooms: &[String], oldest: u64) -> Vec<EncodedEvent> {
+fn reset_events(chat: &mut Chat, rooms: &[String], max_age: Duration) -> Vec<EncodedEvent> {
     let mut events = vec![Event::Reset {
         reason: RESET_REPLAY_WINDOW,
     }
     .encode()];
     for name in rooms {
         if let Some(room) = chat.rooms.get_mut(name) {
-            events.push(room.history_event(name, oldest));
+            events.push(room.history_event(name, max_age));
             events.push(room.snapshot_event(name));
         }
     }

@@ -256,8 +256,9 @@ impl Room {
     }
 
     /// The `history` event for this room, encoded once until a message is recorded or ages
-    /// out: messages sent before `oldest` (microseconds) are dropped first.
-    pub fn history_event(&mut self, room: &str, oldest: u64) -> EncodedEvent {
+    /// out: messages older than `max_age` are dropped first.
+    pub fn history_event(&mut self, room: &str, max_age: std::time::Duration) -> EncodedEvent {
+        let oldest = super::history::cutoff(max_age);
         while self.history.front().is_some_and(|m| m.ts < oldest) {
             self.history.pop_front();
             self.history_event = None;

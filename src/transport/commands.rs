@@ -18,7 +18,7 @@ use crate::hub::{CommandResult, Hub};
 use crate::metrics::NO_TRANSPORT;
 use crate::protocol::{parse_commands, ErrorBody, ErrorCode};
 
-use super::{json_response, set_retry_after, Body};
+use super::{json_response, set_error_headers, Body};
 
 #[derive(Serialize)]
 struct Reply<'a> {
@@ -87,15 +87,8 @@ pub async fn post(
             error,
         },
     );
-    if let Some(ms) = error.and_then(|e| e.retry_after_ms) {
-        set_retry_after(&mut response, ms);
-    }
-    if code == StatusCode::UNAUTHORIZED {
-        // A refused `refresh` token, named like every 401 (RFC 9110).
-        response.headers_mut().insert(
-            hyper::header::WWW_AUTHENTICATE,
-            hyper::header::HeaderValue::from_static("Bearer"),
-        );
+    if let Some(error) = error {
+        set_error_headers(&mut response, error.code, error.retry_after_ms);
     }
     Ok(response)
 }

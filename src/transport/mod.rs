@@ -59,28 +59,30 @@ pub fn json_bytes_response(status: StatusCode, bytes: impl Into<Bytes>) -> Respo
 /// The response for an error: its status and `{"error":{"code","message"}}`, with
 /// `Retry-After` (whole seconds, rounded up) when the error says when to retry.
 pub fn error_response(error: ErrorBody) -> Response<Body> {
-    let retry_after = error.retry_after_ms;
-    let code = status(error.code);
-    let mut response = json_response(code, &HttpError { error });
-    if let Some(ms) = retry_after {
-        set_retry_after(&mut response, ms);
+    let (code, retry_after_ms) = (error.code, error.retry_after_ms);
+    let mut response = json_response(status(code), &HttpError { error });
+    set_error_headers(&mut response, code, retry_after_ms);
+    response
+}
+
+/// The headers an error answer carries besides its body: `Retry-After` when the error says
+/// when to retry (whole seconds, rounded up, at least 1), and `WWW-Authenticate` on a 401
+/// (RFC 9110: it names the scheme that would be accepted).
+pub fn set_error_headers(
+    response: &mut Response<Body>,
+    code: ErrorCode,
+    retry_after_ms: Option<u64>,
+) {
+    let headers = response.headers_mut();
+    if let Some(ms) = retry_after_ms {
+        headers.insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
     }
-    if code == hyper::StatusCode::UNAUTHORIZED {
-        // RFC 9110: a 401 names the scheme that would be accepted.
-        response.headers_mut().insert(
+    if status(code) == StatusCode::UNAUTHORIZED {
+        headers.insert(
             hyper::header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer"),
         );
     }
-    response
-}
-
-/// `Retry-After` for a wait of `ms` milliseconds: whole seconds, rounded up, at least 1.
-pub fn set_retry_after(response: &mut Response<Body>, ms: u64) {
-    let seconds = ms.div_ceil(1000).max(1);
-    response
-        .headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from(seconds));
 }
 
 /// Answers a poll with what the attachment delivered, counting it in the metrics.

@@ -540,6 +540,15 @@ pub async fn poll_json(addr: SocketAddr, path: &str) -> (StatusCode, Value) {
         .await
 }
 
+/// The value of one sample line of `GET /metrics` (0 when absent).
+pub async fn metric(server: &TestServer, sample: &str) -> f64 {
+    let (_, _, body) = server.request(Method::GET, "/metrics", &[], "").await;
+    let text = String::from_utf8(body.to_vec()).expect("metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A `send` command.
 pub fn send(room: &str, text: &str, client_id: &str) -> Value {
     json!({"type": "send", "room": room, "text": text, "client_id": client_id})

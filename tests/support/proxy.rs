@@ -39,7 +39,8 @@ pub struct Proxy {
     /// Where it listens.
     pub addr: SocketAddr,
     child: tokio::process::Child,
-    dir: tempfile::TempDir,
+    /// Holds the config and the proxy's files until the proxy is gone.
+    _dir: tempfile::TempDir,
 }
 
 impl Proxy {
@@ -84,7 +85,11 @@ impl Proxy {
             })
             .await;
             if listening {
-                return Proxy { addr, child, dir };
+                return Proxy {
+                    addr,
+                    child,
+                    _dir: dir,
+                };
             }
             let output = child.wait_with_output().await.expect("proxy output");
             eprintln!(
@@ -95,12 +100,12 @@ impl Proxy {
         panic!("{package} exited at start five times in a row");
     }
 
-    /// nginx running `server_block` (with `listen 80;` and the upstream filled in) inside a
-    /// minimal main configuration of its own.
-    pub async fn nginx(upstream: SocketAddr, server_block: impl Fn(SocketAddr) -> String) -> Proxy {
+    /// nginx running `server_block` (its upstream filled in; `listen 80;` is replaced by the
+    /// free address) inside a minimal main configuration of its own.
+    pub async fn nginx(server_block: String) -> Proxy {
         Proxy::start(NGINX, "nginx", |dir, addr| {
             let d = dir.display();
-            let block = server_block(addr).replace("listen 80;", &format!("listen {addr};"));
+            let block = server_block.replace("listen 80;", &format!("listen {addr};"));
             let config = format!(
                 "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
                  events {{ worker_connections 1024; }}\n\
@@ -108,7 +113,6 @@ impl Proxy {
                  proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    \
                  uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n{block}\n}}\n"
             );
-            let _ = upstream;
             let args = vec![
                 "-p".into(),
                 format!("{d}/"),
@@ -145,7 +149,6 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        let _ = &self.dir;
     }
 }
 
