@@ -116,6 +116,22 @@ export function newClientId() {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * `fetch` with a deadline for the response's headers. A request the browser sends on a pooled
+ * connection that the network silently dropped (a NAT or proxy that lost its state) would
+ * otherwise wait for TCP to give up, minutes later; aborting it also retires that connection.
+ * Rejects with an `AbortError` past `ms`.
+ */
+async function fetchWithin(url, init, ms) {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), ms);
+  try {
+    return await fetch(url, { ...init, signal: controller.signal });
+  } finally {
+    clearTimeout(timer);
+  }
+}
 const now = () => performance.now();
 const jitter = (ms) => ms * (0.5 + Math.random() * 0.5);
 
@@ -519,11 +535,11 @@ export class Client {
     if (token) headers.authorization = `Bearer ${token}`;
     let response;
     try {
-      response = await fetch(this._url('/v1/sessions'), {
+      response = await fetchWithin(this._url('/v1/sessions'), {
         method: 'POST',
         headers,
         body: JSON.stringify({ name: this.name }),
-      });
+      }, this.options.sendTimeoutMs);
     } catch (error) {
       throw new SwitchyardError('network', `cannot reach ${this.baseUrl}: ${error.message}`);
     }
@@ -815,7 +831,9 @@ export class Client {
   /** true if the session exists, false if the server says it does not, null if unknown. */
   async _probeSession() {
     try {
-      const response = await fetch(this._url(`/v1/sessions/${this.sessionId}`));
+      const response = await fetchWithin(
+        this._url(`/v1/sessions/${this.sessionId}`), {}, this.options.openTimeoutMs,
+      );
       if (response.status !== 404) return true;
       const body = await response.json().catch(() => null);
       return body?.error?.code === 'unknown_session' ? false : true;
@@ -1024,11 +1042,13 @@ export class Client {
     const again = () => this._post(command, options, attempt + 1);
     let response;
     try {
-      response = await fetch(this._url(`/v1/sessions/${sessionId}/commands`), {
+      // A retry after a timeout is safe: a send carries its client_id, and the other
+      // commands mean the same applied twice.
+      response = await fetchWithin(this._url(`/v1/sessions/${sessionId}/commands`), {
         method: 'POST',
         headers: { 'content-type': 'application/json' },
         body: JSON.stringify(command),
-      });
+      }, this.options.sendTimeoutMs);
     } catch (error) {
       if (attempt < 3 && this.state !== 'closed') {
         await sleep(jitter(500 * 2 ** attempt));
