@@ -9,6 +9,7 @@ pub mod long_poll;
 pub mod short_poll;
 pub mod sse;
 pub mod websocket;
+pub mod ws_echo;
 pub mod ws_writer;
 
 use std::convert::Infallible;

@@ -10,16 +10,20 @@
 //! byte for two heartbeats, `slow_consumer`. A bad command gets an `error` event; the socket
 //! stays open. Every close, whoever starts it, goes through [`close_handshake`].
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -27,7 +31,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::connection::DeadlineIo;
-use crate::hub::{Attachment, Hub, Session};
+use crate::hub::{Attachment, Budget, Hub, Session};
+use crate::metrics::Metrics;
 use crate::protocol::{parse_commands, CloseReason, ErrorBody, ErrorCode, TransportKind};
 use crate::server::App;
 
@@ -78,17 +83,10 @@ fn header_has_token(
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Checks the handshake, attaches to the session and answers `101`; the socket is served by
-/// a task on `tracker`, so shutdown can wait for it.
-pub fn upgrade(
-    app: &App,
-    session_id: &str,
-    after: u64,
-    mut request: Request<Incoming>,
-) -> Result<Response<Body>, ErrorBody> {
-    let (hub, config) = (&app.hub, &app.config);
-    if !header_has_token(&request, UPGRADE, "websocket")
-        || !header_has_token(&request, CONNECTION, "upgrade")
+/// Checks a WebSocket handshake request; returns the `Sec-WebSocket-Accept` value.
+pub fn check_handshake(request: &Request<Incoming>) -> Result<String, ErrorBody> {
+    if !header_has_token(request, UPGRADE, "websocket")
+        || !header_has_token(request, CONNECTION, "upgrade")
     {
         return Err(bad_request(
             "expected a WebSocket upgrade (Upgrade: websocket)",
@@ -102,47 +100,14 @@ pub fn upgrade(
     {
         return Err(bad_request("Sec-WebSocket-Version must be 13"));
     }
-    let accept = match request.headers().get(SEC_WEBSOCKET_KEY) {
-        Some(key) => derive_accept_key(key.as_bytes()),
-        None => return Err(bad_request("missing Sec-WebSocket-Key")),
-    };
-    let permit = app.connections.clone().try_acquire_owned().map_err(|_| {
-        ErrorBody::new(
-            ErrorCode::ServerFull,
-            "the server holds its maximum number of connections; try again later",
-        )
-    })?;
-    let attachment = hub.attach(session_id, TransportKind::WebSocket, after)?;
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let limits = Limits {
-        heartbeat: config.heartbeat,
-        max_message_bytes: config.max_message_bytes,
-        close_timeout: config.close_timeout,
-    };
-    let ws_config = read_config(config.max_message_bytes, config.ws_read_buffer);
-    let hub = hub.clone();
-    app.tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
-        };
-        // Take the TCP stream back from hyper: the hub writes events to its write half.
-        let parts = match upgraded.downcast::<TokioIo<DeadlineIo<TcpStream>>>() {
-            Ok(parts) => parts,
-            Err(_) => return tracing::error!("upgraded connection is not a TCP stream"),
-        };
-        let (read, write) = parts.io.into_inner().into_inner().into_split();
-        let writer = Arc::new(SocketWriter::new(
-            write,
-            attachment.session().outbox_budget(),
-            attachment.metrics().clone(),
-        ));
-        let read_side = ReadSide::new(read, parts.read_buf, writer.clone());
-        let socket =
-            WebSocketStream::from_raw_socket(read_side, Role::Server, Some(ws_config)).await;
-        serve(socket, writer, attachment, &hub, limits).await;
-        drop(permit);
-    });
+    match request.headers().get(SEC_WEBSOCKET_KEY) {
+        Some(key) => Ok(derive_accept_key(key.as_bytes())),
+        None => Err(bad_request("missing Sec-WebSocket-Key")),
+    }
+}
+
+/// The `101 Switching Protocols` answer to a handshake [`check_handshake`] accepted.
+pub fn switching_protocols(accept: &str) -> Response<Body> {
     let mut response = Response::new(full(""));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -150,9 +115,139 @@ pub fn upgrade(
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(
         SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+        HeaderValue::from_str(accept).expect("base64 is a valid header value"),
     );
-    Ok(response)
+    response
+}
+
+/// Checks the handshake, attaches to the session and answers `101`; the socket is served by
+/// a task on `tracker`, so shutdown can wait for it.
+pub fn upgrade(
+    app: &App,
+    session_id: &str,
+    after: u64,
+    mut request: Request<Incoming>,
+) -> Result<Response<Body>, ErrorBody> {
+    let (hub, config) = (&app.hub, &app.config);
+    let accept = check_handshake(&request)?;
+    let permit = app.connections.clone().try_acquire_owned().map_err(|_| {
+        ErrorBody::new(
+            ErrorCode::ServerFull,
+            "the server holds its maximum number of connections; try again later",
+        )
+    })?;
+    let mut attachment = hub.attach(session_id, TransportKind::WebSocket, after)?;
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let settings = SocketSettings {
+        read: read_config(config.max_message_bytes, config.ws_read_buffer),
+        limits: Limits {
+            heartbeat: config.heartbeat,
+            close_timeout: config.close_timeout,
+        },
+        outbox: attachment.session().outbox_budget(),
+        metrics: attachment.metrics().clone(),
+    };
+    let hub = hub.clone();
+    let max_bytes = config.max_message_bytes;
+    app.tracker.spawn(async move {
+        let close = attachment.close_signal();
+        serve_upgrade(on_upgrade, settings, close, |writer| {
+            // The hub writes events to the socket from now on.
+            if !attachment.write_through(writer.clone()) {
+                // Superseded between the handshake and now: say so.
+                let reason =
+                    (*attachment.close_signal().borrow()).unwrap_or(CloseReason::Superseded);
+                return Err(reason);
+            }
+            Ok(SessionSocket {
+                session: attachment.session().clone(),
+                attachment,
+                hub,
+                writer,
+                max_bytes,
+            })
+        })
+        .await;
+        drop(permit);
+    });
+    Ok(switching_protocols(&accept))
+}
+
+/// How a socket is served: tungstenite's read settings, the loop's limits, and the writer's
+/// budget and metrics.
+#[derive(Debug, Clone)]
+pub struct SocketSettings {
+    /// tungstenite's settings (see [`read_config`]).
+    pub read: WebSocketConfig,
+    /// Heartbeat and close deadlines.
+    pub limits: Limits,
+    /// Frames the writer may queue before the client counts as a slow consumer.
+    pub outbox: Budget,
+    /// Where delivered events are counted.
+    pub metrics: Metrics,
+}
+
+/// What serves the client's side of one socket: a session for `/ws`, an echo for the
+/// Autobahn example. The loop around it (heartbeats, slow consumers, the close handshake) is
+/// the same for both.
+pub trait Handler: Send {
+    /// A text or binary message from the client.
+    fn message(&self, message: Message) -> impl Future<Output = ()> + Send;
+    /// Each heartbeat, after the ping.
+    fn heartbeat(&self) {}
+    /// The loop ended; `closing` is set when the loop itself closes the socket (slow
+    /// consumer, heartbeat timeout). Called before the close handshake.
+    fn finish(self, closing: Option<CloseReason>);
+}
+
+/// Takes the TCP stream back from hyper after an upgrade, with the bytes hyper read past
+/// the handshake.
+fn take_stream(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
+    let upgraded = match upgraded.downcast::<TokioIo<DeadlineIo<TcpStream>>>() {
+        Ok(parts) => return Some((parts.io.into_inner().into_inner(), parts.read_buf)),
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+        Err(_) => None,
+    }
+}
+
+/// Completes an upgrade answered `101` and serves the socket until it closes. `handler`
+/// builds the handler around the socket's writer, or names the reason to close at once.
+/// `close` turns `Some(reason)` when the server closes the socket for a reason of its own.
+pub async fn serve_upgrade<H: Handler>(
+    on_upgrade: OnUpgrade,
+    settings: SocketSettings,
+    close: watch::Receiver<Option<CloseReason>>,
+    handler: impl FnOnce(Arc<SocketWriter>) -> Result<H, CloseReason>,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
+    };
+    let Some((stream, leftover)) = take_stream(upgraded) else {
+        return tracing::error!("upgraded connection is not a TCP stream");
+    };
+    let (read, write) = stream.into_split();
+    let writer = Arc::new(SocketWriter::new(write, settings.outbox, settings.metrics));
+    let read_side = ReadSide::new(read, leftover, writer.clone());
+    let socket =
+        WebSocketStream::from_raw_socket(read_side, Role::Server, Some(settings.read)).await;
+    let close_timeout = settings.limits.close_timeout;
+    match handler(writer.clone()) {
+        Ok(handler) => serve(socket, writer, handler, close, settings.limits).await,
+        // Boxed: an idle socket's task is as large as its future, and the close is rare.
+        Err(reason) => {
+            Box::pin(close_handshake(
+                socket,
+                &writer,
+                End::Closed(reason),
+                close_timeout,
+            ))
+            .await
+        }
+    }
 }
 
 /// How a socket's loop ended.
@@ -179,43 +274,31 @@ impl End {
     }
 }
 
-/// The settings a socket's task needs.
+/// A socket loop's deadlines.
 #[derive(Debug, Clone, Copy)]
-struct Limits {
-    heartbeat: Duration,
-    max_message_bytes: usize,
-    close_timeout: Duration,
+pub struct Limits {
+    /// How often the server pings; a client heard from in no frame for two of them, or a
+    /// queue that takes no byte for two, is closed.
+    pub heartbeat: Duration,
+    /// How long the close handshake may take.
+    pub close_timeout: Duration,
 }
 
-/// Serves one upgraded socket until the client leaves or the hub closes the transport.
+/// Serves one upgraded socket until the client leaves or the server closes it.
 async fn serve(
     mut socket: WebSocketStream<ReadSide>,
     writer: Arc<SocketWriter>,
-    mut attachment: Attachment,
-    hub: &Hub,
+    handler: impl Handler,
+    mut close: watch::Receiver<Option<CloseReason>>,
     limits: Limits,
 ) {
     let Limits {
         heartbeat,
-        max_message_bytes: max_bytes,
         close_timeout,
     } = limits;
-    let session = attachment.session().clone();
-    let mut close = attachment.close_signal();
-    if !attachment.write_through(writer.clone()) {
-        // Superseded between the handshake and now: say so.
-        let reason = (*close.borrow()).unwrap_or(CloseReason::Superseded);
-        drop(attachment);
-        return Box::pin(close_handshake(
-            socket,
-            &writer,
-            End::Closed(reason),
-            close_timeout,
-        ))
-        .await;
-    }
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
+    let mut closing = None;
 
     let end = loop {
         tokio::select! {
@@ -226,7 +309,7 @@ async fn serve(
             stop = writer.flush_queued() => match stop {
                 Stop::Failed => break End::Gone,
                 Stop::Overflowed => {
-                    attachment.close(CloseReason::SlowConsumer);
+                    closing = Some(CloseReason::SlowConsumer);
                     break End::Closed(CloseReason::SlowConsumer);
                 }
             },
@@ -242,24 +325,18 @@ async fn serve(
                     None
                 };
                 if let Some(reason) = verdict {
-                    attachment.close(reason);
+                    closing = Some(reason);
                     break End::Closed(reason);
                 }
                 writer.ping();
-                writer.heartbeat();
+                handler.heartbeat();
             }
             incoming = socket.next() => {
                 last_heard = Instant::now();
                 match incoming {
-                    Some(Ok(Message::Text(text))) => handle_text(hub, &session, text.as_bytes(), max_bytes).await,
-                    Some(Ok(Message::Binary(_))) => report_error(hub,
-                        &session,
-                        &ErrorBody::new(
-                            ErrorCode::BadCommand,
-                            "binary frames are not supported; send commands as JSON text frames",
-                        ),
-                        None,
-                    ),
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        handler.message(message).await
+                    }
                     Some(Ok(Message::Close(_))) => break End::ClientClosed,
                     Some(Ok(_)) => {}
                     Some(Err(error)) => break End::from_read_error(&error),
@@ -269,7 +346,7 @@ async fn serve(
         }
     };
     // Detach first, so the hub writes nothing after the close frame.
-    drop(attachment);
+    handler.finish(closing);
     // Boxed: an idle socket's task is as large as its future, and the close is rare.
     Box::pin(close_handshake(socket, &writer, end, close_timeout)).await;
 }
@@ -286,7 +363,8 @@ async fn serve(
 ///   frames until its close comes back, so a client that was still sending reads the code
 ///   instead of a reset.
 /// - A protocol violation: the close frame is written raw (tungstenite cannot parse what
-///   follows) and the input is discarded until the client hangs up.
+///   follows), the server ends its side of the TCP connection, and the input is discarded
+///   until the client hangs up.
 async fn close_handshake(
     mut socket: WebSocketStream<ReadSide>,
     writer: &SocketWriter,
@@ -319,54 +397,92 @@ async fn close_handshake(
         End::Violation(code, reason) => {
             writer.discard_unsent();
             writer.close(code, reason);
+            writer.drain_until(deadline).await;
+            // The connection is failed (RFC 6455 §7.1.7): the server ends its side after the
+            // close frame, then discards the input until the client hangs up, so what the
+            // client was still sending cannot turn the close into a reset.
+            writer.shutdown();
             let read = socket.get_mut();
-            let hung_up = async {
+            let _ = tokio::time::timeout_at(deadline, async {
                 let mut discard = vec![0u8; 4096];
                 while matches!(read.read(&mut discard).await, Ok(n) if n > 0) {}
-            };
-            let _ = tokio::time::timeout_at(deadline, async {
-                tokio::select! {
-                    _ = hung_up => {}
-                    _ = writer.flush_queued() => {}
-                }
             })
             .await;
+            return;
         }
     }
     writer.drain_until(deadline).await;
 }
 
-/// Counts an error answered on the WebSocket and sends it as an `error` event.
-fn report_error(hub: &Hub, session: &Arc<Session>, error: &ErrorBody, client_id: Option<&str>) {
-    hub.metrics()
-        .error(TransportKind::WebSocket.as_str(), error.code);
-    hub.push_error(session, error, client_id);
+/// `/ws`'s side of a socket: the client's frames are commands for its session.
+struct SessionSocket {
+    attachment: Attachment,
+    session: Arc<Session>,
+    hub: Hub,
+    writer: Arc<SocketWriter>,
+    max_bytes: usize,
 }
 
-/// Applies the commands in one text frame; each failure becomes an `error` event.
-async fn handle_text(hub: &Hub, session: &Arc<Session>, text: &[u8], max_bytes: usize) {
-    if text.len() > max_bytes {
-        let error = ErrorBody::new(
-            ErrorCode::TooLarge,
-            format!(
-                "frame of {} bytes is over the {max_bytes}-byte limit",
-                text.len()
+impl Handler for SessionSocket {
+    async fn message(&self, message: Message) {
+        match message {
+            Message::Text(text) => self.handle_text(text.as_bytes()).await,
+            _ => self.report_error(
+                &ErrorBody::new(
+                    ErrorCode::BadCommand,
+                    "binary frames are not supported; send commands as JSON text frames",
+                ),
+                None,
             ),
-        );
-        report_error(hub, session, &error, None);
-        return;
+        }
     }
-    let parsed = match parse_commands(text) {
-        Ok(parsed) => parsed,
-        Err(error) => {
-            report_error(hub, session, &error, None);
+
+    fn heartbeat(&self) {
+        self.writer.heartbeat();
+    }
+
+    fn finish(self, closing: Option<CloseReason>) {
+        if let Some(reason) = closing {
+            self.attachment.close(reason);
+        }
+    }
+}
+
+impl SessionSocket {
+    /// Counts an error answered on the WebSocket and sends it as an `error` event.
+    fn report_error(&self, error: &ErrorBody, client_id: Option<&str>) {
+        self.hub
+            .metrics()
+            .error(TransportKind::WebSocket.as_str(), error.code);
+        self.hub.push_error(&self.session, error, client_id);
+    }
+
+    /// Applies the commands in one text frame; each failure becomes an `error` event.
+    async fn handle_text(&self, text: &[u8]) {
+        let max_bytes = self.max_bytes;
+        if text.len() > max_bytes {
+            let error = ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "frame of {} bytes is over the {max_bytes}-byte limit",
+                    text.len()
+                ),
+            );
+            self.report_error(&error, None);
             return;
         }
-    };
-    let results = hub.execute(session, parsed.commands).await;
-    for (result, client_id) in results.iter().zip(&parsed.client_ids) {
-        if let Some(error) = &result.error {
-            report_error(hub, session, error, client_id.as_deref());
+        let parsed = match parse_commands(text) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                self.report_error(&error, None);
+                return;
+            }
+        };
+        let results = self.hub.execute(&self.session, parsed.commands).await;
+        for (result, client_id) in results.iter().zip(&parsed.client_ids) {
+            if let Some(error) = &result.error {
+                self.report_error(error, client_id.as_deref());
+            }
         }
     }
 }

@@ -216,6 +216,17 @@ impl SocketWriter {
         }
     }
 
+    /// Sends a whole message in one frame: `text` or binary, any length. Like a control
+    /// frame it counts against the outbox (the echo example's replies).
+    pub fn write_message(&self, text: bool, payload: &Bytes) {
+        let mut head = Head::new();
+        frame_header(if text { 0x81 } else { 0x82 }, payload.len(), &mut head);
+        if self.write_frame(head.as_slice(), payload, false, None) {
+            self.lock().overflowed = true;
+            self.queued.notify_one();
+        }
+    }
+
     /// Sends a ping with an empty payload.
     pub fn ping(&self) {
         self.write_control(&[0x89, 0x00]);
@@ -368,6 +379,13 @@ impl SocketWriter {
         }
     }
 
+    /// Ends the write side (a FIN after the last frame written): the server closes the TCP
+    /// connection first, as RFC 6455 §7.1.1 asks, while the read half stays open to take what
+    /// the client was still sending.
+    pub fn shutdown(&self) {
+        let _ = socket2::SockRef::from(self.socket.as_ref()).shutdown(std::net::Shutdown::Write);
+    }
+
     /// Writes what is queued, waiting for the socket until `deadline` at most.
     pub async fn drain_until(&self, deadline: Instant) {
         let _ = tokio::time::timeout_at(deadline, self.write_until_empty()).await;
@@ -395,7 +413,7 @@ impl Head {
         let mut digits = itoa::Buffer::new();
         let seq = digits.format(seq).as_bytes();
         let mut head = Head::new();
-        text_frame_header(seq.len() + 8 + body_len, &mut head);
+        frame_header(0x81, seq.len() + 8 + body_len, &mut head);
         head.extend(b"{\"seq\":");
         head.extend(seq);
         head.extend(b",");
@@ -420,16 +438,17 @@ impl Head {
     }
 }
 
-/// The server-to-client text frame header for a payload of `len` bytes (no mask).
-fn text_frame_header(len: usize, out: &mut Head) {
+/// The server-to-client header of a final frame (`first`: FIN and the opcode) with a payload
+/// of `len` bytes (no mask).
+fn frame_header(first: u8, len: usize, out: &mut Head) {
     match len {
-        0..=125 => out.extend(&[0x81, len as u8]),
+        0..=125 => out.extend(&[first, len as u8]),
         126..=65535 => {
-            out.extend(&[0x81, 126]);
+            out.extend(&[first, 126]);
             out.extend(&(len as u16).to_be_bytes());
         }
         _ => {
-            out.extend(&[0x81, 127]);
+            out.extend(&[first, 127]);
             out.extend(&(len as u64).to_be_bytes());
         }
     }
@@ -535,11 +554,14 @@ mod tests {
     fn frame_headers_use_the_shortest_length_form() {
         let header = |len| {
             let mut head = Head::new();
-            text_frame_header(len, &mut head);
+            frame_header(0x81, len, &mut head);
             head.as_slice().to_vec()
         };
         assert_eq!(header(125), [0x81, 125]);
         assert_eq!(header(126), [0x81, 126, 0, 126]);
+        let mut binary = Head::new();
+        frame_header(0x82, 3, &mut binary);
+        assert_eq!(binary.as_slice(), [0x82, 3]);
         let long = header(70_000);
         assert_eq!(long[..2], [0x81, 127]);
         assert_eq!(u64::from_be_bytes(long[2..].try_into().unwrap()), 70_000);
