@@ -34,7 +34,8 @@ pub use history::{Durability, HistoryStore, MemoryStore};
 pub use identity::{Identity, TokenVerifier};
 use room::Room;
 pub use session::{Attachment, BatchLimit, Budget, Delivery, Session};
-pub(crate) use session::{DirectSink, Gap, OutboxFull, TokenBucket};
+pub use session::{DirectSink, OutboxFull};
+pub(crate) use session::{Gap, TokenBucket};
 use session::{Outcome, Sent};
 
 use crate::metrics::Metrics;
