@@ -32,7 +32,7 @@ enum Command {
     Serve(ServeArgs),
     /// Compare the transports' latency, throughput, bytes and server cost (see
     /// docs/benchmarks.md).
-    Bench(switchyard::bench::BenchArgs),
+    Bench(BenchCommand),
     /// Mint an HS256 identity token for development and tests (see --auth-hmac-secret-file).
     Token(TokenArgs),
     /// The bench's baseline: a bare tokio-tungstenite broadcast server.
@@ -42,6 +42,15 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         addr: SocketAddr,
     },
+}
+
+/// `switchyard bench`: the bench's flags and the soak's (`--soak` runs the soak instead).
+#[derive(Args)]
+struct BenchCommand {
+    #[command(flatten)]
+    bench: switchyard::bench::BenchArgs,
+    #[command(flatten)]
+    soak: switchyard::bench::soak::SoakArgs,
 }
 
 #[derive(Args)]
@@ -351,9 +360,13 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
-        Some(Command::Bench(args)) => {
-            return match switchyard::bench::run(args).await {
-                Ok(_) => std::process::ExitCode::SUCCESS,
+        Some(Command::Bench(BenchCommand { bench, soak })) => {
+            let result = match soak.soak {
+                Some(_) => switchyard::bench::soak::main(bench, soak).await,
+                None => switchyard::bench::run(bench).await.map(drop),
+            };
+            return match result {
+                Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(message) => {
                     eprintln!("error: {message}");
                     std::process::ExitCode::FAILURE

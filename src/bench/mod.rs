@@ -14,12 +14,15 @@
 //! - [`wire`]: counted TCP connections and a small HTTP/1 client.
 //! - [`process`]: the spawned server, /proc readings, pinning, the open-file limit.
 //! - [`report`]: table, JSON, SVG.
+//! - [`soak`]: `--soak DURATION`, a changing population checked for exactly-once delivery,
+//!   with the server's memory and open files over time.
 //! - [`baseline`]: the bare tokio-tungstenite broadcast server.
 
 pub mod baseline;
 pub mod clients;
 pub mod process;
 pub mod report;
+pub mod soak;
 pub mod wire;
 
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
-//! Processes the bench measures: a spawned server (its CPU time and memory from /proc), the
-//! generator itself, CPU pinning, the open-file limit and the machine's description.
+//! Processes the bench measures: a spawned server (its CPU time, memory and open files from
+//! /proc), the generator itself, CPU pinning, the open-file limit and the machine's
+//! description.
 //!
 //! Linux only: everything is read from /proc. Elsewhere the readings are `None`.
 
@@ -52,6 +53,11 @@ pub fn memory(pid: &str) -> Option<(u64, u64)> {
         Some(kib * 1024)
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Open file descriptors of a process: the entries of /proc/PID/fd.
+pub fn open_fds(pid: &str) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
 
 /// Pins every thread of this process to `cpu` (threads started later inherit it).
@@ -148,6 +154,11 @@ impl Spawned {
     /// (VmRSS, VmHWM) in bytes.
     pub fn memory(&self) -> Option<(u64, u64)> {
         memory(&self.pid)
+    }
+
+    /// Open file descriptors (sockets, the listener, files).
+    pub fn open_fds(&self) -> Option<u64> {
+        open_fds(&self.pid)
     }
 
     /// Stops the server with SIGTERM, then SIGKILL if it is still there after 6 s.

@@ -1,5 +1,5 @@
 //! What a bench run reports: one row per transport (and the baseline), as a terminal table,
-//! JSON and an SVG latency CDF.
+//! JSON and an SVG latency CDF; and the SVG time chart of a soak (`soak.rs` has its figures).
 
 use std::path::Path;
 
@@ -209,6 +209,108 @@ pub fn idle_table(rows: &[IdleRow]) -> String {
     out
 }
 
+/// Line colours, in the order curves are drawn.
+const COLORS: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(100, 100, 100),
+];
+
+/// Draws each curve in its colour, with a legend at `legend`.
+fn draw_curves<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    curves: &[(impl AsRef<str>, Vec<(f64, f64)>)],
+    legend: SeriesLabelPosition,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (name, points)) in curves.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(name.as_ref())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// One panel of a time chart: what its y axis shows, its curves and its markers.
+#[derive(Debug, Clone)]
+pub struct Panel<'a> {
+    /// The y axis's description.
+    pub y_desc: &'a str,
+    /// (name, points) of each curve.
+    pub curves: Vec<(String, Vec<(f64, f64)>)>,
+    /// (name, x) of each vertical marker line, drawn in grey.
+    pub markers: Vec<(String, f64)>,
+}
+
+/// Draws `panels` stacked, on one linear x axis (`x_desc`), each y axis from 0.
+pub fn timeline_svg(
+    panels: &[Panel<'_>],
+    x_desc: &str,
+    title: &str,
+    path: &Path,
+) -> Result<(), String> {
+    let points = || {
+        panels
+            .iter()
+            .flat_map(|p| p.curves.iter().flat_map(|c| &c.1))
+    };
+    if points().next().is_none() {
+        return Err("no samples to draw".into());
+    }
+    let x_high = points().map(|p| p.0).fold(0.0, f64::max).max(1.0);
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let height = 80 + 300 * panels.len() as u32;
+        let root = SVGBackend::new(path, (900, height)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let root = root.titled(title, ("sans-serif", 20))?;
+        for (panel, area) in panels.iter().zip(root.split_evenly((panels.len(), 1))) {
+            let y_high = panel
+                .curves
+                .iter()
+                .flat_map(|c| c.1.iter().map(|p| p.1))
+                .fold(0.0, f64::max)
+                .max(1.0);
+            let mut chart = ChartBuilder::on(&area)
+                .margin(16)
+                .x_label_area_size(44)
+                .y_label_area_size(64)
+                .build_cartesian_2d(0.0..x_high * 1.02, 0.0..y_high * 1.1)?;
+            chart
+                .configure_mesh()
+                .x_desc(x_desc)
+                .y_desc(panel.y_desc)
+                .draw()?;
+            for (name, x) in &panel.markers {
+                let grey = RGBColor(150, 150, 150);
+                chart
+                    .draw_series(LineSeries::new([(*x, 0.0), (*x, y_high * 1.1)], grey))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], grey));
+            }
+            draw_curves(&mut chart, &panel.curves, SeriesLabelPosition::LowerRight)?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| format!("drawing {}: {e}", path.display()))
+}
+
 /// Draws the latency CDF of every row on a log latency axis.
 pub fn svg(rows: &[Row], title: &str, path: &Path) -> Result<(), String> {
     let curves: Vec<(&str, Vec<(f64, f64)>)> = rows
@@ -254,31 +356,7 @@ pub fn svg(rows: &[Row], title: &str, path: &Path) -> Result<(), String> {
             .x_desc("latency from scheduled send, ms (log)")
             .y_desc("deliveries, % at or below")
             .draw()?;
-        let colors = [
-            RGBColor(31, 119, 180),
-            RGBColor(255, 127, 14),
-            RGBColor(44, 160, 44),
-            RGBColor(214, 39, 40),
-            RGBColor(100, 100, 100),
-        ];
-        for (i, (name, points)) in curves.iter().enumerate() {
-            let color = colors[i % colors.len()];
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().copied(),
-                    color.stroke_width(2),
-                ))?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        draw_curves(&mut chart, &curves, SeriesLabelPosition::LowerRight)?;
         root.present()?;
         Ok(())
     };
