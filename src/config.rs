@@ -130,6 +130,13 @@ pub struct Config {
     /// close frame out, the client's back) and the last frames of an SSE stream. Past it the
     /// connection is dropped, whatever the client does.
     pub close_timeout: Duration,
+    /// Serve HTTPS with this certificate and key (`--tls-cert`, `--tls-key`), offering HTTP/2
+    /// and HTTP/1.1 by ALPN; `None`: plain HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
+    pub tls: Option<crate::tls::Tls>,
+    /// Streams one HTTP/2 connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`):
+    /// a browser's tabs of one origin share one connection, each SSE stream or WebSocket
+    /// holding one stream, each poll or command one for its length.
+    pub max_h2_streams: u32,
     /// Serve the demo from this directory instead of the embedded copy (for page development).
     pub demo_dir: Option<PathBuf>,
     /// Peers whose `Forwarded` / `X-Forwarded-*` headers name the client; everyone else's
@@ -181,6 +188,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(4),
             socket_send_buffer: None,
             header_timeout: Duration::from_secs(30),
+            tls: None,
+            max_h2_streams: 256,
             body_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),

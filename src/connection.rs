@@ -138,6 +138,12 @@ impl ReportsProgress for TcpStream {
     }
 }
 
+impl ReportsProgress for tokio_rustls::server::TlsStream<TcpStream> {
+    fn send_progress(&self) -> Option<SendProgress> {
+        send_progress(self.get_ref().0)
+    }
+}
+
 /// [`SendProgress`] of a TCP socket: Linux's `tcpi_bytes_acked` (`TCP_INFO`) and `SIOCOUTQ`.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn send_progress(socket: &impl AsRawFd) -> Option<SendProgress> {

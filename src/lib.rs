@@ -13,7 +13,8 @@
 //! - [`store`]: the history backends behind that seam (the embedded SQLite store).
 //! - [`transport`]: one module per transport adapting a session to HTTP, plus `/commands`.
 //! - [`router`]: `(method, path)` to handler; origin checks and CORS.
-//! - [`server`]: accept loop, connection cap, graceful shutdown.
+//! - [`server`]: accept loop, connection cap, HTTP/1.1 and HTTP/2, graceful shutdown.
+//! - [`tls`]: certificates from PEM files, ALPN, reload on SIGHUP.
 //! - [`connection`]: one connection's write deadlines.
 //! - [`admission`]: the per-address rate limit on session creation.
 //! - [`auth`]: identity tokens (JWT) verified for session creation and `refresh`.
@@ -43,6 +44,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod transport;
 
 pub use config::Config;

@@ -188,6 +188,18 @@ struct ServeArgs {
     /// lose the last batch). `full`: broadcast only once on disk; a failed write fails the send.
     #[arg(long, default_value = "normal", value_parser = parse_durability)]
     history_durability: Durability,
+    /// Serve HTTPS with this certificate chain (PEM), offering HTTP/2 and HTTP/1.1 by ALPN;
+    /// SIGHUP reloads it and --tls-key without dropping connections. Without it the server
+    /// speaks plain HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
+    /// each SSE stream or WebSocket holds one, each poll or command one for its length.
+    #[arg(long, default_value_t = 256)]
+    max_h2_streams: u32,
     /// Serve the demo page from this directory instead of the copy built into the binary
     /// (for editing the page without rebuilding).
     #[arg(long)]
@@ -289,6 +301,13 @@ impl ServeArgs {
                 )),
                 (None, None) => None,
             };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(switchyard::tls::Tls::load(cert, key)?),
+            _ => None,
+        };
+        if self.max_h2_streams == 0 {
+            return Err("--max-h2-streams must be at least 1".into());
+        }
         let mut transports = self.transports.clone();
         transports.sort();
         transports.dedup();
@@ -320,10 +339,34 @@ impl ServeArgs {
             history_keep: self.history_keep,
             history_max_age: self.history_max_age,
             durability: self.history_durability,
+            tls,
+            max_h2_streams: self.max_h2_streams,
             ..Config::default()
         }
         .with_rate_limit(self.rate_limit))
     }
+}
+
+/// Reloads the TLS certificate and key on every SIGHUP; a bad file is logged and the old
+/// certificate kept.
+fn reload_on_hangup(tls: switchyard::tls::Tls) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = signal(SignalKind::hangup()).expect("can install a SIGHUP handler");
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(message) => {
+                        tracing::error!("TLS reload failed, keeping the old certificate: {message}")
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(tls);
 }
 
 /// SIGINT or SIGTERM. The handlers are installed now, before the server says it listens, so a
@@ -429,7 +472,15 @@ async fn main() -> std::process::ExitCode {
     };
     let addr = listener.local_addr().unwrap_or(args.addr);
     let shutdown = shutdown_signal();
-    println!("switchyard listening on http://{addr}/");
+    if let Some(tls) = config.tls.clone() {
+        reload_on_hangup(tls);
+    }
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("switchyard listening on {scheme}://{addr}/");
     let transports: Vec<&str> = config.transports.iter().map(|t| t.as_str()).collect();
     tracing::info!(%addr, transports = %transports.join(","), "serving");
     match switchyard::server::serve(listener, config, hub, shutdown).await {

@@ -56,11 +56,49 @@ pub struct HistoryMetrics {
     pub written_id: Gauge,
 }
 
+/// The HTTP version a transport's requests travelled on: the label `http` of
+/// `switchyard_attaches_by_http` and `switchyard_events_delivered_by_http`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http {
+    /// HTTP/1.1 (or 1.0).
+    H1,
+    /// HTTP/2, with TLS or without (h2c).
+    H2,
+}
+
+impl Http {
+    /// The version of a request.
+    pub fn of(version: hyper::Version) -> Http {
+        if version == hyper::Version::HTTP_2 {
+            Http::H2
+        } else {
+            Http::H1
+        }
+    }
+
+    /// The label value: `1.1` or `2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Http::H1 => "1.1",
+            Http::H2 => "2",
+        }
+    }
+}
+
+/// Counters by transport and HTTP version.
+#[derive(Debug, Clone)]
+struct ByHttp {
+    attaches: Counter,
+    delivered: Counter,
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
     history: HistoryMetrics,
     transports: [TransportMetrics; 4],
+    /// Indexed by transport, then [`Http`] (H1, H2).
+    by_http: [[ByHttp; 2]; 4],
     commands_without_transport: Counter,
     errors: Family<PairLabel, Counter>,
     closes: Family<PairLabel, Counter>,
@@ -117,6 +155,27 @@ impl Metrics {
         });
         let commands_without_transport =
             commands.get_or_create_owned(&[("transport", NO_TRANSPORT)]);
+        let attaches_by_http = Family::<PairLabel, Counter>::default();
+        let delivered_by_http = Family::<PairLabel, Counter>::default();
+        let by_http = TransportKind::ALL.map(|kind| {
+            [Http::H1, Http::H2].map(|http| {
+                let label = [("transport", kind.as_str()), ("http", http.as_str())];
+                ByHttp {
+                    attaches: attaches_by_http.get_or_create_owned(&label),
+                    delivered: delivered_by_http.get_or_create_owned(&label),
+                }
+            })
+        });
+        registry.register(
+            "attaches_by_http",
+            "Transports attached, by transport and the HTTP version of the request (1.1 or 2)",
+            attaches_by_http,
+        );
+        registry.register(
+            "events_delivered_by_http",
+            "Events written to clients, by transport and HTTP version (1.1 or 2)",
+            delivered_by_http,
+        );
         registry.register(
             "sessions_attached",
             "Transports attached to a session now, by transport",
@@ -178,6 +237,7 @@ impl Metrics {
                 registry,
                 history,
                 transports,
+                by_http,
                 commands_without_transport,
                 errors,
                 closes,
@@ -222,6 +282,21 @@ impl Metrics {
         metrics.latency.observe(latency.as_secs_f64());
         metrics.delivered.inc();
         metrics.bytes.inc_by(bytes as u64);
+    }
+
+    /// Counts a transport attached by a request of this HTTP version.
+    pub fn attached_over(&self, kind: TransportKind, http: Http) {
+        self.inner.by_http[index(kind)][http as usize]
+            .attaches
+            .inc();
+    }
+
+    /// Counts events delivered over this HTTP version (with [`Metrics::delivered`] or
+    /// [`Metrics::delivered_one`], which count them by transport).
+    pub fn delivered_over(&self, kind: TransportKind, http: Http, count: u64) {
+        self.inner.by_http[index(kind)][http as usize]
+            .delivered
+            .inc_by(count);
     }
 
     /// Counts commands from a session whose last transport was `kind`.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::connection::ConnectionWatch;
 use crate::demo;
-use crate::metrics::NO_TRANSPORT;
+use crate::metrics::{Http, NO_TRANSPORT};
 use crate::protocol::{ErrorBody, ErrorCode, TransportKind};
 use crate::proxy::Client;
 use crate::server::{App, Peer};
@@ -68,9 +68,10 @@ impl<'a> Endpoint<'a> {
             | Endpoint::Health
             | Endpoint::Metrics
             | Endpoint::OpenApi
-            | Endpoint::WebSocket(_)
             | Endpoint::Sse(_)
             | Endpoint::Poll(_) => &[Method::GET],
+            // CONNECT: a WebSocket over HTTP/2 (RFC 8441).
+            Endpoint::WebSocket(_) => &[Method::GET, Method::CONNECT],
             Endpoint::Sessions | Endpoint::Commands(_) => &[Method::POST],
             Endpoint::Session(_) => &[Method::GET, Method::DELETE],
         }
@@ -115,7 +116,8 @@ pub fn api_routes() -> Vec<(String, &'static str)> {
     for probe in probes {
         let endpoint = Endpoint::resolve(probe).expect("every probe is an endpoint");
         let template = endpoint.template().expect("an API endpoint");
-        for method in endpoint.allowed() {
+        // OpenAPI cannot describe CONNECT; the WebSocket's entry says it.
+        for method in endpoint.allowed().iter().filter(|m| **m != Method::CONNECT) {
             routes.push((method.as_str().to_ascii_lowercase(), template));
         }
     }
@@ -134,12 +136,13 @@ pub async fn route(request: Request<Incoming>, app: Arc<App>) -> Response<Body> 
         .get::<Peer>()
         .map(|Peer(peer)| app.config.trusted_proxies.client(*peer, request.headers()));
     let checked = {
-        // The host a trusted proxy forwards, else the `Host` header.
+        // The host a trusted proxy forwards, else the `Host` header, else (HTTP/2) the
+        // request's authority.
         let host = client.as_ref().and_then(|c| c.host.as_deref()).or_else(|| {
-            request
-                .headers()
-                .get(HOST)
-                .map(|v| v.to_str().unwrap_or(""))
+            match request.headers().get(HOST) {
+                Some(value) => Some(value.to_str().unwrap_or("")),
+                None => request.uri().authority().map(|a| a.as_str()),
+            }
         });
         let scheme = client.as_ref().and_then(|c| c.proto.as_deref());
         check_host(host, &app.config)
@@ -248,6 +251,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
     let query = request.uri().query().map(str::to_owned);
     let query = query.as_deref();
     let after = || resume_point(None, query_param(query, "after"));
+    let http = Http::of(request.version());
     match endpoint {
         Endpoint::Asset(asset) => Ok(asset.response(config.demo_dir.as_deref())),
         Endpoint::Health => Ok(json_response(
@@ -296,19 +300,21 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
                 .map(|v| v.to_str().unwrap_or("invalid"));
             let after = resume_point(last_event_id, query_param(query, "after"))?;
             let attachment = hub.attach(id, TransportKind::Sse, after)?;
+            hub.metrics().attached_over(TransportKind::Sse, http);
             let watch = request.extensions().get::<Arc<ConnectionWatch>>().cloned();
             Ok(sse::stream(
                 attachment,
                 config.heartbeat,
                 config.close_timeout,
                 watch,
+                http,
             ))
         }
         Endpoint::Poll(id) => {
             let wait = wait_param(query_param(query, "wait"), config.long_poll)?;
             if wait.is_zero() {
                 enabled(config, TransportKind::ShortPolling)?;
-                short_poll::poll(hub, id, after()?)
+                short_poll::poll(hub, id, after()?, http)
             } else {
                 enabled(config, TransportKind::LongPolling)?;
                 let after = after()?;
@@ -319,6 +325,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
                     id,
                     after,
                     wait.min(config.max_long_poll),
+                    http,
                 ))
                 .await
             }

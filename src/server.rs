@@ -1,6 +1,8 @@
-//! The accept loop: a connection cap, TCP_NODELAY, one hyper HTTP/1 connection per socket
-//! (with upgrades for WebSockets), its deadlines (headers by hyper, writes by
-//! [`DeadlineIo`]) and graceful shutdown.
+//! The accept loop: a connection cap, TCP_NODELAY, TLS when configured, one hyper connection
+//! per socket speaking HTTP/1.1 or HTTP/2 (ALPN under TLS; without TLS, HTTP/2 with prior
+//! knowledge is recognised by its preface), with upgrades for WebSockets (HTTP/1.1 `Upgrade`
+//! and HTTP/2 extended `CONNECT`), its deadlines (headers and the TLS handshake by the header
+//! timeout, writes by [`DeadlineIo`], HTTP/2 keep-alive pings) and graceful shutdown.
 //!
 //! Shutdown is a parameter of [`run`], so tests pass their own signal. On shutdown the
 //! listener closes, the hub closes every attached transport with `shutdown` (WebSocket close
@@ -17,9 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::AddressLimiter;
 use crate::config::Config;
-use crate::connection::{ConnectionWatch, DeadlineIo};
+use crate::connection::{ConnectionWatch, DeadlineIo, ReportsProgress};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorBody, ErrorCode};
@@ -160,12 +163,64 @@ async fn serve_connection(
             tracing::debug!(%peer, error = %e, "setting SO_SNDBUF failed");
         }
     }
-    let header_timeout = config.header_timeout;
     let watch = ConnectionWatch::new(config.write_timeout);
-    let io = DeadlineIo::new(stream, watch.clone());
+    match &config.tls {
+        None => {
+            serve_http(
+                DeadlineIo::new(stream, watch.clone()),
+                watch,
+                peer,
+                app,
+                closing,
+            )
+            .await
+        }
+        Some(tls) => {
+            let handshake = tls.acceptor.accept(stream);
+            match tokio::time::timeout(config.header_timeout, handshake).await {
+                Ok(Ok(stream)) => {
+                    let io = DeadlineIo::new(stream, watch.clone());
+                    serve_http(io, watch, peer, app, closing).await
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one connection until it ends or shutdown closes it.
+async fn serve_http<I>(
+    io: DeadlineIo<I>,
+    watch: Arc<ConnectionWatch>,
+    peer: SocketAddr,
+    app: Arc<App>,
+    closing: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + ReportsProgress + Unpin + Send + 'static,
+{
+    let config = &app.config;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(config.max_h2_streams)
+        // A connection whose client stopped answering pings is dropped, with its streams.
+        .keep_alive_interval(config.heartbeat)
+        .keep_alive_timeout(config.heartbeat * 2);
+    let app_for_service = app.clone();
     let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-        let app = app.clone();
-        request.extensions_mut().insert(watch.clone());
+        let app = app_for_service.clone();
+        // An HTTP/2 connection carries many requests: one stream may not change the deadlines
+        // of the others, so only HTTP/1.1 requests see the connection's watch.
+        if request.version() != hyper::Version::HTTP_2 {
+            request.extensions_mut().insert(watch.clone());
+        }
         request.extensions_mut().insert(Peer(peer));
         async move {
             // A bug must cost one request a 500, not the whole connection.
@@ -187,11 +242,7 @@ async fn serve_connection(
             Ok::<_, Infallible>(response)
         }
     });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hyper::Response;
 
 use crate::hub::{Delivery, Hub};
+use crate::metrics::Http;
 use crate::protocol::{ErrorBody, TransportKind};
 
 use super::{answer_poll, Body, WRITE_BATCH};
@@ -17,11 +18,14 @@ pub async fn poll(
     session_id: &str,
     after: u64,
     wait: Duration,
+    http: Http,
 ) -> Result<Response<Body>, ErrorBody> {
     let mut attachment = hub.attach(session_id, TransportKind::LongPolling, after)?;
+    hub.metrics()
+        .attached_over(TransportKind::LongPolling, http);
     let delivery = tokio::select! {
         delivery = attachment.next(WRITE_BATCH) => delivery,
         _ = tokio::time::sleep(wait) => Delivery::Events(Vec::new()),
     };
-    Ok(answer_poll(&attachment, delivery))
+    Ok(answer_poll(&attachment, delivery, http))
 }

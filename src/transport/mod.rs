@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::error::{status, HttpError};
 use crate::hub::{Attachment, BatchLimit, Delivery};
+use crate::metrics::Http;
 use crate::protocol::{CloseReason, EncodedEvent, ErrorBody, ErrorCode};
 
 /// Every response body: a full buffer or a stream (SSE).
@@ -87,7 +88,7 @@ pub fn set_error_headers(
 }
 
 /// Answers a poll with what the attachment delivered, counting it in the metrics.
-pub fn answer_poll(attachment: &Attachment, delivery: Delivery) -> Response<Body> {
+pub fn answer_poll(attachment: &Attachment, delivery: Delivery, http: Http) -> Response<Body> {
     let response = match &delivery {
         Delivery::Events(events) => poll_body(events, None),
         Delivery::Closed(reason) => poll_body(&[], Some(*reason)),
@@ -99,6 +100,7 @@ pub fn answer_poll(attachment: &Attachment, delivery: Delivery) -> Response<Body
             events.iter().map(|(_, e)| e),
             response.len(),
         );
+        metrics.delivered_over(attachment.kind(), http, events.len() as u64);
     }
     json_bytes_response(StatusCode::OK, response)
 }

@@ -5,13 +5,21 @@
 use hyper::Response;
 
 use crate::hub::Hub;
+use crate::metrics::Http;
 use crate::protocol::{ErrorBody, TransportKind};
 
 use super::{answer_poll, Body, WRITE_BATCH};
 
 /// Answers a short poll.
-pub fn poll(hub: &Hub, session_id: &str, after: u64) -> Result<Response<Body>, ErrorBody> {
+pub fn poll(
+    hub: &Hub,
+    session_id: &str,
+    after: u64,
+    http: Http,
+) -> Result<Response<Body>, ErrorBody> {
     let mut attachment = hub.attach(session_id, TransportKind::ShortPolling, after)?;
+    hub.metrics()
+        .attached_over(TransportKind::ShortPolling, http);
     let delivery = attachment.ready(WRITE_BATCH);
-    Ok(answer_poll(&attachment, delivery))
+    Ok(answer_poll(&attachment, delivery, http))
 }

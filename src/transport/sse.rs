@@ -25,6 +25,7 @@ use hyper::Response;
 
 use crate::connection::ConnectionWatch;
 use crate::hub::{Attachment, Delivery};
+use crate::metrics::Http;
 use crate::protocol::{CloseReason, EncodedEvent};
 
 use super::{Body, WRITE_BATCH};
@@ -83,6 +84,7 @@ pub fn stream(
     heartbeat: Duration,
     close_timeout: Duration,
     watch: Option<Arc<ConnectionWatch>>,
+    http: Http,
 ) -> Response<Body> {
     enum Step {
         Deliver(Delivery),
@@ -113,6 +115,7 @@ pub fn stream(
                     // Resumed when hyper asks for the next frame: this one is in its writer.
                     let attachment = &stream.attachment;
                     attachment.metrics().delivered(attachment.kind(), events.iter().map(|(_, e)| e), bytes);
+                    attachment.metrics().delivered_over(attachment.kind(), http, events.len() as u64);
                 }
                 Step::Deliver(Delivery::Closed(reason)) => {
                     yield Ok(Frame::data(close_frame(reason)));
@@ -132,6 +135,10 @@ pub fn stream(
         HeaderValue::from_static("no-cache, no-transform"),
     );
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    // HTTP/1.1: the connection is not reused after the stream (HTTP/2 has no such header:
+    // the stream ends, the connection stays).
+    if http == Http::H1 {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }

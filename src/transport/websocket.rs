@@ -19,9 +19,10 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncReadExt;
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -31,13 +32,13 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::connection::DeadlineIo;
-use crate::hub::{Attachment, Budget, Hub, Session};
-use crate::metrics::Metrics;
+use crate::hub::{Attachment, Budget, Delivery, Hub, Session};
+use crate::metrics::{Http, Metrics};
 use crate::protocol::{parse_commands, CloseReason, ErrorBody, ErrorCode, TransportKind};
 use crate::server::App;
 
 use super::ws_writer::{ReadSide, SocketWriter, Stop};
-use super::{full, Body};
+use super::{full, Body, WRITE_BATCH};
 
 /// Frames larger than this close the socket (1009) instead of getting a `too_large` event,
 /// so a hostile client cannot make the server buffer without bound.
@@ -120,8 +121,32 @@ pub fn switching_protocols(accept: &str) -> Response<Body> {
     response
 }
 
-/// Checks the handshake, attaches to the session and answers `101`; the socket is served by
-/// a task on `tracker`, so shutdown can wait for it.
+/// Checks an HTTP/2 WebSocket request (RFC 8441: `CONNECT` with `:protocol websocket`).
+fn check_connect(request: &Request<Incoming>) -> Result<(), ErrorBody> {
+    let protocol = request.extensions().get::<hyper::ext::Protocol>();
+    if request.method() != Method::CONNECT || protocol.map(|p| p.as_str()) != Some("websocket") {
+        return Err(bad_request(
+            "over HTTP/2 a WebSocket is an extended CONNECT with :protocol websocket",
+        ));
+    }
+    if request
+        .headers()
+        .get("sec-websocket-version")
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(bad_request("Sec-WebSocket-Version must be 13"));
+    }
+    Ok(())
+}
+
+/// Checks the handshake (HTTP/1.1 `Upgrade`, or HTTP/2 extended `CONNECT`), attaches to the
+/// session and answers (`101`, or `200` on HTTP/2); the socket is served by a task on
+/// `tracker`, so shutdown can wait for it.
+///
+/// A WebSocket on its own plain TCP connection is written through (the hub writes each
+/// event's frame to the socket); one inside TLS or an HTTP/2 stream is served by
+/// [`serve_pulled`], which fetches events from the session like SSE does.
 pub fn upgrade(
     app: &App,
     session_id: &str,
@@ -129,14 +154,27 @@ pub fn upgrade(
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, ErrorBody> {
     let (hub, config) = (&app.hub, &app.config);
-    let accept = check_handshake(&request)?;
-    let permit = app.connections.clone().try_acquire_owned().map_err(|_| {
-        ErrorBody::new(
-            ErrorCode::ServerFull,
-            "the server holds its maximum number of connections; try again later",
-        )
-    })?;
+    let http = Http::of(request.version());
+    let accept = match http {
+        Http::H1 => Some(check_handshake(&request)?),
+        Http::H2 => {
+            check_connect(&request)?;
+            None
+        }
+    };
+    // Over HTTP/1.1 the socket outlives its HTTP connection (and its permit); over HTTP/2 it
+    // is a stream of a connection that keeps its own.
+    let permit = match http {
+        Http::H1 => Some(app.connections.clone().try_acquire_owned().map_err(|_| {
+            ErrorBody::new(
+                ErrorCode::ServerFull,
+                "the server holds its maximum number of connections; try again later",
+            )
+        })?),
+        Http::H2 => None,
+    };
     let mut attachment = hub.attach(session_id, TransportKind::WebSocket, after)?;
+    hub.metrics().attached_over(TransportKind::WebSocket, http);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let settings = SocketSettings {
         read: read_config(config.max_message_bytes, config.ws_read_buffer),
@@ -147,30 +185,51 @@ pub fn upgrade(
         outbox: attachment.session().outbox_budget(),
         metrics: attachment.metrics().clone(),
     };
-    let hub = hub.clone();
-    let max_bytes = config.max_message_bytes;
+    let commands = Commands {
+        session: attachment.session().clone(),
+        hub: hub.clone(),
+        max_bytes: config.max_message_bytes,
+    };
     app.tracker.spawn(async move {
-        let close = attachment.close_signal();
-        serve_upgrade(on_upgrade, settings, close, |writer| {
-            // The hub writes events to the socket from now on.
-            if !attachment.write_through(writer.clone()) {
-                // Superseded between the handshake and now: say so.
-                let reason =
-                    (*attachment.close_signal().borrow()).unwrap_or(CloseReason::Superseded);
-                return Err(reason);
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
+        };
+        match take_stream(upgraded) {
+            Ok((stream, leftover)) => {
+                let close = attachment.close_signal();
+                serve_tcp(stream, leftover, settings, close, |writer| {
+                    // The hub writes events to the socket from now on.
+                    if !attachment.write_through(writer.clone()) {
+                        // Superseded between the handshake and now: say so.
+                        let reason = (*attachment.close_signal().borrow())
+                            .unwrap_or(CloseReason::Superseded);
+                        return Err(reason);
+                    }
+                    Ok(SessionSocket {
+                        commands,
+                        attachment,
+                        writer,
+                    })
+                })
+                .await
             }
-            Ok(SessionSocket {
-                session: attachment.session().clone(),
-                attachment,
-                hub,
-                writer,
-                max_bytes,
-            })
-        })
-        .await;
+            Err(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(settings.read),
+                )
+                .await;
+                serve_pulled(socket, attachment, commands, http, settings.limits).await
+            }
+        }
         drop(permit);
     });
-    Ok(switching_protocols(&accept))
+    Ok(match accept {
+        Some(accept) => switching_protocols(&accept),
+        None => Response::new(full("")),
+    })
 }
 
 /// How a socket is served: tungstenite's read settings, the loop's limits, and the writer's
@@ -200,22 +259,23 @@ pub trait Handler: Send {
     fn finish(self, closing: Option<CloseReason>);
 }
 
-/// Takes the TCP stream back from hyper after an upgrade, with the bytes hyper read past
-/// the handshake.
-fn take_stream(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
-    let upgraded = match upgraded.downcast::<TokioIo<DeadlineIo<TcpStream>>>() {
-        Ok(parts) => return Some((parts.io.into_inner().into_inner(), parts.read_buf)),
+/// Takes the plain TCP stream back from hyper after an upgrade, with the bytes hyper read
+/// past the handshake; gives the upgrade back when it is not one (TLS, an HTTP/2 stream).
+fn take_stream(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded> {
+    // The server's connections (hyper-util's HTTP/1 + HTTP/2 builder wraps the IO).
+    let upgraded = match auto::upgrade::downcast::<TokioIo<DeadlineIo<TcpStream>>>(upgraded) {
+        Ok(parts) => return Ok((parts.io.into_inner().into_inner(), parts.read_buf)),
         Err(upgraded) => upgraded,
     };
+    // A plain HTTP/1 connection (the echo example).
     match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
-        Err(_) => None,
+        Ok(parts) => Ok((parts.io.into_inner(), parts.read_buf)),
+        Err(upgraded) => Err(upgraded),
     }
 }
 
-/// Completes an upgrade answered `101` and serves the socket until it closes. `handler`
-/// builds the handler around the socket's writer, or names the reason to close at once.
-/// `close` turns `Some(reason)` when the server closes the socket for a reason of its own.
+/// Completes an upgrade answered `101` on a plain TCP connection and serves the socket until
+/// it closes (see [`serve_tcp`]).
 pub async fn serve_upgrade<H: Handler>(
     on_upgrade: OnUpgrade,
     settings: SocketSettings,
@@ -226,9 +286,23 @@ pub async fn serve_upgrade<H: Handler>(
         Ok(upgraded) => upgraded,
         Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
     };
-    let Some((stream, leftover)) = take_stream(upgraded) else {
-        return tracing::error!("upgraded connection is not a TCP stream");
-    };
+    match take_stream(upgraded) {
+        Ok((stream, leftover)) => serve_tcp(stream, leftover, settings, close, handler).await,
+        Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+    }
+}
+
+/// Serves a WebSocket on its own TCP connection until it closes, its events written through
+/// by a [`SocketWriter`]. `handler` builds the handler around the writer, or names the reason
+/// to close at once. `close` turns `Some(reason)` when the server closes the socket for a
+/// reason of its own.
+async fn serve_tcp<H: Handler>(
+    stream: TcpStream,
+    leftover: Bytes,
+    settings: SocketSettings,
+    close: watch::Receiver<Option<CloseReason>>,
+    handler: impl FnOnce(Arc<SocketWriter>) -> Result<H, CloseReason>,
+) {
     let (read, write) = stream.into_split();
     let writer = Arc::new(SocketWriter::new(write, settings.outbox, settings.metrics));
     let read_side = ReadSide::new(read, leftover, writer.clone());
@@ -414,27 +488,17 @@ async fn close_handshake(
     writer.drain_until(deadline).await;
 }
 
-/// `/ws`'s side of a socket: the client's frames are commands for its session.
+/// `/ws`'s side of a written-through socket: the client's frames are commands for its
+/// session.
 struct SessionSocket {
+    commands: Commands,
     attachment: Attachment,
-    session: Arc<Session>,
-    hub: Hub,
     writer: Arc<SocketWriter>,
-    max_bytes: usize,
 }
 
 impl Handler for SessionSocket {
     async fn message(&self, message: Message) {
-        match message {
-            Message::Text(text) => self.handle_text(text.as_bytes()).await,
-            _ => self.report_error(
-                &ErrorBody::new(
-                    ErrorCode::BadCommand,
-                    "binary frames are not supported; send commands as JSON text frames",
-                ),
-                None,
-            ),
-        }
+        self.commands.message(message).await
     }
 
     fn heartbeat(&self) {
@@ -448,7 +512,28 @@ impl Handler for SessionSocket {
     }
 }
 
-impl SessionSocket {
+/// Applies a WebSocket's frames to its session: each text frame holds commands; every failure
+/// becomes an `error` event.
+struct Commands {
+    session: Arc<Session>,
+    hub: Hub,
+    max_bytes: usize,
+}
+
+impl Commands {
+    async fn message(&self, message: Message) {
+        match message {
+            Message::Text(text) => self.handle_text(text.as_bytes()).await,
+            _ => self.report_error(
+                &ErrorBody::new(
+                    ErrorCode::BadCommand,
+                    "binary frames are not supported; send commands as JSON text frames",
+                ),
+                None,
+            ),
+        }
+    }
+
     /// Counts an error answered on the WebSocket and sends it as an `error` event.
     fn report_error(&self, error: &ErrorBody, client_id: Option<&str>) {
         self.hub
@@ -485,4 +570,121 @@ impl SessionSocket {
             }
         }
     }
+}
+
+/// Serves a WebSocket inside TLS or an HTTP/2 stream, where the hub cannot write frames
+/// itself: the task fetches events from the session (as SSE does) and writes them with
+/// tungstenite. The rules are the write-through socket's: a ping and a `heartbeat` frame each
+/// heartbeat, `heartbeat_timeout` for a client heard from in no frame for two, and
+/// `slow_consumer` for a write that takes no byte for two (or an outbox the task cannot
+/// drain); every close ends with a close frame when the stream still takes one.
+async fn serve_pulled<S>(
+    mut socket: WebSocketStream<S>,
+    mut attachment: Attachment,
+    commands: Commands,
+    http: Http,
+    limits: Limits,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Limits {
+        heartbeat,
+        close_timeout,
+    } = limits;
+    let metrics = attachment.metrics().clone();
+    let mut close = attachment.close_signal();
+    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    let mut last_heard = Instant::now();
+    let mut closing = None;
+    let stalled = heartbeat * 2;
+    let end = loop {
+        tokio::select! {
+            biased;
+            reason = async { close.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
+                break End::Closed(reason.unwrap_or(CloseReason::Expired));
+            }
+            delivery = attachment.next(WRITE_BATCH) => match delivery {
+                Delivery::Closed(reason) => break End::Closed(reason),
+                Delivery::Events(events) => {
+                    let mut bytes = 0;
+                    let write = async {
+                        for (seq, event) in &events {
+                            let json = event.to_json(*seq);
+                            bytes += json.len();
+                            socket.feed(Message::text(json)).await?;
+                        }
+                        socket.flush().await
+                    };
+                    match tokio::time::timeout(stalled, write).await {
+                        Ok(Ok(())) => {
+                            metrics.delivered(TransportKind::WebSocket, events.iter().map(|(_, e)| e), bytes);
+                            metrics.delivered_over(TransportKind::WebSocket, http, events.len() as u64);
+                        }
+                        Ok(Err(_)) => break End::Gone,
+                        // A frame is half written: no close frame can follow it.
+                        Err(_) => {
+                            closing = Some(CloseReason::SlowConsumer);
+                            break End::Gone;
+                        }
+                    }
+                }
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > stalled {
+                    closing = Some(CloseReason::HeartbeatTimeout);
+                    break End::Closed(CloseReason::HeartbeatTimeout);
+                }
+                let beat = async {
+                    socket.feed(Message::Ping(Bytes::new())).await?;
+                    socket.feed(Message::text(r#"{"type":"heartbeat"}"#)).await?;
+                    socket.flush().await
+                };
+                match tokio::time::timeout(stalled, beat).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break End::Gone,
+                    Err(_) => {
+                        closing = Some(CloseReason::SlowConsumer);
+                        break End::Gone;
+                    }
+                }
+            }
+            incoming = socket.next() => {
+                last_heard = Instant::now();
+                match incoming {
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        commands.message(message).await
+                    }
+                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => break End::from_read_error(&error),
+                    None => break End::Gone,
+                }
+            }
+        }
+    };
+    if let Some(reason) = closing {
+        attachment.close(reason);
+    }
+    drop(attachment);
+    let deadline = Instant::now() + close_timeout;
+    let _ = tokio::time::timeout_at(deadline, async {
+        let frame = match end {
+            End::Gone => return,
+            // tungstenite queued the reply (the client's code): send it.
+            End::ClientClosed => return drop(socket.flush().await),
+            End::Closed(reason) => CloseFrame {
+                code: reason.ws_code().into(),
+                reason: reason.as_str().into(),
+            },
+            End::Violation(code, reason) => CloseFrame {
+                code: code.into(),
+                reason: reason.into(),
+            },
+        };
+        if socket.close(Some(frame)).await.is_ok() {
+            // Wait for the client's close frame, discarding what comes before it.
+            while let Some(Ok(_)) = socket.next().await {}
+        }
+    })
+    .await;
 }

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::connection::{send_progress, SendProgress};
 use crate::hub::{Budget, DirectSink, OutboxFull};
-use crate::metrics::Metrics;
+use crate::metrics::{Http, Metrics};
 use crate::protocol::{EncodedEvent, TransportKind};
 
 /// Frames gathered into one vectored write when the queue is flushed.
@@ -158,8 +158,7 @@ impl SocketWriter {
             {
                 Ok(n) if n == total => {
                     if let Some(created) = created {
-                        self.metrics
-                            .delivered_one(TransportKind::WebSocket, created, total);
+                        self.count_delivered(created, total);
                     }
                     return false;
                 }
@@ -187,6 +186,14 @@ impl SocketWriter {
         }
         state.queue.push_back(frame);
         self.outbox.exceeded_by(state.counted, state.counted_bytes)
+    }
+
+    /// Counts one event whose frame of `bytes` bytes was just written (always over HTTP/1.1:
+    /// a written-through socket has its own TCP connection).
+    fn count_delivered(&self, created: std::time::Instant, bytes: usize) {
+        let metrics = &self.metrics;
+        metrics.delivered_one(TransportKind::WebSocket, created, bytes);
+        metrics.delivered_over(TransportKind::WebSocket, Http::H1, 1);
     }
 
     /// Writes raw bytes holding whole frames (tungstenite's pongs and close replies, our
@@ -357,8 +364,7 @@ impl SocketWriter {
                     state.counted_bytes -= done.len() as u64;
                 }
                 if let Some(created) = done.created {
-                    self.metrics
-                        .delivered_one(TransportKind::WebSocket, created, done.len());
+                    self.count_delivered(created, done.len());
                 }
             }
         }

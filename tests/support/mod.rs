@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use switchyard::protocol::TransportKind;
 use switchyard::Config;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -318,7 +319,7 @@ impl Drop for TestServer {
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Reads the next text frame as JSON, skipping pings and pongs; panics on close.
-pub async fn ws_event(ws: &mut Ws) -> Value {
+pub async fn ws_event<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Value {
     loop {
         match within("a WebSocket frame", ws.next()).await {
             Some(Ok(Message::Text(text))) => {
@@ -335,7 +336,9 @@ pub async fn ws_event(ws: &mut Ws) -> Value {
 }
 
 /// Reads frames until a close frame; returns its code and reason.
-pub async fn ws_close(ws: &mut Ws) -> (u16, String) {
+pub async fn ws_close<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> (u16, String) {
     loop {
         match within("a WebSocket close frame", ws.next()).await {
             Some(Ok(Message::Close(Some(frame)))) => {
@@ -348,7 +351,10 @@ pub async fn ws_close(ws: &mut Ws) -> (u16, String) {
 }
 
 /// Sends a JSON command over a WebSocket.
-pub async fn ws_send(ws: &mut Ws, command: Value) {
+pub async fn ws_send<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    command: Value,
+) {
     within(
         "a WebSocket send",
         ws.send(Message::text(command.to_string())),
@@ -377,6 +383,14 @@ pub struct SseStream {
 }
 
 impl SseStream {
+    /// Reads the SSE stream in a response body (of any HTTP version).
+    pub fn new(body: Incoming) -> Self {
+        SseStream {
+            body,
+            buffer: String::new(),
+        }
+    }
+
     /// The next block (comments included), or `None` when the stream ended.
     pub async fn next_block(&mut self) -> Option<SseEvent> {
         loop {
@@ -604,6 +618,7 @@ impl ServerProcess {
         let addr = line
             .trim()
             .strip_prefix("switchyard listening on http://")
+            .or_else(|| line.trim().strip_prefix("switchyard listening on https://"))
             .and_then(|rest| rest.trim_end_matches('/').parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
         // Keep reading stdout so the child never blocks on a full pipe.

@@ -1,0 +1,386 @@
+//! TLS, HTTP/2 and WebSockets over HTTP/2, with real clients: rustls with a certificate made
+//! by the test (rcgen), hyper's HTTP/2 client (one connection for every request of a
+//! client), RFC 8441 extended CONNECT for the WebSocket, and tungstenite over each.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use support::{join, send, within, ws_close, ws_event, ws_send, SseStream, TestServer};
+use switchyard::Config;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, in PEM files.
+struct Cert {
+    _dir: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+fn certificate(dir: tempfile::TempDir) -> Cert {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("rcgen makes a certificate");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    Cert {
+        der: made.cert.der().clone(),
+        _dir: dir,
+        cert,
+        key,
+    }
+}
+
+fn new_cert() -> Cert {
+    certificate(tempfile::tempdir().unwrap())
+}
+
+async fn tls_server(cert: &Cert) -> TestServer {
+    let tls = switchyard::tls::Tls::load(&cert.cert, &cert.key).expect("the certificate loads");
+    TestServer::with_config(Config {
+        tls: Some(tls),
+        ..Config::default()
+    })
+    .await
+}
+
+/// A TLS connection trusting `trusted`, offering these ALPN protocols.
+async fn tls_connect(
+    addr: SocketAddr,
+    trusted: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> TlsStream<TcpStream> {
+    let mut roots = RootCertStore::empty();
+    roots.add(trusted.clone()).unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = within("a TCP connection", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    within(
+        "a TLS handshake",
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake")
+}
+
+/// An HTTP/2 connection over `io`; every request of the test shares it.
+async fn h2<I>(io: I) -> SendRequest<Full<Bytes>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// A request on the HTTP/2 connection; returns the status and the response (body streaming).
+async fn h2_send(
+    sender: &mut SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Value,
+) -> hyper::Response<hyper::body::Incoming> {
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("https://{addr}{path}"))
+        .body(Full::new(Bytes::from(if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        })))
+        .unwrap();
+    let response = within("an HTTP/2 response", sender.send_request(request))
+        .await
+        .expect("HTTP/2 request");
+    assert_eq!(response.version(), hyper::Version::HTTP_2);
+    response
+}
+
+async fn h2_json(
+    sender: &mut SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    let response = h2_send(sender, addr, method, path, body).await;
+    let status = response.status();
+    let body = within("an HTTP/2 body", response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, serde_json::from_slice(&body).expect("a JSON body"))
+}
+
+/// Opens a WebSocket as a stream of the HTTP/2 connection (RFC 8441 extended CONNECT).
+async fn h2_websocket(
+    sender: &mut SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+    session: &str,
+) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("https://{addr}/v1/sessions/{session}/ws?after=0"))
+        .header("sec-websocket-version", "13")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = within("the extended CONNECT", sender.send_request(request))
+        .await
+        .expect("extended CONNECT");
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the WebSocket is accepted"
+    );
+    let upgraded = within("the HTTP/2 stream", hyper::upgrade::on(response))
+        .await
+        .expect("an upgraded stream");
+    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
+}
+
+/// One sample of `GET /metrics`, read over the HTTP/2 connection.
+async fn h2_metric(http: &mut SendRequest<Full<Bytes>>, addr: SocketAddr, sample: &str) -> f64 {
+    let response = h2_send(http, addr, Method::GET, "/metrics", Value::Null).await;
+    let body = within("the metrics", response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
+}
+
+/// Skips events until one of `kind`.
+async fn next_of<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    kind: &str,
+) -> Value {
+    loop {
+        let event = ws_event(ws).await;
+        if event["type"] == kind {
+            return event;
+        }
+    }
+}
+
+#[tokio::test]
+async fn https_serves_every_endpoint_over_one_http2_connection() {
+    let cert = new_cert();
+    let server = tls_server(&cert).await;
+    let addr = server.addr;
+    let tls = tls_connect(addr, &cert.der, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut http = h2(tls).await;
+
+    let (status, created) = h2_json(
+        &mut http,
+        addr,
+        Method::POST,
+        "/v1/sessions",
+        json!({"name": "ann"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let session = created["session"].as_str().unwrap().to_owned();
+    let commands = format!("/v1/sessions/{session}/commands");
+    let (status, _) = h2_json(&mut http, addr, Method::POST, &commands, join("lobby")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // An SSE stream and the commands that feed it share the connection.
+    let stream = h2_send(
+        &mut http,
+        addr,
+        Method::GET,
+        &format!("/v1/sessions/{session}/sse?after=0"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    assert!(
+        stream.headers().get("connection").is_none(),
+        "no connection-specific header in HTTP/2"
+    );
+    let mut sse = SseStream::new(stream.into_body());
+    assert_eq!(sse.next_event().await.event.as_deref(), Some("history"));
+    let (status, _) = h2_json(
+        &mut http,
+        addr,
+        Method::POST,
+        &commands,
+        send("lobby", "over h2", "c1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let message = loop {
+        let event = sse.next_event().await;
+        if event.event.as_deref() == Some("message") {
+            break event;
+        }
+    };
+    let last: u64 = message.id.unwrap().parse().unwrap();
+    drop(sse);
+
+    // A long poll, then a short poll, on the same connection.
+    let (status, reply) = h2_json(
+        &mut http,
+        addr,
+        Method::GET,
+        &format!("/v1/sessions/{session}/poll?after={}&wait=5000", last - 1),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply["events"][0]["text"], "over h2");
+    let (status, reply) = h2_json(
+        &mut http,
+        addr,
+        Method::GET,
+        &format!("/v1/sessions/{session}/poll?after={last}&wait=0"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply["events"], json!([]));
+
+    for transport in ["sse", "long-polling", "short-polling"] {
+        let sample =
+            format!(r#"switchyard_attaches_by_http_total{{transport="{transport}",http="2"}}"#);
+        assert_eq!(h2_metric(&mut http, addr, &sample).await, 1.0, "{sample}");
+    }
+    let sample = r#"switchyard_events_delivered_by_http_total{transport="sse",http="2"}"#;
+    assert!(h2_metric(&mut http, addr, sample).await >= 2.0, "{sample}");
+
+    // A client offering only HTTP/1.1 gets it.
+    let tls = tls_connect(addr, &cert.der, &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_chats_with_websockets_over_http1() {
+    let cert = new_cert();
+    let server = tls_server(&cert).await;
+    let addr = server.addr;
+    let mut http = h2(tls_connect(addr, &cert.der, &[b"h2"]).await).await;
+    let (_, created) = h2_json(
+        &mut http,
+        addr,
+        Method::POST,
+        "/v1/sessions",
+        json!({"name": "ann"}),
+    )
+    .await;
+    let ann = created["session"].as_str().unwrap().to_owned();
+    let mut over_h2 = h2_websocket(&mut http, addr, &ann).await;
+
+    // Bob: a WebSocket over HTTP/1.1 inside TLS.
+    let bob = {
+        let (_, created) = h2_json(
+            &mut http,
+            addr,
+            Method::POST,
+            "/v1/sessions",
+            json!({"name": "bob"}),
+        )
+        .await;
+        created["session"].as_str().unwrap().to_owned()
+    };
+    let tls = tls_connect(addr, &cert.der, &[b"http/1.1"]).await;
+    let url = format!("wss://{addr}/v1/sessions/{bob}/ws?after=0");
+    let (mut over_h1, _) = within(
+        "a WebSocket handshake over TLS",
+        tokio_tungstenite::client_async(url, tls),
+    )
+    .await
+    .expect("WebSocket over HTTP/1.1");
+
+    ws_send(&mut over_h2, join("lobby")).await;
+    next_of(&mut over_h2, "history").await;
+    ws_send(&mut over_h1, join("lobby")).await;
+    next_of(&mut over_h1, "history").await;
+    ws_send(&mut over_h2, send("lobby", "from h2", "a1")).await;
+    assert_eq!(next_of(&mut over_h1, "message").await["text"], "from h2");
+    assert_eq!(next_of(&mut over_h2, "message").await["text"], "from h2");
+    ws_send(&mut over_h1, send("lobby", "from h1", "b1")).await;
+    assert_eq!(next_of(&mut over_h2, "message").await["text"], "from h1");
+    assert_eq!(next_of(&mut over_h1, "message").await["text"], "from h1");
+
+    // Which WebSocket travelled over which HTTP version, as the server saw it.
+    for (version, count) in [("2", 1.0), ("1.1", 1.0)] {
+        let sample = format!(
+            r#"switchyard_attaches_by_http_total{{transport="websocket",http="{version}"}}"#
+        );
+        assert_eq!(h2_metric(&mut http, addr, &sample).await, count, "{sample}");
+    }
+    let sample = r#"switchyard_events_delivered_by_http_total{transport="websocket",http="2"}"#;
+    assert!(h2_metric(&mut http, addr, sample).await >= 3.0, "{sample}");
+
+    // The server closes the HTTP/2 WebSocket with the same codes as any other.
+    let (status, _) = h2_json(
+        &mut http,
+        addr,
+        Method::DELETE,
+        &format!("/v1/sessions/{ann}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ws_close(&mut over_h2).await, (4003, "expired".to_owned()));
+    // The connection lives on for the other streams.
+    let (status, _) = h2_json(&mut http, addr, Method::GET, "/healthz", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn plain_http_speaks_http2_with_prior_knowledge() {
+    let server = TestServer::start().await;
+    let addr = server.addr;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut http = h2(tcp).await;
+    let (status, created) = h2_json(
+        &mut http,
+        addr,
+        Method::POST,
+        "/v1/sessions",
+        json!({"name": "ann"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let session = created["session"].as_str().unwrap().to_owned();
+    let mut ws = h2_websocket(&mut http, addr, &session).await;
+    ws_send(&mut ws, join("lobby")).await;
+    next_of(&mut ws, "history").await;
+    let sample = r#"switchyard_attaches_by_http_total{transport="websocket",http="2"}"#;
+    assert_eq!(h2_metric(&mut http, addr, sample).await, 1.0);
+}
