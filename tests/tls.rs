@@ -61,14 +61,16 @@ async fn tls_server(cert: &Cert) -> TestServer {
     .await
 }
 
-/// A TLS connection trusting `trusted`, offering these ALPN protocols.
+/// A TLS connection trusting the certificates `trusted`, offering these ALPN protocols.
 async fn tls_connect(
     addr: SocketAddr,
-    trusted: &CertificateDer<'static>,
+    trusted: &[&CertificateDer<'static>],
     alpn: &[&[u8]],
 ) -> TlsStream<TcpStream> {
     let mut roots = RootCertStore::empty();
-    roots.add(trusted.clone()).unwrap();
+    for cert in trusted {
+        roots.add((*cert).clone()).unwrap();
+    }
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -200,7 +202,7 @@ async fn https_serves_every_endpoint_over_one_http2_connection() {
     let cert = new_cert();
     let server = tls_server(&cert).await;
     let addr = server.addr;
-    let tls = tls_connect(addr, &cert.der, &[b"h2", b"http/1.1"]).await;
+    let tls = tls_connect(addr, &[&cert.der], &[b"h2", b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let mut http = h2(tls).await;
 
@@ -283,7 +285,7 @@ async fn https_serves_every_endpoint_over_one_http2_connection() {
     assert!(h2_metric(&mut http, addr, sample).await >= 2.0, "{sample}");
 
     // A client offering only HTTP/1.1 gets it.
-    let tls = tls_connect(addr, &cert.der, &[b"http/1.1"]).await;
+    let tls = tls_connect(addr, &[&cert.der], &[b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
 }
 
@@ -292,7 +294,7 @@ async fn a_websocket_over_http2_chats_with_websockets_over_http1() {
     let cert = new_cert();
     let server = tls_server(&cert).await;
     let addr = server.addr;
-    let mut http = h2(tls_connect(addr, &cert.der, &[b"h2"]).await).await;
+    let mut http = h2(tls_connect(addr, &[&cert.der], &[b"h2"]).await).await;
     let (_, created) = h2_json(
         &mut http,
         addr,
@@ -316,7 +318,7 @@ async fn a_websocket_over_http2_chats_with_websockets_over_http1() {
         .await;
         created["session"].as_str().unwrap().to_owned()
     };
-    let tls = tls_connect(addr, &cert.der, &[b"http/1.1"]).await;
+    let tls = tls_connect(addr, &[&cert.der], &[b"http/1.1"]).await;
     let url = format!("wss://{addr}/v1/sessions/{bob}/ws?after=0");
     let (mut over_h1, _) = within(
         "a WebSocket handshake over TLS",
@@ -383,4 +385,118 @@ async fn plain_http_speaks_http2_with_prior_knowledge() {
     next_of(&mut ws, "history").await;
     let sample = r#"switchyard_attaches_by_http_total{transport="websocket",http="2"}"#;
     assert_eq!(h2_metric(&mut http, addr, sample).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_bad_certificate_or_key_stops_the_server_with_one_line_naming_the_file() {
+    let cert = new_cert();
+    let other = new_cert();
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a PEM file\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let path = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    for (cert_file, key_file, named) in [
+        (path(&missing), path(&cert.key), path(&missing)),
+        (path(&garbage), path(&cert.key), path(&garbage)),
+        (path(&cert.cert), path(&garbage), path(&garbage)),
+        // A key that is not the certificate's.
+        (path(&cert.cert), path(&other.key), path(&other.key)),
+    ] {
+        let stderr = support::failing_start(&[
+            "--history-store",
+            "memory",
+            "--tls-cert",
+            &cert_file,
+            "--tls-key",
+            &key_file,
+        ])
+        .await;
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(&named),
+            "the error names {named}: {stderr}"
+        );
+    }
+}
+
+/// The certificate a fresh TLS connection is shown.
+async fn served_certificate(addr: SocketAddr, trusted: &CertificateDer<'static>) -> Vec<u8> {
+    let tls = tls_connect(addr, &[trusted], &[b"h2"]).await;
+    let certs = tls.get_ref().1.peer_certificates().expect("a certificate");
+    certs[0].to_vec()
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_without_dropping_connections() {
+    let first = new_cert();
+    let dir = tempfile::tempdir().unwrap();
+    let cert_file = dir.path().join("cert.pem");
+    let key_file = dir.path().join("key.pem");
+    std::fs::copy(&first.cert, &cert_file).unwrap();
+    std::fs::copy(&first.key, &key_file).unwrap();
+    let server = support::ServerProcess::start(&[
+        "--history-store",
+        "memory",
+        "--tls-cert",
+        cert_file.to_str().unwrap(),
+        "--tls-key",
+        key_file.to_str().unwrap(),
+    ])
+    .await;
+    let addr = server.addr;
+    assert_eq!(
+        served_certificate(addr, &first.der).await,
+        first.der.to_vec()
+    );
+
+    // A WebSocket over HTTP/2 opened with the first certificate.
+    let mut http = h2(tls_connect(addr, &[&first.der], &[b"h2"]).await).await;
+    let (_, created) = h2_json(
+        &mut http,
+        addr,
+        Method::POST,
+        "/v1/sessions",
+        json!({"name": "ann"}),
+    )
+    .await;
+    let session = created["session"].as_str().unwrap().to_owned();
+    let mut ws = h2_websocket(&mut http, addr, &session).await;
+
+    // A broken file first: the server keeps its certificate.
+    std::fs::write(&cert_file, "broken").unwrap();
+    hang_up(&server);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        served_certificate(addr, &first.der).await,
+        first.der.to_vec()
+    );
+    let second = new_cert();
+    std::fs::copy(&second.cert, &cert_file).unwrap();
+    std::fs::copy(&second.key, &key_file).unwrap();
+    hang_up(&server);
+    within("the new certificate to be served", async {
+        loop {
+            let tls = tls_connect(addr, &[&first.der, &second.der], &[b"h2"]).await;
+            let served = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+            if served == second.der.to_vec() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // The connection opened before the reload still works, and so does its WebSocket.
+    ws_send(&mut ws, join("lobby")).await;
+    next_of(&mut ws, "history").await;
+    let (status, _) = h2_json(&mut http, addr, Method::GET, "/healthz", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    server.stop().await;
+}
+
+fn hang_up(server: &support::ServerProcess) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGHUP) };
 }

@@ -626,6 +626,11 @@ impl ServerProcess {
         ServerProcess { addr, child }
     }
 
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// A client handle for requests to this server.
     pub fn client(&self) -> TestServer {
         TestServer::attached_to(self.addr)
