@@ -92,7 +92,17 @@ impl Driver {
 
     /// A new headless browser session.
     async fn browser(&self) -> Client {
+        self.browser_with(false).await
+    }
+
+    /// A new headless browser session that accepts the test's self-signed certificates.
+    async fn https_browser(&self) -> Client {
+        self.browser_with(true).await
+    }
+
+    async fn browser_with(&self, accept_insecure_certs: bool) -> Client {
         let capabilities = json!({
+            "acceptInsecureCerts": accept_insecure_certs,
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": [
@@ -759,5 +769,115 @@ async fn the_compare_view_measures_a_burst_on_all_four_transports() {
         .await;
     }
     screenshot(&browser, "compare.png").await;
+    close(browser).await;
+}
+
+/// A server speaking HTTPS with a certificate made for the test.
+async fn https_server() -> (TestServer, tempfile::TempDir) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("rcgen makes a certificate");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let tls = switchyard::tls::Tls::load(&cert, &key).expect("the certificate loads");
+    let server = TestServer::with_config(Config {
+        tls: Some(tls),
+        ..Config::default()
+    })
+    .await;
+    (server, dir)
+}
+
+/// A counter of the server's metrics, read from the hub (the server speaks only HTTPS).
+fn hub_metric(server: &TestServer, sample: &str) -> f64 {
+    let text = server
+        .hub
+        .as_ref()
+        .expect("an in-process server")
+        .metrics()
+        .encode();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in the metrics"))
+}
+
+#[tokio::test]
+async fn over_https_every_transport_travels_on_http2() {
+    let (server, _certs) = https_server().await;
+    let driver = Driver::start().await;
+    let browser = driver.https_browser().await;
+    for kind in TransportKind::ALL {
+        goto(
+            &browser,
+            &format!(
+                "https://{}/?transport={kind}&room=h2-{kind}&name=h2-{kind}",
+                server.addr
+            ),
+        )
+        .await;
+        wait_for_transport(&browser, kind.as_str()).await;
+        let text = format!("sent over {kind} on HTTPS");
+        type_and_send(&browser, &text).await;
+        wait_for_message(&browser, &text).await;
+        // The page's own record of its HTTP requests (session, commands, polls): HTTP/2.
+        let protocols = eval(
+            &browser,
+            "[...new Set(performance.getEntriesByType('resource')\
+               .filter(e => e.name.includes('/v1/')).map(e => e.nextHopProtocol))]",
+        )
+        .await;
+        assert_eq!(protocols, json!(["h2"]), "{kind}: {protocols}");
+        // The server's record of the transport itself.
+        let sample = format!(r#"switchyard_attaches_by_http_total{{transport="{kind}",http="2"}}"#);
+        assert!(hub_metric(&server, &sample) >= 1.0, "{sample}");
+    }
+    close(browser).await;
+}
+
+#[tokio::test]
+async fn ten_sse_tabs_of_one_origin_all_receive_messages_over_http2() {
+    let (server, _certs) = https_server().await;
+    let driver = Driver::start().await;
+    let browser = driver.https_browser().await;
+    let url = format!("https://{}/?transport=sse&room=tabs", server.addr);
+    // Over HTTP/1.1 a browser opens at most six connections per origin: the seventh stream
+    // would wait for one of them. Over HTTP/2 the ten streams share one connection.
+    let mut tabs = Vec::new();
+    for i in 0..10 {
+        if i > 0 {
+            let tab = browser_within("a new tab", browser.new_window(true))
+                .await
+                .expect("open a tab");
+            browser_within(
+                "switching tabs",
+                browser.switch_to_window(tab.handle.clone()),
+            )
+            .await
+            .expect("switch tab");
+        }
+        goto(&browser, &format!("{url}&name=tab{i}")).await;
+        wait_for_transport(&browser, "sse").await;
+        tabs.push(
+            browser_within("the tab's handle", browser.window())
+                .await
+                .unwrap(),
+        );
+    }
+    let sample = r#"switchyard_sessions_attached{transport="sse"}"#;
+    assert_eq!(
+        hub_metric(&server, sample),
+        10.0,
+        "ten streams open at once"
+    );
+    // A message from the last tab reaches every tab.
+    type_and_send(&browser, "to every tab").await;
+    for tab in tabs {
+        browser_within("switching tabs", browser.switch_to_window(tab))
+            .await
+            .expect("switch tab");
+        wait_for_message(&browser, "to every tab").await;
+    }
     close(browser).await;
 }
