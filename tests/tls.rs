@@ -81,6 +81,8 @@ async fn tls_connect(
     let tcp = within("a TCP connection", TcpStream::connect(addr))
         .await
         .unwrap();
+    // As browsers do: without it each request's second write waits for a delayed ACK.
+    tcp.set_nodelay(true).unwrap();
     let name = ServerName::IpAddress(addr.ip().into());
     within(
         "a TLS handshake",
@@ -369,6 +371,7 @@ async fn plain_http_speaks_http2_with_prior_knowledge() {
     let server = TestServer::start().await;
     let addr = server.addr;
     let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
     let mut http = h2(tcp).await;
     let (status, created) = h2_json(
         &mut http,
@@ -499,4 +502,133 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
 fn hang_up(server: &support::ServerProcess) {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(server.pid() as i32, libc::SIGHUP) };
+}
+
+async fn tls_server_with(cert: &Cert, config: Config) -> TestServer {
+    let tls = switchyard::tls::Tls::load(&cert.cert, &cert.key).expect("the certificate loads");
+    TestServer::with_config(Config {
+        tls: Some(tls),
+        ..config
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_http2_websocket_that_goes_silent_is_closed_heartbeat_timeout() {
+    let cert = new_cert();
+    let server = tls_server_with(
+        &cert,
+        Config {
+            heartbeat: std::time::Duration::from_millis(200),
+            ..Config::default()
+        },
+    )
+    .await;
+    let addr = server.addr;
+    let mut http = h2(tls_connect(addr, &[&cert.der], &[b"h2"]).await).await;
+    let (_, created) = h2_json(
+        &mut http,
+        addr,
+        Method::POST,
+        "/v1/sessions",
+        json!({"name": "ann"}),
+    )
+    .await;
+    let session = created["session"].as_str().unwrap().to_owned();
+    let mut ws = h2_websocket(&mut http, addr, &session).await;
+    // Not reading means not answering pings: after two heartbeats the server gives up.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(
+        ws_close(&mut ws).await,
+        (4004, "heartbeat_timeout".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn an_http2_websocket_that_stops_reading_is_closed_and_its_session_loses_nothing() {
+    let cert = new_cert();
+    let server = tls_server_with(
+        &cert,
+        Config {
+            heartbeat: std::time::Duration::from_millis(300),
+            ..Config::default().with_rate_limit(100_000.0)
+        },
+    )
+    .await;
+    let addr = server.addr;
+    let mut http = h2(tls_connect(addr, &[&cert.der], &[b"h2"]).await).await;
+    let mut session_of = async |name: &str| {
+        let (_, created) = h2_json(
+            &mut http,
+            addr,
+            Method::POST,
+            "/v1/sessions",
+            json!({ "name": name }),
+        )
+        .await;
+        created["session"].as_str().unwrap().to_owned()
+    };
+    let reader = session_of("reader").await;
+    let writer = session_of("writer").await;
+    for session in [&reader, &writer] {
+        let commands = format!("/v1/sessions/{session}/commands");
+        h2_json(&mut http, addr, Method::POST, &commands, join("r")).await;
+    }
+    // The reader's socket is a stream of its own HTTP/2 connection, never read.
+    let mut reader_http = h2(tls_connect(addr, &[&cert.der], &[b"h2"]).await).await;
+    let _ws = h2_websocket(&mut reader_http, addr, &reader).await;
+    let text = "z".repeat(4000);
+    let commands = format!("/v1/sessions/{writer}/commands");
+    // A client that reads nothing answers no ping either: the server closes it for whichever
+    // comes first, a write stuck for two heartbeats (slow_consumer) or two heartbeats of
+    // silence (heartbeat_timeout).
+    let closed = [
+        r#"switchyard_transport_closes_total{transport="websocket",reason="slow_consumer"}"#,
+        r#"switchyard_transport_closes_total{transport="websocket",reason="heartbeat_timeout"}"#,
+    ];
+    let mut sent = 0;
+    within("the unread socket to be closed", async {
+        loop {
+            let (status, _) = h2_json(
+                &mut http,
+                addr,
+                Method::POST,
+                &commands,
+                send("r", &text, &format!("m{sent}")),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+            sent += 1;
+            let text = server.hub.as_ref().unwrap().metrics().encode();
+            let is_closed =
+                |l: &&str| closed.iter().any(|c| l.starts_with(c)) && !l.ends_with(" 0");
+            if sent >= 100 && text.lines().any(|l| is_closed(&l)) {
+                return;
+            }
+        }
+    })
+    .await;
+    // Nothing is lost: a poll from the start reads every message sent.
+    let mut texts = 0;
+    let mut after = 0;
+    within("the reader to read every message", async {
+        while texts < sent {
+            let (_, reply) = h2_json(
+                &mut http,
+                addr,
+                Method::GET,
+                &format!("/v1/sessions/{reader}/poll?after={after}&wait=0"),
+                Value::Null,
+            )
+            .await;
+            for event in reply["events"].as_array().unwrap() {
+                assert_eq!(event["seq"].as_u64().unwrap(), after + 1, "gapless");
+                after += 1;
+                if event["type"] == "message" {
+                    texts += 1;
+                }
+            }
+        }
+    })
+    .await;
 }

@@ -575,9 +575,11 @@ impl Commands {
 /// Serves a WebSocket inside TLS or an HTTP/2 stream, where the hub cannot write frames
 /// itself: the task fetches events from the session (as SSE does) and writes them with
 /// tungstenite. The rules are the write-through socket's: a ping and a `heartbeat` frame each
-/// heartbeat, `heartbeat_timeout` for a client heard from in no frame for two, and
-/// `slow_consumer` for a write that takes no byte for two (or an outbox the task cannot
-/// drain); every close ends with a close frame when the stream still takes one.
+/// heartbeat, `heartbeat_timeout` for a client heard from in no frame (and that took no
+/// batch) for two, and `slow_consumer` for a write that does not finish in two (or an outbox
+/// the task cannot drain); every close ends with a close frame when the stream still takes
+/// one. The client's frames are read before events are fetched, so a steady stream of events
+/// cannot starve its pongs and commands.
 async fn serve_pulled<S>(
     mut socket: WebSocketStream<S>,
     mut attachment: Attachment,
@@ -603,32 +605,6 @@ async fn serve_pulled<S>(
             reason = async { close.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
                 break End::Closed(reason.unwrap_or(CloseReason::Expired));
             }
-            delivery = attachment.next(WRITE_BATCH) => match delivery {
-                Delivery::Closed(reason) => break End::Closed(reason),
-                Delivery::Events(events) => {
-                    let mut bytes = 0;
-                    let write = async {
-                        for (seq, event) in &events {
-                            let json = event.to_json(*seq);
-                            bytes += json.len();
-                            socket.feed(Message::text(json)).await?;
-                        }
-                        socket.flush().await
-                    };
-                    match tokio::time::timeout(stalled, write).await {
-                        Ok(Ok(())) => {
-                            metrics.delivered(TransportKind::WebSocket, events.iter().map(|(_, e)| e), bytes);
-                            metrics.delivered_over(TransportKind::WebSocket, http, events.len() as u64);
-                        }
-                        Ok(Err(_)) => break End::Gone,
-                        // A frame is half written: no close frame can follow it.
-                        Err(_) => {
-                            closing = Some(CloseReason::SlowConsumer);
-                            break End::Gone;
-                        }
-                    }
-                }
-            },
             _ = ping.tick() => {
                 if last_heard.elapsed() > stalled {
                     closing = Some(CloseReason::HeartbeatTimeout);
@@ -660,6 +636,35 @@ async fn serve_pulled<S>(
                     None => break End::Gone,
                 }
             }
+            delivery = attachment.next(WRITE_BATCH) => match delivery {
+                Delivery::Closed(reason) => break End::Closed(reason),
+                Delivery::Events(events) => {
+                    let mut bytes = 0;
+                    let write = async {
+                        for (seq, event) in &events {
+                            let json = event.to_json(*seq);
+                            bytes += json.len();
+                            socket.feed(Message::text(json)).await?;
+                        }
+                        socket.flush().await
+                    };
+                    match tokio::time::timeout(stalled, write).await {
+                        Ok(Ok(())) => {
+                            // The client took the batch: as good as hearing from it (its
+                            // pongs may have waited behind the write).
+                            last_heard = Instant::now();
+                            metrics.delivered(TransportKind::WebSocket, events.iter().map(|(_, e)| e), bytes);
+                            metrics.delivered_over(TransportKind::WebSocket, http, events.len() as u64);
+                        }
+                        Ok(Err(_)) => break End::Gone,
+                        // A frame is half written: no close frame can follow it.
+                        Err(_) => {
+                            closing = Some(CloseReason::SlowConsumer);
+                            break End::Gone;
+                        }
+                    }
+                }
+            },
         }
     };
     if let Some(reason) = closing {
