@@ -145,6 +145,14 @@ async fn h2_json(
     (status, serde_json::from_slice(&body).expect("a JSON body"))
 }
 
+/// Creates a session over the HTTP/2 connection; returns its id.
+async fn h2_session(http: &mut SendRequest<Full<Bytes>>, addr: SocketAddr, name: &str) -> String {
+    let body = json!({ "name": name });
+    let (status, created) = h2_json(http, addr, Method::POST, "/v1/sessions", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    created["session"].as_str().unwrap().to_owned()
+}
+
 /// Opens a WebSocket as a stream of the HTTP/2 connection (RFC 8441 extended CONNECT).
 async fn h2_websocket(
     sender: &mut SendRequest<Full<Bytes>>,
@@ -208,16 +216,7 @@ async fn https_serves_every_endpoint_over_one_http2_connection() {
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let mut http = h2(tls).await;
 
-    let (status, created) = h2_json(
-        &mut http,
-        addr,
-        Method::POST,
-        "/v1/sessions",
-        json!({"name": "ann"}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED);
-    let session = created["session"].as_str().unwrap().to_owned();
+    let session = h2_session(&mut http, addr, "ann").await;
     let commands = format!("/v1/sessions/{session}/commands");
     let (status, _) = h2_json(&mut http, addr, Method::POST, &commands, join("lobby")).await;
     assert_eq!(status, StatusCode::OK);
@@ -297,29 +296,11 @@ async fn a_websocket_over_http2_chats_with_websockets_over_http1() {
     let server = tls_server(&cert).await;
     let addr = server.addr;
     let mut http = h2(tls_connect(addr, &[&cert.der], &[b"h2"]).await).await;
-    let (_, created) = h2_json(
-        &mut http,
-        addr,
-        Method::POST,
-        "/v1/sessions",
-        json!({"name": "ann"}),
-    )
-    .await;
-    let ann = created["session"].as_str().unwrap().to_owned();
+    let ann = h2_session(&mut http, addr, "ann").await;
     let mut over_h2 = h2_websocket(&mut http, addr, &ann).await;
 
     // Bob: a WebSocket over HTTP/1.1 inside TLS.
-    let bob = {
-        let (_, created) = h2_json(
-            &mut http,
-            addr,
-            Method::POST,
-            "/v1/sessions",
-            json!({"name": "bob"}),
-        )
-        .await;
-        created["session"].as_str().unwrap().to_owned()
-    };
+    let bob = h2_session(&mut http, addr, "bob").await;
     let tls = tls_connect(addr, &[&cert.der], &[b"http/1.1"]).await;
     let url = format!("wss://{addr}/v1/sessions/{bob}/ws?after=0");
     let (mut over_h1, _) = within(
@@ -373,16 +354,7 @@ async fn plain_http_speaks_http2_with_prior_knowledge() {
     let tcp = TcpStream::connect(addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     let mut http = h2(tcp).await;
-    let (status, created) = h2_json(
-        &mut http,
-        addr,
-        Method::POST,
-        "/v1/sessions",
-        json!({"name": "ann"}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED);
-    let session = created["session"].as_str().unwrap().to_owned();
+    let session = h2_session(&mut http, addr, "ann").await;
     let mut ws = h2_websocket(&mut http, addr, &session).await;
     ws_send(&mut ws, join("lobby")).await;
     next_of(&mut ws, "history").await;
@@ -456,15 +428,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
 
     // A WebSocket over HTTP/2 opened with the first certificate.
     let mut http = h2(tls_connect(addr, &[&first.der], &[b"h2"]).await).await;
-    let (_, created) = h2_json(
-        &mut http,
-        addr,
-        Method::POST,
-        "/v1/sessions",
-        json!({"name": "ann"}),
-    )
-    .await;
-    let session = created["session"].as_str().unwrap().to_owned();
+    let session = h2_session(&mut http, addr, "ann").await;
     let mut ws = h2_websocket(&mut http, addr, &session).await;
 
     // A broken file first: the server keeps its certificate.
@@ -526,15 +490,7 @@ async fn an_http2_websocket_that_goes_silent_is_closed_heartbeat_timeout() {
     .await;
     let addr = server.addr;
     let mut http = h2(tls_connect(addr, &[&cert.der], &[b"h2"]).await).await;
-    let (_, created) = h2_json(
-        &mut http,
-        addr,
-        Method::POST,
-        "/v1/sessions",
-        json!({"name": "ann"}),
-    )
-    .await;
-    let session = created["session"].as_str().unwrap().to_owned();
+    let session = h2_session(&mut http, addr, "ann").await;
     let mut ws = h2_websocket(&mut http, addr, &session).await;
     // Not reading means not answering pings: after two heartbeats the server gives up.
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
@@ -557,19 +513,8 @@ async fn an_http2_websocket_that_stops_reading_is_closed_and_its_session_loses_n
     .await;
     let addr = server.addr;
     let mut http = h2(tls_connect(addr, &[&cert.der], &[b"h2"]).await).await;
-    let mut session_of = async |name: &str| {
-        let (_, created) = h2_json(
-            &mut http,
-            addr,
-            Method::POST,
-            "/v1/sessions",
-            json!({ "name": name }),
-        )
-        .await;
-        created["session"].as_str().unwrap().to_owned()
-    };
-    let reader = session_of("reader").await;
-    let writer = session_of("writer").await;
+    let reader = h2_session(&mut http, addr, "reader").await;
+    let writer = h2_session(&mut http, addr, "writer").await;
     for session in [&reader, &writer] {
         let commands = format!("/v1/sessions/{session}/commands");
         h2_json(&mut http, addr, Method::POST, &commands, join("r")).await;

@@ -84,6 +84,14 @@ fn header_has_token(
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Both handshakes name version 13.
+fn check_version(request: &Request<Incoming>) -> Result<(), ErrorBody> {
+    match request.headers().get("sec-websocket-version") {
+        Some(v) if v.as_bytes() == b"13" => Ok(()),
+        _ => Err(bad_request("Sec-WebSocket-Version must be 13")),
+    }
+}
+
 /// Checks a WebSocket handshake request; returns the `Sec-WebSocket-Accept` value.
 pub fn check_handshake(request: &Request<Incoming>) -> Result<String, ErrorBody> {
     if !header_has_token(request, UPGRADE, "websocket")
@@ -93,14 +101,7 @@ pub fn check_handshake(request: &Request<Incoming>) -> Result<String, ErrorBody>
             "expected a WebSocket upgrade (Upgrade: websocket)",
         ));
     }
-    if request
-        .headers()
-        .get("sec-websocket-version")
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        return Err(bad_request("Sec-WebSocket-Version must be 13"));
-    }
+    check_version(request)?;
     match request.headers().get(SEC_WEBSOCKET_KEY) {
         Some(key) => Ok(derive_accept_key(key.as_bytes())),
         None => Err(bad_request("missing Sec-WebSocket-Key")),
@@ -129,14 +130,7 @@ fn check_connect(request: &Request<Incoming>) -> Result<(), ErrorBody> {
             "over HTTP/2 a WebSocket is an extended CONNECT with :protocol websocket",
         ));
     }
-    if request
-        .headers()
-        .get("sec-websocket-version")
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        return Err(bad_request("Sec-WebSocket-Version must be 13"));
-    }
+    check_version(request)?;
     Ok(())
 }
 
