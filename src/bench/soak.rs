@@ -113,9 +113,12 @@ pub struct SoakArgs {
         hide_default_value = true
     )]
     pub soak_room_life: Duration,
-    /// WebSocket sessions that read slowly and, after every two heartbeat intervals of
-    /// reading, stall for six (half of them sending pings meanwhile), so the server closes
-    /// them; they resume. They stay for the whole soak, in three rooms each. Default 10.
+    /// WebSocket sessions that read slowly (20 ms per frame) and, after every two heartbeat
+    /// intervals of reading, stall: half of them silent for 1.5 intervals (the server may
+    /// close them, heartbeat_timeout), half sending pings for 3 intervals (closed as
+    /// slow_consumer once the socket buffers are full), at most 20 s either way, so the
+    /// server never ends the session (30 s TTL); closed, they resume. They stay for the whole
+    /// soak, in three rooms each. Default 10.
     #[arg(long, default_value_t = 10, hide_default_value = true)]
     pub soak_slow_readers: usize,
     /// How often the server's RSS and open files are sampled. Default 5s.
@@ -151,8 +154,13 @@ const SECOND_ROOM_SHARE: f64 = 0.2;
 const SLOW_READER_ROOMS: usize = 3;
 /// A slow reader reads for this many heartbeat intervals between stalls.
 const SLOW_READING_HEARTBEATS: u32 = 2;
-/// A slow reader stalls for this many heartbeat intervals.
-const SLOW_STALL_HEARTBEATS: u32 = 6;
+/// A slow reader that sends pings stalls for this many heartbeat intervals; a silent one
+/// for half as many, since it may have been silent for up to an interval already (its last
+/// pong) and the server closes it after two (`heartbeat_timeout`).
+const SLOW_STALL_HEARTBEATS: u32 = 3;
+/// The longest stall: the server may close a stalled reader at any point of its stall, and
+/// ends its session one TTL (30 s by default) later; the reader must be back before.
+const SLOW_STALL_MAX: Duration = Duration::from_secs(20);
 /// A slow reader's pause after each frame.
 const SLOW_FRAME_PAUSE: Duration = Duration::from_millis(20);
 /// A slow reader's receive buffer: small, so a stall stops the server's writes soon.
@@ -1540,10 +1548,14 @@ impl Soak {
         loop {
             if let Some(pings) = member.slow {
                 if Instant::now() >= reading_until && !self.finishing.is_cancelled() {
-                    // Stall: read nothing for six heartbeats, so the server sees no progress
-                    // once the socket buffers are full.
+                    // Stall: read nothing, so the server sees no progress once the socket
+                    // buffers are full.
                     let heartbeat = self.heartbeat();
-                    let stall_end = Instant::now() + heartbeat * SLOW_STALL_HEARTBEATS;
+                    let stall = match pings {
+                        true => heartbeat * SLOW_STALL_HEARTBEATS,
+                        false => heartbeat * SLOW_STALL_HEARTBEATS / 2,
+                    };
+                    let stall_end = Instant::now() + stall.min(SLOW_STALL_MAX);
                     while Instant::now() < stall_end {
                         tokio::select! {
                             _ = self.finishing.cancelled() => break,
