@@ -34,6 +34,9 @@ fn main() {
         quiet: true,
         server_args: Vec::new(),
         server_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))),
+        tls_cert: None,
+        tls_key: None,
+        http: "1.1".into(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

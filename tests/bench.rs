@@ -12,11 +12,11 @@ use switchyard::bench::soak::{self, SoakArgs};
 use switchyard::bench::{run, BenchArgs};
 use switchyard::protocol::TransportKind;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_counts_every_delivery_on_all_four_transports() {
-    let server = TestServer::start().await;
+/// A short run of every transport at once against `url`; every delivery is counted once and
+/// the server's `/metrics` agrees.
+async fn bench_counts_every_delivery(url: String, tls_cert: Option<PathBuf>, http: &str) {
     let args = BenchArgs {
-        url: Some(format!("http://{}", server.addr)),
+        url: Some(url),
         spawn: false,
         clients: 4,
         rate: 20.0,
@@ -35,6 +35,9 @@ async fn bench_counts_every_delivery_on_all_four_transports() {
         quiet: true,
         server_args: Vec::new(),
         server_exe: None,
+        tls_cert,
+        tls_key: None,
+        http: http.into(),
     };
     let report = support::within("the bench run", run(args))
         .await
@@ -51,6 +54,38 @@ async fn bench_counts_every_delivery_on_all_four_transports() {
             row.transport
         );
         assert!(row.latency_ms.count > 0 && row.bytes_per_delivery > 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_every_delivery_on_all_four_transports() {
+    let server = TestServer::start().await;
+    bench_counts_every_delivery(format!("http://{}", server.addr), None, "1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_every_delivery_over_https_and_http2() {
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let server = TestServer::with_config(switchyard::Config {
+        tls: Some(switchyard::tls::Tls::load(&cert, &key).unwrap()),
+        ..switchyard::Config::default()
+    })
+    .await;
+    bench_counts_every_delivery(format!("https://{}", server.addr), Some(cert), "2").await;
+    let metrics = server.hub.as_ref().unwrap().metrics().encode();
+    for transport in ["websocket", "sse", "long-polling", "short-polling"] {
+        let sample =
+            format!(r#"switchyard_attaches_by_http_total{{transport="{transport}",http="2"}}"#);
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&sample) && !l.ends_with(" 0")),
+            "{sample}"
+        );
     }
 }
 
@@ -83,6 +118,9 @@ async fn soak_loses_and_repeats_nothing_while_the_population_changes() {
         // within the run.
         server_args: vec!["--heartbeat=1s".into(), "--socket-send-buffer=4096".into()],
         server_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))),
+        tls_cert: None,
+        tls_key: None,
+        http: "1.1".into(),
     };
     let soak = SoakArgs {
         soak: Some(Duration::from_secs(8)),

@@ -19,7 +19,6 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use serde::Deserialize;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -339,11 +338,8 @@ async fn websocket(
         _ => format!("/v1/sessions/{}/ws?after={}", sub.session, sub.after),
     };
     let permit = shared.gate.acquire().await?;
-    let stream = shared.connector.connect(&tally.wire).await?;
-    let url = format!("ws://{}{path}", shared.connector.target());
-    let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
-    let (socket, _) =
-        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+    // Over HTTP/2 the socket is a stream of `_connection`, which must live as long.
+    let (socket, _connection) = shared.connector.websocket(&path, &tally.wire).await?;
     drop(permit);
     tally.ready.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut stream) = socket.split();

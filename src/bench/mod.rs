@@ -42,7 +42,7 @@ use crate::protocol::TransportKind;
 use clients::{Receipts, Schedule, Shared, Subject, Subscription, Tally};
 use process::{Machine, Spawned};
 use report::{IdleRow, Latency, Report, Row};
-use wire::{Connector, Http, WireCounters};
+use wire::{Connector, Http, Protocol, WireCounters};
 
 /// Sustained commands per second one publisher session sends: under the server's default
 /// limit of 20/s, so the default server is measured as it ships.
@@ -115,6 +115,18 @@ pub struct BenchArgs {
     /// see each other's history.
     #[arg(long = "server-arg", allow_hyphen_values = true, requires = "spawn")]
     pub server_args: Vec<String>,
+    /// Speak HTTPS, trusting this certificate (PEM). With --spawn the server is started with
+    /// it and --tls-key; with --url, give an https:// URL of a server using it.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, for the spawned server.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The HTTP version the clients speak: `1.1` or `2` (over TLS by ALPN, else with prior
+    /// knowledge); over HTTP/2 each client's requests share its connection and WebSockets are
+    /// streams (extended CONNECT).
+    #[arg(long, default_value = "1.1", value_parser = ["1.1", "2"])]
+    pub http: String,
     /// The switchyard binary to spawn (default: this executable).
     #[arg(long, hide = true)]
     pub server_exe: Option<PathBuf>,
@@ -164,11 +176,15 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                 report.transports.extend(measure(&args, &[subject]).await?);
             }
         }
-        println!("\n{}", report::table(&report.transports));
+        println!("\nover {}", protocol(&args)?.describe());
+        println!("{}", report::table(&report.transports));
         if let Some(path) = &args.svg {
             let title = format!(
-                "switchyard: {} subscribers/transport, {} msg/s, {} B",
-                args.clients, args.rate, args.payload_bytes
+                "switchyard: {} subscribers/transport, {} msg/s, {} B, {}",
+                args.clients,
+                args.rate,
+                args.payload_bytes,
+                protocol(&args)?.describe()
             );
             report::svg(&report.transports, &title, path)?;
             println!("latency CDF written to {}", path.display());
@@ -206,7 +222,18 @@ fn validate(args: &BenchArgs) -> Result<(), String> {
     if args.transports.is_empty() {
         return Err("--transports must name at least one transport".into());
     }
+    if args.spawn && args.tls_cert.is_some() != args.tls_key.is_some() {
+        return Err("--spawn with TLS needs both --tls-cert and --tls-key".into());
+    }
+    if args.baseline && (args.tls_cert.is_some() || args.http == "2") {
+        return Err("--baseline speaks plain HTTP/1.1 only".into());
+    }
     Ok(())
+}
+
+/// What the clients speak: `--tls-cert` and `--http`.
+fn protocol(args: &BenchArgs) -> Result<Protocol, String> {
+    Protocol::new(args.tls_cert.as_deref(), args.http == "2")
 }
 
 fn lanes(rate: f64) -> usize {
@@ -223,6 +250,8 @@ fn config_json(args: &BenchArgs, open_files: u64) -> serde_json::Value {
         "payload_bytes": args.payload_bytes,
         "short_poll_ms": args.short_poll_ms,
         "transports": args.transports.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+        "tls": args.tls_cert.is_some(),
+        "http": args.http,
         "concurrent": args.concurrent,
         "baseline": args.baseline,
         "idle": args.idle,
@@ -262,13 +291,29 @@ impl Target {
                     command.extend(["--history-store", "memory"]);
                 }
                 command.extend(args.server_args.iter().map(String::as_str));
+                if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+                    for (flag, file) in [("--tls-cert", cert), ("--tls-key", key)] {
+                        command.push(flag);
+                        command.push(
+                            file.to_str()
+                                .ok_or("--tls-cert and --tls-key must be UTF-8 paths")?,
+                        );
+                    }
+                }
             }
             Spawned::start(&exe, &command, args.pin.then_some(0)).map(Target::Spawned)
         } else {
             let url = args.url.as_deref().unwrap_or_default();
+            let scheme = if args.tls_cert.is_some() {
+                "https://"
+            } else {
+                "http://"
+            };
             let hostport = url
-                .strip_prefix("http://")
-                .ok_or_else(|| format!("--url must start with http:// (got {url:?})"))?
+                .strip_prefix(scheme)
+                .ok_or_else(|| {
+                    format!("--url must start with {scheme} (got {url:?}; https:// goes with --tls-cert)")
+                })?
                 .trim_end_matches('/');
             let addr: SocketAddr = hostport
                 .parse()
@@ -443,7 +488,8 @@ async fn measure_on(
     target: &Target,
 ) -> Result<Vec<Row>, String> {
     let names: Vec<&str> = subjects.iter().map(|s| s.name()).collect();
-    let connector = Arc::new(Connector::new(target.addr(), args.source_addrs));
+    let connector =
+        Arc::new(Connector::new(target.addr(), args.source_addrs).with_protocol(protocol(args)?));
     let schedule = new_schedule(args);
     eprintln!(
         "{}: {} subscribers each, {} msg/s over {} publisher(s), warm-up {:?}, measuring {:?}",
@@ -926,7 +972,8 @@ async fn idle_on(
     target: &Target,
 ) -> Result<IdleRow, String> {
     let server = target.spawned().ok_or("--idle needs --spawn")?;
-    let connector = Arc::new(Connector::new(target.addr(), args.source_addrs));
+    let connector =
+        Arc::new(Connector::new(target.addr(), args.source_addrs).with_protocol(protocol(args)?));
     let wire = Arc::new(WireCounters::default());
     eprintln!("{kind}: opening {sessions} idle sessions");
     // Warm the server up (allocator arenas, runtime) with one session before the first reading.

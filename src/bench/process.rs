@@ -110,7 +110,7 @@ pub struct Spawned {
 
 impl Spawned {
     /// Starts `exe args... --addr 127.0.0.1:0` and reads the address from its first line of
-    /// output (`... listening on http://ADDR/`). With `pin`, the child runs on that CPU only.
+    /// output (`... listening on http://ADDR/`, or `https://`). With `pin`, the child runs on that CPU only.
     pub fn start(exe: &Path, args: &[&str], pin: Option<usize>) -> Result<Spawned, String> {
         let mut command = Command::new(exe);
         command
@@ -137,7 +137,7 @@ impl Spawned {
             .read_line(&mut line)
             .map_err(|e| format!("reading the server's address: {e}"))?;
         let addr = line
-            .split("http://")
+            .split("://")
             .nth(1)
             .map(|rest| rest.trim().trim_end_matches('/'))
             .and_then(|addr| addr.parse().ok())

@@ -1,11 +1,15 @@
 //! The bench's side of the socket: TCP connections with TCP_NODELAY from spread source
-//! addresses, a byte-counting wrapper, and a minimal HTTP/1 client over it.
+//! addresses, a byte-counting wrapper, TLS when asked, and a minimal HTTP/1.1 or HTTP/2
+//! client over it (WebSockets by upgrade, or by extended CONNECT over HTTP/2).
 //!
-//! Everything the bench's clients send or receive goes through [`Counted`], so bytes on the
-//! wire (headers and framing included, TCP/IP headers not) are measured at the client socket.
+//! Everything the bench's clients send or receive goes through [`Counted`], under TLS if
+//! any, so bytes on the wire (headers, framing and TLS records included, TCP/IP headers not)
+//! are measured at the client socket.
 
+use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,11 +18,156 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::{http1, http2};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+/// What the bench speaks to the server: TLS or not, HTTP/1.1 or HTTP/2.
+#[derive(Clone, Default)]
+pub struct Protocol {
+    /// TLS, trusting the server's certificate.
+    tls: Option<TlsConnector>,
+    /// HTTP/2 (by ALPN under TLS, else with prior knowledge); WebSockets by extended CONNECT.
+    http2: bool,
+}
+
+impl fmt::Debug for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+impl Protocol {
+    /// Plain, or TLS trusting the certificate (PEM) in `cert`; HTTP/2 or HTTP/1.1.
+    pub fn new(cert: Option<&Path>, http2: bool) -> Result<Protocol, String> {
+        let Some(cert) = cert else {
+            return Ok(Protocol { tls: None, http2 });
+        };
+        let mut roots = RootCertStore::empty();
+        for der in CertificateDer::pem_file_iter(cert)
+            .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?
+        {
+            let der = der.map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+            roots
+                .add(der)
+                .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+        }
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS set-up failed: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let alpn: &[u8] = if http2 { b"h2" } else { b"http/1.1" };
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(Protocol {
+            tls: Some(TlsConnector::from(Arc::new(config))),
+            http2,
+        })
+    }
+
+    /// How it reads in a report.
+    pub fn describe(&self) -> &'static str {
+        match (self.tls.is_some(), self.http2) {
+            (false, false) => "HTTP/1.1",
+            (false, true) => "HTTP/2 (h2c)",
+            (true, false) => "HTTPS, HTTP/1.1",
+            (true, true) => "HTTPS, HTTP/2",
+        }
+    }
+
+    fn scheme(&self, websocket: bool) -> &'static str {
+        match (self.tls.is_some(), websocket) {
+            (false, false) => "http",
+            (false, true) => "ws",
+            (true, false) => "https",
+            (true, true) => "wss",
+        }
+    }
+}
+
+/// A stream to the server: counted TCP, inside TLS when the protocol says so.
+#[derive(Debug)]
+pub enum Wire {
+    /// Plain TCP.
+    Plain(Counted<TcpStream>),
+    /// TLS over counted TCP (the bytes counted are the encrypted ones).
+    Tls(Box<TlsStream<Counted<TcpStream>>>),
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Wire::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Wire::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Wire::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Wire::Plain(s) => s.is_write_vectored(),
+            Wire::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_flush(cx),
+            Wire::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Wire::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Any stream a bench WebSocket runs on.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A bench WebSocket, whatever carries it.
+pub type Socket = WebSocketStream<Box<dyn Io>>;
 
 /// Bytes read and written by a group of sockets (one transport's clients).
 #[derive(Debug, Default)]
@@ -109,16 +258,25 @@ pub struct Connector {
     target: SocketAddr,
     sources: u8,
     next: AtomicUsize,
+    protocol: Protocol,
 }
 
 impl Connector {
-    /// Connections to `target`, spread over source addresses 127.0.0.1 ..= 127.0.0.`sources`.
+    /// Plain HTTP/1.1 connections to `target`, spread over source addresses 127.0.0.1 ..=
+    /// 127.0.0.`sources`.
     pub fn new(target: SocketAddr, sources: u8) -> Self {
         Connector {
             target,
             sources: sources.max(1),
             next: AtomicUsize::new(0),
+            protocol: Protocol::default(),
         }
+    }
+
+    /// The same, speaking `protocol`.
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 
     /// The server's address.
@@ -126,7 +284,7 @@ impl Connector {
         self.target
     }
 
-    /// A new connection with TCP_NODELAY, counted into `counters`.
+    /// A new TCP connection with TCP_NODELAY, counted into `counters` (never TLS).
     pub async fn connect(&self, counters: &Arc<WireCounters>) -> io::Result<Counted<TcpStream>> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let stream = match self.target {
@@ -142,30 +300,101 @@ impl Connector {
         Ok(Counted::new(stream, counters.clone()))
     }
 
-    /// A keep-alive HTTP/1 connection.
+    /// A new connection in the protocol's TLS, if any.
+    async fn wire(&self, counters: &Arc<WireCounters>) -> io::Result<Wire> {
+        let tcp = self.connect(counters).await?;
+        match &self.protocol.tls {
+            None => Ok(Wire::Plain(tcp)),
+            Some(tls) => {
+                let name = ServerName::IpAddress(self.target.ip().into());
+                Ok(Wire::Tls(Box::new(tls.connect(name, tcp).await?)))
+            }
+        }
+    }
+
+    /// A keep-alive connection in the protocol's HTTP version.
     pub async fn http(&self, counters: &Arc<WireCounters>) -> io::Result<Http> {
-        let stream = self.connect(counters).await?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let wire = TokioIo::new(self.wire(counters).await?);
+        let sender = if self.protocol.http2 {
+            let (sender, connection) = http2::handshake(TokioExecutor::new(), wire)
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(connection);
+            Sender::H2(sender)
+        } else {
+            let (sender, connection) = http1::handshake(wire).await.map_err(io::Error::other)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Sender::H1(sender)
+        };
         Ok(Http {
             sender,
             host: self.target.to_string(),
+            scheme: self.protocol.scheme(false),
         })
+    }
+
+    /// A WebSocket on `path`: its own connection over HTTP/1.1, a stream of a new connection
+    /// over HTTP/2 (the connection is returned too: it lives as long as the socket).
+    pub async fn websocket(
+        &self,
+        path: &str,
+        counters: &Arc<WireCounters>,
+    ) -> Result<(Socket, Option<Http>), Box<dyn std::error::Error + Send + Sync>> {
+        let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+        if !self.protocol.http2 {
+            let wire: Box<dyn Io> = Box::new(self.wire(counters).await?);
+            let url = format!("{}://{}{path}", self.protocol.scheme(true), self.target);
+            let (socket, _) =
+                tokio_tungstenite::client_async_with_config(url, wire, Some(config)).await?;
+            return Ok((socket, None));
+        }
+        let mut http = self.http(counters).await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(http.uri(path))
+            .header("sec-websocket-version", "13")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .body(Full::new(Bytes::new()))?;
+        let Sender::H2(sender) = &mut http.sender else {
+            unreachable!("an HTTP/2 connection")
+        };
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        if response.status() != StatusCode::OK {
+            return Err(format!("WebSocket over HTTP/2 answered {}", response.status()).into());
+        }
+        let upgraded: Box<dyn Io> = Box::new(TokioIo::new(hyper::upgrade::on(response).await?));
+        let socket = WebSocketStream::from_raw_socket(upgraded, Role::Client, Some(config)).await;
+        Ok((socket, Some(http)))
     }
 }
 
-/// One keep-alive HTTP/1 connection: requests go one at a time.
+#[derive(Debug)]
+enum Sender {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+/// One keep-alive connection: over HTTP/1.1 requests go one at a time.
 #[derive(Debug)]
 pub struct Http {
-    sender: SendRequest<Full<Bytes>>,
+    sender: Sender,
     host: String,
+    scheme: &'static str,
 }
 
 impl Http {
+    /// The request target: the path over HTTP/1.1 (with a `Host` header), the absolute URI
+    /// over HTTP/2.
+    fn uri(&self, path: &str) -> String {
+        match self.sender {
+            Sender::H1(_) => path.to_owned(),
+            Sender::H2(_) => format!("{}://{}{path}", self.scheme, self.host),
+        }
+    }
+
     /// Sends a request and returns the response with its body unread.
     pub async fn send(
         &mut self,
@@ -173,18 +402,27 @@ impl Http {
         path: &str,
         body: impl Into<Bytes>,
     ) -> io::Result<Response<Incoming>> {
-        self.sender.ready().await.map_err(io::Error::other)?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
-            .uri(path)
-            .header("host", &self.host)
-            .header("content-type", "application/json")
+            .uri(self.uri(path))
+            .header("content-type", "application/json");
+        if let Sender::H1(_) = self.sender {
+            request = request.header("host", &self.host);
+        }
+        let request = request
             .body(Full::new(body.into()))
             .map_err(io::Error::other)?;
-        self.sender
-            .send_request(request)
-            .await
-            .map_err(io::Error::other)
+        let response = match &mut self.sender {
+            Sender::H1(sender) => {
+                sender.ready().await.map_err(io::Error::other)?;
+                sender.send_request(request).await
+            }
+            Sender::H2(sender) => {
+                sender.ready().await.map_err(io::Error::other)?;
+                sender.send_request(request).await
+            }
+        };
+        response.map_err(io::Error::other)
     }
 
     /// Sends a request and reads the whole reply.
