@@ -213,12 +213,17 @@ async fn serve_http<I>(
         // A connection whose client stopped answering pings is dropped, with its streams.
         .keep_alive_interval(config.heartbeat)
         .keep_alive_timeout(config.heartbeat * 2);
+    let stream_write_timeout = config.write_timeout.max(config.heartbeat * 2);
     let app_for_service = app.clone();
     let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
         let app = app_for_service.clone();
         // An HTTP/2 connection carries many requests: one stream may not change the deadlines
-        // of the others, so only HTTP/1.1 requests see the connection's watch.
-        if request.version() != hyper::Version::HTTP_2 {
+        // of the others, so only HTTP/1.1 requests see the connection's watch. An HTTP/2
+        // connection is likely to carry a stream (SSE, WebSocket), so its writes may wait as
+        // long as a stream's: two heartbeats (or the write timeout, if longer).
+        if request.version() == hyper::Version::HTTP_2 {
+            watch.set_write_timeout(stream_write_timeout);
+        } else {
             request.extensions_mut().insert(watch.clone());
         }
         request.extensions_mut().insert(Peer(peer));
