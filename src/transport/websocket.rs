@@ -1,7 +1,9 @@
-//! WebSocket: `GET /v1/sessions/{id}/ws?after=N` upgrades; text frames carry commands in
+//! WebSocket: `GET /v1/sessions/{id}/ws?after=N` upgrades (over HTTP/2, an extended
+//! `CONNECT` on the same path opens the socket as a stream); text frames carry commands in
 //! (one object or an array) and events out (one event per frame).
 //!
-//! Events are written through: after the upgrade the attachment hands the socket's
+//! On a plain TCP connection of its own, events are written through: after the upgrade the
+//! attachment hands the socket's
 //! [`SocketWriter`] to the hub, which writes each event's frame as it pushes it (see
 //! `ws_writer.rs`). So one task per socket is enough, and it is woken only for what is rare:
 //! the client's frames (read with tungstenite, commands applied at once), the heartbeat, the
@@ -9,6 +11,9 @@
 //! from in no frame for two heartbeats is closed `heartbeat_timeout`; a queue that takes no
 //! byte for two heartbeats, `slow_consumer`. A bad command gets an `error` event; the socket
 //! stays open. Every close, whoever starts it, goes through [`close_handshake`].
+//!
+//! Inside TLS or on an HTTP/2 stream the hub cannot write frames itself: [`serve_pulled`]
+//! fetches the events like SSE does and writes them with tungstenite, under the same rules.
 
 use std::future::Future;
 use std::sync::Arc;
