@@ -7,7 +7,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -51,7 +50,10 @@ impl Driver {
         }
         // The port is picked free and then handed over, so another process may take it in
         // between: chromedriver then exits at once, and we try again on another port.
+        let mut said = String::new();
         for _ in 0..5 {
+            // Its output goes to a file, read back if it exits.
+            let mut log = tempfile::tempfile().expect("a temporary file");
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .expect("a free port")
@@ -59,8 +61,8 @@ impl Driver {
             let mut child = tokio::process::Command::new(CHROMEDRIVER)
                 .arg(format!("--port={port}"))
                 .arg("--allowed-ips=127.0.0.1")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdout(log.try_clone().expect("the log file"))
+                .stderr(log.try_clone().expect("the log file"))
                 .kill_on_drop(true)
                 .process_group(0)
                 .spawn()
@@ -86,8 +88,12 @@ impl Driver {
                     child,
                 };
             }
+            // It exited: keep what it said, for the failure message.
+            use std::io::{Read, Seek};
+            said.clear();
+            let _ = log.rewind().and_then(|()| log.read_to_string(&mut said));
         }
-        panic!("chromedriver exited at start five times in a row");
+        panic!("chromedriver exited at start five times in a row; the last time it said: {said}");
     }
 
     /// A new headless browser session.
