@@ -107,19 +107,26 @@ impl ReplayBuffer {
     /// seq `keep_from` on: a `reset` and the histories after it stay together, whatever their
     /// size, until later events push them out.
     pub fn push_keeping(&mut self, event: EncodedEvent, keep_from: u64) -> u64 {
+        // Room first, so a full buffer never holds `capacity + 1` events: the deque would
+        // double its allocation for that one moment and keep it for good.
+        while self.events.len() >= self.capacity {
+            self.pop_oldest();
+        }
         let cost = event_cost(&event);
         self.pushed += cost;
         self.bytes += cost;
         self.events.push_back((event, self.pushed));
-        while self.events.len() > self.capacity
-            || (self.bytes > self.byte_budget && self.first_seq < keep_from)
-        {
-            if let Some((oldest, _)) = self.events.pop_front() {
-                self.bytes -= event_cost(&oldest);
-                self.first_seq += 1;
-            }
+        while self.bytes > self.byte_budget && self.first_seq < keep_from {
+            self.pop_oldest();
         }
         self.last_seq()
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((oldest, _)) = self.events.pop_front() {
+            self.bytes -= event_cost(&oldest);
+            self.first_seq += 1;
+        }
     }
 
     /// Checks that every event after `after` is still here.
@@ -736,6 +743,22 @@ mod tests {
             reason: &n.to_string(),
         }
         .encode()
+    }
+
+    #[test]
+    fn a_full_replay_buffer_never_grows_its_allocation() {
+        let mut buffer = ReplayBuffer::new(1024, u64::MAX);
+        for n in 1..=1024 {
+            buffer.push(event(n));
+        }
+        let allocated = buffer.events.capacity();
+        for n in 1025..=5000 {
+            buffer.push(event(n));
+        }
+        assert_eq!(buffer.events.len(), 1024);
+        assert_eq!(buffer.events.capacity(), allocated);
+        assert!(allocated < 2048, "{allocated} slots for 1024 events");
+        assert_eq!(buffer.last_seq(), 5000);
     }
 
     #[test]
