@@ -26,7 +26,6 @@ use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -220,7 +219,15 @@ pub fn upgrade(
                     Some(settings.read),
                 )
                 .await;
-                serve_pulled(socket, attachment, commands, http, settings.limits).await
+                // Boxed: a written-through socket's task need not be as large as this one.
+                Box::pin(serve_pulled(
+                    socket,
+                    attachment,
+                    commands,
+                    http,
+                    settings.limits,
+                ))
+                .await
             }
         }
         drop(permit);
@@ -261,12 +268,12 @@ pub trait Handler: Send {
 /// Takes the plain TCP stream back from hyper after an upgrade, with the bytes hyper read
 /// past the handshake; gives the upgrade back when it is not one (TLS, an HTTP/2 stream).
 fn take_stream(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded> {
-    // The server's connections (hyper-util's HTTP/1 + HTTP/2 builder wraps the IO).
-    let upgraded = match auto::upgrade::downcast::<TokioIo<DeadlineIo<TcpStream>>>(upgraded) {
+    // The server's plain connections.
+    let upgraded = match upgraded.downcast::<TokioIo<DeadlineIo<TcpStream>>>() {
         Ok(parts) => return Ok((parts.io.into_inner().into_inner(), parts.read_buf)),
         Err(upgraded) => upgraded,
     };
-    // A plain HTTP/1 connection (the echo example).
+    // A plain HTTP/1.1 connection of the echo example.
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => Ok((parts.io.into_inner(), parts.read_buf)),
         Err(upgraded) => Err(upgraded),
