@@ -410,25 +410,42 @@ async fn sse(sub: &Subscription, shared: &Shared, receipts: &mut Receipts) -> Re
             continue;
         };
         pending.extend_from_slice(&data);
-        let mut start = 0;
-        while let Some(end) = find(&pending[start..], b"\n\n") {
-            let block = &pending[start..start + end];
-            start += end + 2;
-            let mut closing = false;
-            for line in block.split(|&b| b == b'\n') {
-                if line == b"event: close" {
-                    closing = true;
-                } else if let Some(data) = line.strip_prefix(b"data: ") {
-                    if closing {
-                        return Err(format!("SSE closed: {}", String::from_utf8_lossy(data)).into());
-                    }
-                    let event: WireEvent = serde_json::from_slice(data)?;
-                    receipts.event(&event, arrival, schedule, tally);
+        take_sse_data(&mut pending, |closing, data| -> Result<(), Failure> {
+            if closing {
+                return Err(format!("SSE closed: {}", String::from_utf8_lossy(data)).into());
+            }
+            let event: WireEvent = serde_json::from_slice(data)?;
+            receipts.event(&event, arrival, schedule, tally);
+            Ok(())
+        })?;
+    }
+}
+
+/// Takes the complete blocks out of an SSE stream's `pending` bytes and hands each `data:`
+/// line to `on`, with whether its block is the `close` event; stops at the first `Err`.
+pub fn take_sse_data<E>(
+    pending: &mut Vec<u8>,
+    mut on: impl FnMut(bool, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut start = 0;
+    let mut result = Ok(());
+    'blocks: while let Some(end) = find(&pending[start..], b"\n\n") {
+        let block = &pending[start..start + end];
+        start += end + 2;
+        let mut closing = false;
+        for line in block.split(|&b| b == b'\n') {
+            if line == b"event: close" {
+                closing = true;
+            } else if let Some(data) = line.strip_prefix(b"data: ") {
+                result = on(closing, data);
+                if result.is_err() {
+                    break 'blocks;
                 }
             }
         }
-        pending.drain(..start);
     }
+    pending.drain(..start);
+    result
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -54,6 +54,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use super::clients::take_sse_data;
 use super::process::{self, Machine, Spawned};
 use super::report::{self, Panel};
 use super::wire::{Connector, Counted, Http, WireCounters};
@@ -1647,32 +1648,24 @@ impl Soak {
                 continue;
             };
             pending.extend_from_slice(&data);
-            let mut start = 0;
-            while let Some(end) = find(&pending[start..], b"\n\n") {
-                let block = &pending[start..start + end];
-                start += end + 2;
-                let mut closing = false;
-                for line in block.split(|&b| b == b'\n') {
-                    if line == b"event: close" {
-                        closing = true;
-                    } else if let Some(data) = line.strip_prefix(b"data: ") {
-                        if closing {
-                            #[derive(Deserialize)]
-                            struct Close {
-                                reason: String,
-                            }
-                            return match serde_json::from_slice::<Close>(data) {
-                                Ok(close) => Outcome::Closed(close.reason),
-                                Err(e) => Outcome::Dropped(format!("unreadable SSE close: {e}")),
-                            };
-                        }
-                        if let Err(why) = self.handle(member, TransportKind::Sse, data) {
-                            return Outcome::Dropped(why);
-                        }
+            let taken = take_sse_data(&mut pending, |closing, data| {
+                if closing {
+                    #[derive(Deserialize)]
+                    struct Close {
+                        reason: String,
                     }
+                    return Err(match serde_json::from_slice::<Close>(data) {
+                        Ok(close) => Outcome::Closed(close.reason),
+                        Err(e) => Outcome::Dropped(format!("unreadable SSE close: {e}")),
+                    });
                 }
+                self.handle(member, TransportKind::Sse, data)
+                    .map(drop)
+                    .map_err(Outcome::Dropped)
+            });
+            if let Err(outcome) = taken {
+                return outcome;
             }
-            pending.drain(..start);
             if pending.len() > MAX_SSE_EVENT {
                 return Outcome::Dropped("an SSE event over 8 MiB".into());
             }
@@ -1819,11 +1812,6 @@ fn refused(status: u16, body: &[u8]) -> Outcome {
         _ => Outcome::Gone(format!("attach refused: {status} {code}")),
     }
 }
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 /// A sample of an exponential distribution with this mean.
 fn exponential(mean: f64) -> f64 {
     -mean * (1.0 - rand::random::<f64>()).ln()
