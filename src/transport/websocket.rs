@@ -344,6 +344,18 @@ enum End {
 }
 
 impl End {
+    /// What a read from the client means for both socket loops: a text or binary message to
+    /// handle, nothing (a ping or pong tungstenite answered), or the end of the socket.
+    fn after_read(read: Option<Result<Message, WsError>>) -> Result<Option<Message>, End> {
+        match read {
+            Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => Ok(Some(message)),
+            Some(Ok(Message::Close(_))) => Err(End::ClientClosed),
+            Some(Ok(_)) => Ok(None),
+            Some(Err(error)) => Err(End::from_read_error(&error)),
+            None => Err(End::Gone),
+        }
+    }
+
     fn from_read_error(error: &WsError) -> End {
         match error {
             WsError::Capacity(_) => End::Violation(1009, ErrorCode::TooLarge.as_str()),
@@ -413,14 +425,10 @@ async fn serve(
             }
             incoming = socket.next() => {
                 last_heard = Instant::now();
-                match incoming {
-                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                        handler.message(message).await
-                    }
-                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => break End::from_read_error(&error),
-                    None => break End::Gone,
+                match End::after_read(incoming) {
+                    Ok(Some(message)) => handler.message(message).await,
+                    Ok(None) => {}
+                    Err(end) => break end,
                 }
             }
         }
@@ -632,14 +640,10 @@ async fn serve_pulled<S>(
             }
             incoming = socket.next() => {
                 last_heard = Instant::now();
-                match incoming {
-                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                        commands.message(message).await
-                    }
-                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => break End::from_read_error(&error),
-                    None => break End::Gone,
+                match End::after_read(incoming) {
+                    Ok(Some(message)) => commands.message(message).await,
+                    Ok(None) => {}
+                    Err(end) => break end,
                 }
             }
             delivery = attachment.next(WRITE_BATCH) => match delivery {
