@@ -1,8 +1,11 @@
 //! History backends behind the hub's [`HistoryStore`] seam, and the one place that picks one
 //! from the configuration. The memory store is the hub's own ([`MemoryStore`]); the embedded
-//! SQLite store is [`sqlite::SqliteStore`].
+//! SQLite store is [`sqlite::SqliteStore`]; both are written by a [`QueuedStore`].
 
+mod queue;
 pub mod sqlite;
+
+pub use queue::QueuedStore;
 
 use std::sync::Arc;
 

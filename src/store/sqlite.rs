@@ -1,12 +1,6 @@
 //! The embedded history store: SQLite (bundled, WAL mode) in the data directory, written by a
-//! thread of its own that commits writes in groups.
-//!
-//! One writer thread owns the connection. The hub queues appends, id reservations and reads on
-//! a bounded queue and never waits on it: a full queue is [`StoreError::Busy`]. The thread
-//! takes whatever is queued (up to [`MAX_BATCH`]), writes every append and reservation of it in
-//! one transaction, and only then runs the appends' callbacks and answers the reservations and
-//! reads, in queue order: a read sees every write queued before it, and a reserved id is on
-//! disk before the hub hands it out.
+//! thread of its own ([`QueuedStore`]) that commits each batch of queued writes in one
+//! transaction, so a reserved id is on disk before the hub hands it out.
 //!
 //! The file: `history.db` in the data directory, with a `lock` file beside it that the server
 //! holds (`flock`) for as long as it runs, so two servers never share a directory. The schema
@@ -18,18 +12,15 @@
 //! and none older than `max_age` (swept every minute, and never served once older).
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, OpenOptions, TryLockError};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, Row};
-use tokio::sync::oneshot;
 
-use crate::hub::history::{cutoff, ready, HistoryStore, Page, Reply, StoreError, Then};
+use super::queue::{Backend, QueuedStore};
+use crate::hub::history::{cutoff, Page, StoreError};
 use crate::hub::Durability;
 use crate::metrics::HistoryMetrics;
 use crate::protocol::Message;
@@ -43,10 +34,6 @@ pub const DB_FILE: &str = "history.db";
 /// The lock file in the data directory.
 pub const LOCK_FILE: &str = "lock";
 
-/// Operations the queue holds: enough for a long burst while a write waits for the disk.
-const QUEUE: usize = 65_536;
-/// Operations taken into one transaction at most.
-const MAX_BATCH: usize = 4096;
 /// How long a write waits for another connection's lock on the file (someone writing with
 /// the `sqlite3` tool) before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -83,39 +70,19 @@ pub struct Settings {
     pub durability: Durability,
 }
 
-/// The embedded store. Dropping it stops its writer once the queue is written.
+/// The embedded store, opened by [`SqliteStore::open`].
 #[derive(Debug)]
-pub struct SqliteStore {
-    queue: SyncSender<Op>,
-    last_id: u64,
-    reserved: Arc<AtomicU64>,
-    writer: Mutex<Option<JoinHandle<()>>>,
-    /// Held (flock) for the store's life.
-    _lock: File,
-}
-
-enum Op {
-    Append(Arc<Message>, Option<Then>),
-    Reserve(u64, oneshot::Sender<Result<u64, StoreError>>),
-    Recent(
-        String,
-        usize,
-        oneshot::Sender<Result<Vec<Arc<Message>>, StoreError>>,
-    ),
-    Page(
-        String,
-        Option<u64>,
-        usize,
-        oneshot::Sender<Result<Page, StoreError>>,
-    ),
-    Close(u64, mpsc::Sender<()>),
-}
+pub struct SqliteStore;
 
 impl SqliteStore {
     /// Opens (creating if needed) the store in `dir`. `Err` is one line naming the path and
     /// the cause; nothing in the directory is changed then, besides creating it and its lock
     /// file.
-    pub fn open(dir: &Path, settings: Settings, metrics: HistoryMetrics) -> Result<Self, String> {
+    pub fn open(
+        dir: &Path,
+        settings: Settings,
+        metrics: HistoryMetrics,
+    ) -> Result<QueuedStore, String> {
         let shown = dir.display();
         fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create data directory {shown}: {e}"))?;
@@ -148,52 +115,17 @@ impl SqliteStore {
         )
         .map_err(|e| in_file(e.to_string()))?;
         let last_id = prepare(&conn, settings.durability).map_err(in_file)?;
-        let reserved = Arc::new(AtomicU64::new(last_id));
-        let (queue, ops) = mpsc::sync_channel(QUEUE);
         let mut writer = Writer {
             conn,
             settings,
-            reserved: reserved.clone(),
-            metrics,
             counts: HashMap::new(),
-            last_sweep: Instant::now(),
         };
         // Before serving: nothing past max age is kept from the last run.
         writer.sweep();
-        let writer = std::thread::Builder::new()
-            .name("switchyard-history".into())
-            .spawn(move || writer.run(ops))
-            .map_err(|e| format!("cannot start the history writer: {e}"))?;
+        let store = QueuedStore::start(writer, last_id, metrics, "switchyard-history", Some(lock))?;
         tracing::info!(path = %path.display(), last_id, "history store open");
-        Ok(SqliteStore {
-            queue,
-            last_id,
-            reserved,
-            writer: Mutex::new(Some(writer)),
-            _lock: lock,
-        })
+        Ok(store)
     }
-
-    /// Queues an operation without waiting.
-    fn queue(&self, op: Op) -> Result<(), StoreError> {
-        self.queue.try_send(op).map_err(|e| match e {
-            TrySendError::Full(_) => StoreError::Busy,
-            TrySendError::Disconnected(_) => closed(),
-        })
-    }
-
-    /// Queues a read; its answer comes on the returned channel.
-    fn read<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Reply<T> {
-        let (tx, rx) = oneshot::channel();
-        match self.queue(op(tx)) {
-            Ok(()) => rx,
-            Err(error) => ready(Err(error)),
-        }
-    }
-}
-
-fn closed() -> StoreError {
-    StoreError::Failed("the history store is closed".into())
 }
 
 /// Checks or creates the schema and sets the connection up; returns the highest id that may
@@ -262,11 +194,8 @@ fn prepare(conn: &Connection, durability: Durability) -> Result<u64, String> {
 struct Writer {
     conn: Connection,
     settings: Settings,
-    reserved: Arc<AtomicU64>,
-    metrics: HistoryMetrics,
     /// Messages per room on disk, for the rooms written lately.
     counts: HashMap<String, u64>,
-    last_sweep: Instant,
 }
 
 fn message(row: &Row) -> rusqlite::Result<Arc<Message>> {
@@ -284,114 +213,54 @@ fn failed(error: rusqlite::Error) -> StoreError {
     StoreError::Failed(error.to_string())
 }
 
+impl Backend for Writer {
+    fn write(
+        &mut self,
+        appends: &[&Arc<Message>],
+        reserve: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let result = self.transaction(appends, reserve);
+        if result.is_err() {
+            // The counts may have moved with the rolled-back rows.
+            self.counts.clear();
+        }
+        result.map_err(failed)
+    }
+
+    fn page(&mut self, room: &str, before: Option<u64>, limit: usize) -> Result<Page, StoreError> {
+        self.select(room, before, limit).map_err(failed)
+    }
+
+    fn close(&mut self, last_used: u64) {
+        let result = self.conn.transaction().and_then(|tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('ids_reserved', ?1) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [last_used as i64],
+            )?;
+            tx.commit()
+        });
+        if let Err(error) = result {
+            tracing::error!(%error, "history: recording the last message id failed");
+        }
+    }
+
+    fn tick(&mut self) {
+        self.sweep();
+    }
+
+    fn tick_every(&self) -> Duration {
+        SWEEP_EVERY
+    }
+}
+
 impl Writer {
-    fn run(mut self, ops: Receiver<Op>) {
-        loop {
-            let first = match ops.recv_timeout(SWEEP_EVERY) {
-                Ok(op) => op,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.sweep();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => return,
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match ops.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
-            if !self.apply(batch) {
-                return;
-            }
-            if self.last_sweep.elapsed() >= SWEEP_EVERY {
-                self.sweep();
-            }
-        }
-    }
-
-    /// Writes a batch in one transaction, then answers it in order. `false` once closed.
-    fn apply(&mut self, batch: Vec<Op>) -> bool {
-        let appends: Vec<&Arc<Message>> = batch
-            .iter()
-            .filter_map(|op| match op {
-                Op::Append(message, _) => Some(message),
-                _ => None,
-            })
-            .collect();
-        let reserve = batch
-            .iter()
-            .filter_map(|op| match op {
-                Op::Reserve(up_to, _) => Some(*up_to),
-                _ => None,
-            })
-            .max()
-            .filter(|up_to| *up_to > self.reserved.load(Ordering::Acquire));
-        let written = appends.len() as u64;
-        let newest = appends.iter().map(|m| m.id).max();
-        let result = if written > 0 || reserve.is_some() {
-            self.write(&appends, reserve)
-        } else {
-            Ok(())
-        };
-        drop(appends);
-        match &result {
-            Ok(()) => {
-                if written > 0 {
-                    self.metrics.written.inc_by(written);
-                    if let Some(id) = newest {
-                        self.metrics.written_id.set(id as i64);
-                    }
-                }
-                if written > 0 || reserve.is_some() {
-                    self.metrics.batches.inc();
-                }
-                if let Some(up_to) = reserve {
-                    self.reserved.fetch_max(up_to, Ordering::AcqRel);
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, messages = written, "history write failed");
-                self.metrics.write_failures.inc_by(written);
-                // The counts may have moved with the rolled-back rows.
-                self.counts.clear();
-            }
-        }
-        let result = result.map_err(failed);
-        let mut open = true;
-        for op in batch {
-            if !open {
-                answer_closed(op);
-                continue;
-            }
-            match op {
-                Op::Append(_, Some(then)) => then(result.clone()),
-                Op::Append(_, None) => {}
-                Op::Reserve(_, reply) => {
-                    let _ = reply.send(match &result {
-                        Ok(()) => Ok(self.reserved.load(Ordering::Acquire)),
-                        Err(error) => Err(error.clone()),
-                    });
-                }
-                Op::Recent(room, limit, reply) => {
-                    let _ = reply.send(self.recent(&room, limit).map_err(failed));
-                }
-                Op::Page(room, before, limit, reply) => {
-                    let _ = reply.send(self.page(&room, before, limit).map_err(failed));
-                }
-                Op::Close(last_used, done) => {
-                    self.close(last_used);
-                    let _ = done.send(());
-                    open = false;
-                }
-            }
-        }
-        open
-    }
-
     /// One transaction: the appends, the rooms trimmed to `keep`, and the id reservation.
-    fn write(&mut self, appends: &[&Arc<Message>], reserve: Option<u64>) -> rusqlite::Result<()> {
+    fn transaction(
+        &mut self,
+        appends: &[&Arc<Message>],
+        reserve: Option<u64>,
+    ) -> rusqlite::Result<()> {
         let Writer {
             conn,
             counts,
@@ -445,11 +314,7 @@ impl Writer {
         tx.commit()
     }
 
-    fn recent(&mut self, room: &str, limit: usize) -> rusqlite::Result<Vec<Arc<Message>>> {
-        Ok(self.page(room, None, limit)?.messages)
-    }
-
-    fn page(&mut self, room: &str, before: Option<u64>, limit: usize) -> rusqlite::Result<Page> {
+    fn select(&mut self, room: &str, before: Option<u64>, limit: usize) -> rusqlite::Result<Page> {
         let mut select = self.conn.prepare_cached(
             "SELECT room, id, sender, text, ts, client_id FROM messages \
              WHERE room = ?1 AND id < ?2 AND ts >= ?3 ORDER BY id DESC LIMIT ?4",
@@ -470,7 +335,6 @@ impl Writer {
 
     /// Deletes every message past `max_age`.
     fn sweep(&mut self) {
-        self.last_sweep = Instant::now();
         let oldest = cutoff(self.settings.max_age) as i64;
         match self
             .conn
@@ -484,22 +348,6 @@ impl Writer {
             Err(error) => tracing::error!(%error, "history: sweeping old messages failed"),
         }
     }
-
-    /// Records that no id above `last_used` was handed out, so the next start continues
-    /// right after it instead of after the whole reserved block.
-    fn close(&mut self, last_used: u64) {
-        let result = self.conn.transaction().and_then(|tx| {
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('ids_reserved', ?1) \
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [last_used as i64],
-            )?;
-            tx.commit()
-        });
-        if let Err(error) = result {
-            tracing::error!(%error, "history: recording the last message id failed");
-        }
-    }
 }
 
 /// Raises the reservation on disk (never lowers it).
@@ -510,59 +358,4 @@ fn set_reserved(conn: &Connection, up_to: u64) -> rusqlite::Result<()> {
         [up_to as i64],
     )?;
     Ok(())
-}
-
-/// Answers an operation that came after `Close`.
-fn answer_closed(op: Op) {
-    match op {
-        Op::Append(_, Some(then)) => then(Err(closed())),
-        Op::Append(_, None) => {}
-        Op::Reserve(_, reply) => drop(reply.send(Err(closed()))),
-        Op::Recent(_, _, reply) => drop(reply.send(Err(closed()))),
-        Op::Page(_, _, _, reply) => drop(reply.send(Err(closed()))),
-        Op::Close(_, done) => drop(done.send(())),
-    }
-}
-
-impl HistoryStore for SqliteStore {
-    fn last_id(&self) -> u64 {
-        self.last_id
-    }
-
-    fn reserved_ids(&self) -> u64 {
-        self.reserved.load(Ordering::Acquire)
-    }
-
-    fn reserve_ids(&self, up_to: u64) -> Reply<u64> {
-        if up_to <= self.reserved_ids() {
-            return ready(Ok(self.reserved_ids()));
-        }
-        self.read(|reply| Op::Reserve(up_to, reply))
-    }
-
-    fn append(&self, message: Arc<Message>, then: Option<Then>) -> Result<(), StoreError> {
-        self.queue(Op::Append(message, then))
-    }
-
-    fn recent(&self, room: &str, limit: usize) -> Reply<Vec<Arc<Message>>> {
-        self.read(|reply| Op::Recent(room.to_owned(), limit, reply))
-    }
-
-    fn page(&self, room: &str, before: Option<u64>, limit: usize) -> Reply<Page> {
-        self.read(|reply| Op::Page(room.to_owned(), before, limit, reply))
-    }
-
-    fn forget(&self, _room: &str) {}
-
-    fn close(&self, last_used: u64) {
-        let (done, wait) = mpsc::channel();
-        // Waits for room in the queue: everything before it is written first.
-        if self.queue.send(Op::Close(last_used, done)).is_ok() {
-            let _ = wait.recv();
-        }
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(writer) = writer {
-            let _ = writer.join();
-        }
-    }
 }
