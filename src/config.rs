@@ -18,12 +18,15 @@ pub const RESERVED_FILES: usize = 64;
 pub const DEFAULT_DATA_DIR: &str = "switchyard-data";
 
 /// Where room history is kept (`--history-store`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HistoryStoreKind {
     /// The last `history_len` messages per room, in memory; nothing survives a restart.
     Memory,
     /// SQLite in `data_dir`: history survives restarts and crashes.
     Sqlite,
+    /// The Redis at this URL (`redis://HOST:PORT[/DB]`): history lives as long as Redis
+    /// keeps its data, and no data directory is needed.
+    Redis(String),
 }
 
 /// The server's settings. `Default` gives the documented defaults.

@@ -167,8 +167,9 @@ struct ServeArgs {
     #[arg(long)]
     auth_public_key: Option<std::path::PathBuf>,
     /// Where room history is kept: `sqlite` (an embedded database in --data-dir; history
-    /// survives restarts) or `memory` (the last --history-len messages per room; nothing
-    /// survives a restart).
+    /// survives restarts), `redis://HOST:PORT[/DB]` (a Redis database, 6.2 or newer, for one
+    /// server at a time; history lives as long as Redis keeps its data) or `memory` (the last
+    /// --history-len messages per room; nothing survives a restart).
     #[arg(long, default_value = "sqlite", value_parser = parse_store)]
     history_store: HistoryStoreKind,
     /// The directory of the embedded history store (created if missing; one server per
@@ -221,12 +222,17 @@ fn parse_rate(raw: &str) -> Result<(f64, f64), String> {
     }
 }
 
-/// `memory` or `sqlite`.
+/// `memory`, `sqlite` or a `redis://` URL.
 fn parse_store(raw: &str) -> Result<HistoryStoreKind, String> {
     match raw {
         "memory" => Ok(HistoryStoreKind::Memory),
         "sqlite" => Ok(HistoryStoreKind::Sqlite),
-        _ => Err(format!("{raw:?} is not a history store (memory or sqlite)")),
+        url if url.starts_with("redis://") => redis::Client::open(url)
+            .map(|_| HistoryStoreKind::Redis(url.to_owned()))
+            .map_err(|e| format!("{url:?} is not a Redis URL: {e}")),
+        _ => Err(format!(
+            "{raw:?} is not a history store (memory, sqlite or redis://HOST:PORT[/DB])"
+        )),
     }
 }
 
@@ -280,7 +286,10 @@ impl ServeArgs {
         if self.history_store == HistoryStoreKind::Memory
             && self.history_durability == Durability::Full
         {
-            return Err("--history-durability full needs --history-store sqlite".into());
+            return Err(
+                "--history-durability full needs a store that outlives the process (sqlite or redis://)"
+                    .into(),
+            );
         }
         if self.history_keep == 0 || self.history_len > self.history_keep {
             return Err("--history-keep must be at least 1 and at least --history-len".into());
@@ -331,7 +340,7 @@ impl ServeArgs {
             close_timeout: self.close_timeout,
             socket_send_buffer: self.socket_send_buffer,
             demo_dir: self.demo_dir.clone(),
-            history_store: self.history_store,
+            history_store: self.history_store.clone(),
             trusted_proxies: self.trusted_proxies.clone(),
             auth,
             data_dir: self.data_dir.clone(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
+use support::redis::RedisServer;
 use support::*;
 use switchyard::protocol::TransportKind;
 
@@ -530,5 +531,179 @@ async fn with_full_durability_a_failed_write_fails_the_send_and_nobody_sees_it()
     let next = next_message(&mut ws).await;
     assert_eq!(next["text"], "refused");
     assert_eq!(next["id"], retry["results"][0]["id"]);
+    server.stop().await;
+}
+
+/// The flags of a server keeping history in the Redis at `url`.
+fn redis_flags<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec!["--history-store", url, "--rate-limit", "100000"];
+    flags.extend_from_slice(extra);
+    flags
+}
+
+#[tokio::test]
+async fn history_in_redis_survives_a_restart_and_a_kill_and_scrollback_pages_through_it() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let server = ServerProcess::start(&redis_flags(&url, &[])).await;
+    let client = server.client();
+    let ann = client.session("ann").await;
+    client.ok(&ann, join("one")).await;
+    let sent = send_many(&client, &ann, "one", 200).await;
+    server.stop().await;
+
+    let server = ServerProcess::start(&redis_flags(&url, &[])).await;
+    let client = server.client();
+    for kind in [TransportKind::WebSocket, TransportKind::LongPolling] {
+        let bob = client.session("bob").await;
+        let mut events = client.attach(kind, &bob, 0).await;
+        client.ok(&bob, join("one")).await;
+        let history = events.next_of("history").await;
+        assert_eq!(
+            message_ids(&history["messages"]),
+            sent[150..],
+            "{kind}: join returns the last 50"
+        );
+        let paged = scroll_back(&client, &mut events, "one", Some(sent[150]), 60).await;
+        assert_eq!(
+            paged,
+            sent[..150],
+            "{kind}: scrollback, no gap and no repeat"
+        );
+    }
+    let next = client
+        .ok(&ann_again(&client).await, send("one", "after", "after"))
+        .await;
+    let next = next["results"][0]["id"].as_u64().expect("id");
+    assert_eq!(next, sent[199] + 1, "after a graceful stop the ids go on");
+
+    // A killed server leaves its lease behind: the next one on this machine takes it over at
+    // once, and hands out no id that may have been used.
+    server.kill().await;
+    let server = ServerProcess::start(&redis_flags(&url, &[])).await;
+    let client = server.client();
+    let carol = ann_again(&client).await;
+    let again = client.ok(&carol, send("one", "again", "again")).await;
+    assert!(again["results"][0]["id"].as_u64().expect("id") > next);
+    let mut events = client.attach(TransportKind::Sse, &carol, 0).await;
+    let all = scroll_back(&client, &mut events, "one", None, 200).await;
+    assert_eq!(all.len(), 202, "every message written is served");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_in_redis_keeps_its_bounds() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let bounds = [
+        "--history-keep",
+        "30",
+        "--history-len",
+        "10",
+        "--history-max-age",
+        "2s",
+    ];
+    let server = ServerProcess::start(&redis_flags(&url, &bounds)).await;
+    let client = server.client();
+    let ann = client.session("ann").await;
+    let mut events = client.attach(TransportKind::Sse, &ann, 0).await;
+    client.ok(&ann, join("r")).await;
+    let sent = send_many(&client, &ann, "r", 50).await;
+    let kept = scroll_back(&client, &mut events, "r", None, 7).await;
+    assert_eq!(kept, sent[20..], "the newest 30, and no more after them");
+    let mut redis_conn = redis.connection();
+    let stored: u64 = ::redis::cmd("ZCARD")
+        .arg("switchyard:room:r")
+        .query(&mut redis_conn)
+        .expect("ZCARD");
+    assert_eq!(stored, 30, "older messages are dropped from Redis");
+
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let bob = client.session("bob").await;
+    let mut bobs = client.attach(TransportKind::ShortPolling, &bob, 0).await;
+    client.ok(&bob, join("r")).await;
+    let history = bobs.next_of("history").await;
+    assert_eq!(history["messages"], json!([]), "past max age: {history}");
+    let exists: u64 = ::redis::cmd("EXISTS")
+        .arg("switchyard:room:r")
+        .query(&mut redis_conn)
+        .expect("EXISTS");
+    assert_eq!(exists, 0, "a room expires max age after its newest message");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_redis_database_in_use_foreign_or_unreachable_stops_the_server_at_start() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let server = ServerProcess::start(&redis_flags(&url, &[])).await;
+    let stderr = failing_start(&redis_flags(&url, &[])).await;
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("in use") && stderr.contains(&url),
+        "{stderr}"
+    );
+    server.stop().await;
+
+    let mut conn = redis.connection();
+    let set_meta = |conn: &mut ::redis::Connection, app: &str, version: u64| {
+        ::redis::cmd("HSET")
+            .arg("switchyard:meta")
+            .arg("application")
+            .arg(app)
+            .arg("version")
+            .arg(version)
+            .query::<()>(conn)
+            .expect("HSET");
+    };
+    set_meta(&mut conn, "switchyard-history", 7);
+    let stderr = failing_start(&redis_flags(&url, &[])).await;
+    assert!(stderr.contains("layout version 7"), "{stderr}");
+    set_meta(&mut conn, "someone-else", 1);
+    let stderr = failing_start(&redis_flags(&url, &[])).await;
+    assert!(stderr.contains("not switchyard's"), "{stderr}");
+
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let nowhere = format!("redis://{nowhere}");
+    let stderr = failing_start(&redis_flags(&nowhere, &[])).await;
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&nowhere), "{stderr}");
+    let stderr = failing_start(&redis_flags("redis://[oops", &[])).await;
+    assert!(stderr.contains("not a Redis URL"), "{stderr}");
+}
+
+#[tokio::test]
+async fn while_redis_is_down_sends_fail_clearly_and_history_goes_on_when_it_is_back() {
+    let mut redis = RedisServer::persistent().await;
+    let url = redis.url();
+    let server = ServerProcess::start(&redis_flags(&url, &["--history-durability", "full"])).await;
+    let client = server.client();
+    let (_reader, mut ws) = member_on_websocket(&client, "reader").await;
+    let ann = client.session("ann").await;
+    client.ok(&ann, join("r")).await;
+    let first = client.ok(&ann, send("r", "first", "f")).await;
+    assert_eq!(next_message(&mut ws).await["text"], "first");
+
+    redis.kill().await;
+    let (status, reply) = client.commands(&ann, send("r", "refused", "x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    assert_eq!(reply["error"]["code"], "history_unavailable", "{reply}");
+    let (status, _, _) = client.request(Method::GET, "/healthz", &[], "").await;
+    assert_eq!(status, StatusCode::OK, "the server itself stays up");
+
+    redis.restart().await;
+    let retry = client.ok(&ann, send("r", "refused", "x")).await;
+    assert_eq!(retry["results"][0]["duplicate"], false, "{retry}");
+    let next = next_message(&mut ws).await;
+    assert_eq!(
+        next["id"], retry["results"][0]["id"],
+        "nobody saw the refused one"
+    );
+    let mut events = client.attach(TransportKind::LongPolling, &ann, 0).await;
+    let kept = scroll_back(&client, &mut events, "r", None, 50).await;
+    let id = |reply: &Value| reply["results"][0]["id"].as_u64().unwrap();
+    assert_eq!(kept, [id(&first), id(&retry)], "Redis kept its data");
     server.stop().await;
 }
