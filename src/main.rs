@@ -581,6 +581,20 @@ mod tests {
         ])
         .unwrap();
         assert!(full_in_memory.serve.config().is_err());
+        let redis = serve_config(&[
+            "switchyard",
+            "--history-store",
+            "redis://127.0.0.1:6379/2",
+            "--history-durability",
+            "full",
+        ]);
+        assert_eq!(
+            redis.history_store,
+            HistoryStoreKind::Redis("redis://127.0.0.1:6379/2".into())
+        );
+        assert_eq!(redis.durability, Durability::Full);
+        assert!(Cli::try_parse_from(["switchyard", "--history-store", "redis://:x:y:z"]).is_err());
+        assert!(Cli::try_parse_from(["switchyard", "--history-store", "postgres://h"]).is_err());
         assert_eq!(set.session_rate_limit, None);
         assert_eq!(set.room_rate_limit, Some((5.0, 10.0)));
         assert_eq!(set.presence_list_limit, 50);

@@ -28,8 +28,7 @@ const MAX_BATCH: usize = 4096;
 pub(crate) trait Backend: Send + 'static {
     /// Stores `appends` (in id order per room, each room trimmed to its bounds) and raises
     /// the id reservation to `reserve`, all or nothing.
-    fn write(&mut self, appends: &[&Arc<Message>], reserve: Option<u64>)
-        -> Result<(), StoreError>;
+    fn write(&mut self, appends: &[&Arc<Message>], reserve: Option<u64>) -> Result<(), StoreError>;
 
     /// Up to `limit` of a room's messages older than `before`, none past the age bound.
     fn page(&mut self, room: &str, before: Option<u64>, limit: usize) -> Result<Page, StoreError>;

@@ -214,11 +214,7 @@ fn failed(error: rusqlite::Error) -> StoreError {
 }
 
 impl Backend for Writer {
-    fn write(
-        &mut self,
-        appends: &[&Arc<Message>],
-        reserve: Option<u64>,
-    ) -> Result<(), StoreError> {
+    fn write(&mut self, appends: &[&Arc<Message>], reserve: Option<u64>) -> Result<(), StoreError> {
         let result = self.transaction(appends, reserve);
         if result.is_err() {
             // The counts may have moved with the rolled-back rows.
