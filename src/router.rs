@@ -32,6 +32,7 @@ use crate::transport::{
 enum Endpoint<'a> {
     Asset(&'static demo::Asset),
     Health,
+    Ready,
     Metrics,
     OpenApi,
     Sessions,
@@ -50,6 +51,7 @@ impl<'a> Endpoint<'a> {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         Some(match segments.as_slice() {
             ["healthz"] => Endpoint::Health,
+            ["readyz"] => Endpoint::Ready,
             ["metrics"] => Endpoint::Metrics,
             ["openapi.yaml"] => Endpoint::OpenApi,
             ["v1", "sessions"] => Endpoint::Sessions,
@@ -66,6 +68,7 @@ impl<'a> Endpoint<'a> {
         match self {
             Endpoint::Asset(_)
             | Endpoint::Health
+            | Endpoint::Ready
             | Endpoint::Metrics
             | Endpoint::OpenApi
             | Endpoint::Sse(_)
@@ -83,6 +86,7 @@ impl<'a> Endpoint<'a> {
         Some(match self {
             Endpoint::Asset(_) => return None,
             Endpoint::Health => "/healthz",
+            Endpoint::Ready => "/readyz",
             Endpoint::Metrics => "/metrics",
             Endpoint::OpenApi => "/openapi.yaml",
             Endpoint::Sessions => "/v1/sessions",
@@ -103,6 +107,7 @@ pub const OPENAPI: &str = include_str!("../docs/openapi.yaml");
 pub fn api_routes() -> Vec<(String, &'static str)> {
     let probes = [
         "/healthz",
+        "/readyz",
         "/metrics",
         "/openapi.yaml",
         "/v1/sessions",
@@ -258,6 +263,10 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             StatusCode::OK,
             &serde_json::json!({"ok": true}),
         )),
+        Endpoint::Ready => Ok(match hub.ready() {
+            Ok(()) => json_response(StatusCode::OK, &serde_json::json!({"ok": true})),
+            Err(error) => error_response(error),
+        }),
         Endpoint::OpenApi => {
             let mut response = Response::new(full(OPENAPI));
             response

@@ -685,6 +685,8 @@ async fn while_redis_is_down_sends_fail_clearly_and_history_goes_on_when_it_is_b
     client.ok(&ann, join("r")).await;
     let first = client.ok(&ann, send("r", "first", "f")).await;
     assert_eq!(next_message(&mut ws).await["text"], "first");
+    let (status, reply) = client.json(Method::GET, "/readyz", None).await;
+    assert_eq!((status, reply), (StatusCode::OK, json!({"ok": true})));
 
     redis.kill().await;
     let (status, reply) = client.commands(&ann, send("r", "refused", "x")).await;
@@ -692,8 +694,21 @@ async fn while_redis_is_down_sends_fail_clearly_and_history_goes_on_when_it_is_b
     assert_eq!(reply["error"]["code"], "history_unavailable", "{reply}");
     let (status, _, _) = client.request(Method::GET, "/healthz", &[], "").await;
     assert_eq!(status, StatusCode::OK, "the server itself stays up");
+    let (status, reply) = client.json(Method::GET, "/readyz", None).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready: {reply}"
+    );
+    assert_eq!(reply["error"]["code"], "history_unavailable", "{reply}");
 
     redis.restart().await;
+    within("/readyz to answer 200 once Redis is back", async {
+        while client.json(Method::GET, "/readyz", None).await.0 != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     let retry = client.ok(&ann, send("r", "refused", "x")).await;
     assert_eq!(retry["results"][0]["duplicate"], false, "{retry}");
     let next = next_message(&mut ws).await;

@@ -90,6 +90,12 @@ pub trait HistoryStore: Send + Sync + fmt::Debug {
     /// Writes everything queued, records that no id above `last_used` was handed out (so the
     /// next start continues right after it), and closes. Blocks until done.
     fn close(&self, last_used: u64);
+
+    /// `Err` with the cause while the store's last operation failed (its backend cannot be
+    /// reached): `GET /readyz`. A store that cannot fail is always ready.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Microseconds since the Unix epoch, the unit of [`Message::ts`].

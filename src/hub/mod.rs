@@ -1035,6 +1035,17 @@ impl Hub {
         self.inner.store.close(last_used);
     }
 
+    /// Whether the hub can serve everything it offers (`GET /readyz`): `Err`
+    /// `history_unavailable` while its history store's backend cannot be reached.
+    pub fn ready(&self) -> Result<(), ErrorBody> {
+        self.inner.store.ready().map_err(|cause| {
+            ErrorBody::new(
+                ErrorCode::HistoryUnavailable,
+                format!("the history store cannot be reached: {cause}"),
+            )
+        })
+    }
+
     /// Refuses new sessions and transports and closes every attached transport with
     /// `shutdown`.
     pub fn shutdown(&self) {

@@ -37,8 +37,8 @@ pub(crate) trait Backend: Send + 'static {
     fn close(&mut self, last_used: u64);
 
     /// Housekeeping (sweeping old messages, keeping a lease), run every
-    /// [`Backend::tick_every`] whether or not there is work.
-    fn tick(&mut self);
+    /// [`Backend::tick_every`] whether or not there is work. `Err` if the backend failed.
+    fn tick(&mut self) -> Result<(), StoreError>;
 
     /// How often [`Backend::tick`] runs.
     fn tick_every(&self) -> Duration;
@@ -52,6 +52,8 @@ pub struct QueuedStore {
     last_id: u64,
     reserved: Arc<AtomicU64>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Why the writer's last operation failed; `None` once one succeeds.
+    failing: Arc<Mutex<Option<String>>>,
     /// Held (flock) for the store's life, by a store in a directory.
     _lock: Option<File>,
 }
@@ -84,11 +86,13 @@ impl QueuedStore {
         lock: Option<File>,
     ) -> Result<Self, String> {
         let reserved = Arc::new(AtomicU64::new(last_id));
+        let failing = Arc::new(Mutex::new(None));
         let (queue, ops) = mpsc::sync_channel(QUEUE);
         let writer = Writer {
             backend,
             reserved: reserved.clone(),
             metrics,
+            failing: failing.clone(),
         };
         let writer = std::thread::Builder::new()
             .name(name.into())
@@ -99,6 +103,7 @@ impl QueuedStore {
             last_id,
             reserved,
             writer: Mutex::new(Some(writer)),
+            failing,
             _lock: lock,
         })
     }
@@ -130,9 +135,16 @@ struct Writer<B> {
     backend: B,
     reserved: Arc<AtomicU64>,
     metrics: HistoryMetrics,
+    failing: Arc<Mutex<Option<String>>>,
 }
 
 impl<B: Backend> Writer<B> {
+    /// Records how the backend's last operation went, for [`HistoryStore::ready`].
+    fn note<T>(&self, result: &Result<T, StoreError>) {
+        let now = result.as_ref().err().map(ToString::to_string);
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = now;
+    }
+
     fn run(mut self, ops: Receiver<Op>) {
         let every = self.backend.tick_every();
         let mut last_tick = Instant::now();
@@ -156,7 +168,8 @@ impl<B: Backend> Writer<B> {
                 }
             }
             if last_tick.elapsed() >= every {
-                self.backend.tick();
+                let ticked = self.backend.tick();
+                self.note(&ticked);
                 last_tick = Instant::now();
             }
         }
@@ -182,7 +195,9 @@ impl<B: Backend> Writer<B> {
         let written = appends.len() as u64;
         let newest = appends.iter().map(|m| m.id).max();
         let result = if written > 0 || reserve.is_some() {
-            self.backend.write(&appends, reserve)
+            let result = self.backend.write(&appends, reserve);
+            self.note(&result);
+            result
         } else {
             Ok(())
         };
@@ -224,10 +239,13 @@ impl<B: Backend> Writer<B> {
                 }
                 Op::Recent(room, limit, reply) => {
                     let page = self.backend.page(&room, None, limit);
+                    self.note(&page);
                     let _ = reply.send(page.map(|page| page.messages));
                 }
                 Op::Page(room, before, limit, reply) => {
-                    let _ = reply.send(self.backend.page(&room, before, limit));
+                    let page = self.backend.page(&room, before, limit);
+                    self.note(&page);
+                    let _ = reply.send(page);
                 }
                 Op::Close(last_used, done) => {
                     self.backend.close(last_used);
@@ -281,6 +299,13 @@ impl HistoryStore for QueuedStore {
     }
 
     fn forget(&self, _room: &str) {}
+
+    fn ready(&self) -> Result<(), String> {
+        match &*self.failing.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => Ok(()),
+            Some(cause) => Err(cause.clone()),
+        }
+    }
 
     fn close(&self, last_used: u64) {
         let (done, wait) = mpsc::channel();

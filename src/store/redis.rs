@@ -411,9 +411,9 @@ impl Backend for Writer {
         }
     }
 
-    fn tick(&mut self) {
+    fn tick(&mut self) -> Result<(), StoreError> {
         if self.lost {
-            return;
+            return Err(lost());
         }
         let token = self.token.clone();
         let renewed = with_conn(&self.client, &mut self.conn, |conn| {
@@ -424,9 +424,15 @@ impl Backend for Writer {
                 .invoke::<u8>(conn)
         });
         match renewed {
-            Ok(1) => {}
-            Ok(_) => self.lose_lease(),
-            Err(error) => tracing::warn!(%error, "history: renewing the Redis lease failed"),
+            Ok(1) => Ok(()),
+            Ok(_) => {
+                self.lose_lease();
+                Err(lost())
+            }
+            Err(error) => {
+                tracing::warn!(%error, "history: renewing the Redis lease failed");
+                Err(failed(error))
+            }
         }
     }
 

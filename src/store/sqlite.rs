@@ -241,8 +241,10 @@ impl Backend for Writer {
         }
     }
 
-    fn tick(&mut self) {
+    fn tick(&mut self) -> Result<(), StoreError> {
+        // A failed sweep is logged and tried again; reads still skip what it missed.
         self.sweep();
+        Ok(())
     }
 
     fn tick_every(&self) -> Duration {
