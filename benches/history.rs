@@ -3,6 +3,10 @@
 //! of 10 members as fast as their replies come back (with full durability a reply waits for
 //! the write, so the senders' writes share commits).
 //!
+//! The Redis store runs against a `redis-server` (Debian's package) this bench starts on a free
+//! loopback port, with `appendonly yes` and `appendfsync everysec`; its line adds the CPU that
+//! Redis itself spent per message. Without `/usr/bin/redis-server` those lines are skipped.
+//!
 //! `cargo bench --bench history [-- SECONDS]` prints one line per store; docs/benchmarks.md
 //! quotes it.
 
@@ -12,6 +16,7 @@ use std::time::{Duration, Instant};
 use switchyard::hub::{Durability, HistoryStore, Hub, HubConfig, MemoryStore};
 use switchyard::metrics::Metrics;
 use switchyard::protocol::Command;
+use switchyard::store::redis::{self as redis_store, RedisStore};
 use switchyard::store::sqlite::{Settings, SqliteStore};
 
 const SENDERS: usize = 64;
@@ -29,7 +34,85 @@ fn cpu_time() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
-async fn measure(name: &str, durability: Durability, store: Arc<dyn HistoryStore>, run: Duration) {
+/// User plus system CPU time of process `pid`, from /proc.
+fn cpu_time_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
+/// A `redis-server` on a free loopback port in a temp directory, killed when dropped.
+struct Redis {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        if !std::path::Path::new("/usr/bin/redis-server").exists() {
+            println!("redis                  skipped: /usr/bin/redis-server is not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new("/usr/bin/redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not listen in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Redis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn measure(
+    name: &str,
+    durability: Durability,
+    store: Arc<dyn HistoryStore>,
+    run: Duration,
+    other: Option<u32>,
+) {
     let config = HubConfig {
         durability,
         ..HubConfig::default().with_rate_limit(1e9)
@@ -52,6 +135,7 @@ async fn measure(name: &str, durability: Durability, store: Arc<dyn HistoryStore
     }
     let deadline = Instant::now() + run;
     let (started, cpu) = (Instant::now(), cpu_time());
+    let other_cpu = other.map(cpu_time_of);
     let tasks: Vec<_> = senders
         .into_iter()
         .enumerate()
@@ -79,11 +163,18 @@ async fn measure(name: &str, durability: Durability, store: Arc<dyn HistoryStore
         sent += task.await.expect("sender");
     }
     let (elapsed, cpu) = (started.elapsed(), cpu_time() - cpu);
+    let other_cpu = other
+        .zip(other_cpu)
+        .map(|(pid, before)| cpu_time_of(pid) - before);
     hub.close_store();
+    let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / sent as f64;
+    let redis = other_cpu
+        .map(|cpu| format!(", Redis {:.2} µs CPU/msg", per_message(cpu)))
+        .unwrap_or_default();
     println!(
-        "{name:<22} {:>9.0} msg/s {:>8.2} µs CPU/msg ({sent} messages in {:.1} s)",
+        "{name:<22} {:>9.0} msg/s {:>8.2} µs CPU/msg ({sent} messages in {:.1} s{redis})",
         sent as f64 / elapsed.as_secs_f64(),
-        cpu.as_secs_f64() * 1e6 / sent as f64,
+        per_message(cpu),
         elapsed.as_secs_f64()
     );
 }
@@ -101,7 +192,7 @@ fn main() {
     runtime.block_on(async {
         println!("one room of {MEMBERS} members, {SENDERS} senders, {seconds} s per store");
         let memory = Arc::new(MemoryStore::new(50, Duration::from_secs(86_400)));
-        measure("memory", Durability::Normal, memory, run).await;
+        measure("memory", Durability::Normal, memory, run, None).await;
         for durability in [Durability::Normal, Durability::Full] {
             let dir = tempfile::tempdir().expect("temp dir");
             let settings = Settings {
@@ -113,7 +204,26 @@ fn main() {
             let store = SqliteStore::open(dir.path(), settings, metrics.history().clone())
                 .expect("open the store");
             let name = format!("sqlite, {durability:?}").to_lowercase();
-            measure(&name, durability, Arc::new(store), run).await;
+            measure(&name, durability, Arc::new(store), run, None).await;
+        }
+        for durability in [Durability::Normal, Durability::Full] {
+            let Some(redis) = Redis::start() else { break };
+            let settings = redis_store::Settings {
+                keep: 10_000,
+                max_age: Duration::from_secs(86_400),
+            };
+            let metrics = Metrics::new();
+            let store = RedisStore::open(&redis.url, settings, metrics.history().clone())
+                .expect("open the Redis store");
+            let name = format!("redis, {durability:?}").to_lowercase();
+            measure(
+                &name,
+                durability,
+                Arc::new(store),
+                run,
+                Some(redis.child.id()),
+            )
+            .await;
         }
     });
 }

@@ -23,6 +23,7 @@
 //! `send` fails), reads fail (`history_unavailable`), and everything works again once Redis
 //! is back. A write is refused if another server has taken the lease meanwhile.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,9 +56,10 @@ const IDS: &str = "switchyard:ids";
 /// The error a write script returns when another server holds the lease.
 const NOT_OWNER: &str = "SWITCHYARD_NOT_OWNER";
 
-/// Checks the lease (taking it if it lapsed), renews it, raises the id reservation to ARGV[5]
-/// (0: none), and adds each message ARGV[6+2i] (id) / ARGV[7+2i] (JSON) to room KEYS[3+i],
-/// trimming the room to ARGV[3] messages and expiring it ARGV[4] ms after its newest.
+/// Checks the lease (taking it if it lapsed), renews it, and raises the id reservation to
+/// ARGV[5] (0: none). Then for each room KEYS[3..], from ARGV[6] on: a count N, then N pairs of
+/// id and JSON to add; the room is trimmed to ARGV[3] messages and set to expire ARGV[4] ms
+/// after its newest, once per batch.
 const WRITE: &str = r"
 local owner = redis.call('GET', KEYS[1])
 if owner and owner ~= ARGV[1] then
@@ -69,9 +71,14 @@ if reserve > 0 and reserve > tonumber(redis.call('GET', KEYS[2]) or '0') then
   redis.call('SET', KEYS[2], ARGV[5])
 end
 local keep = tonumber(ARGV[3])
+local a = 6
 for i = 3, #KEYS do
-  local a = 6 + (i - 3) * 2
-  redis.call('ZADD', KEYS[i], ARGV[a], ARGV[a + 1])
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for j = 1, n do
+    redis.call('ZADD', KEYS[i], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
   redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -(keep + 1))
   redis.call('PEXPIRE', KEYS[i], ARGV[4])
 end
@@ -338,14 +345,24 @@ impl Backend for Writer {
             .arg(self.settings.keep)
             .arg(self.settings.max_age.as_millis().clamp(1, i64::MAX as u128) as u64)
             .arg(reserve.unwrap_or(0));
+        // By room, each in id order: a room is trimmed and its expiry set once per batch.
+        let mut rooms: Vec<(&str, Vec<&Message>)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
         for message in appends {
-            let json = serde_json::to_string(&***message).map_err(|e| {
-                StoreError::Failed(format!("cannot encode message {}: {e}", message.id))
-            })?;
-            invocation
-                .key(room_key(&message.room))
-                .arg(message.id)
-                .arg(json);
+            let at = *index.entry(&message.room).or_insert_with(|| {
+                rooms.push((&message.room, Vec::new()));
+                rooms.len() - 1
+            });
+            rooms[at].1.push(message);
+        }
+        for (room, messages) in rooms {
+            invocation.key(room_key(room)).arg(messages.len());
+            for message in messages {
+                let json = serde_json::to_string(message).map_err(|e| {
+                    StoreError::Failed(format!("cannot encode message {}: {e}", message.id))
+                })?;
+                invocation.arg(message.id).arg(json);
+            }
         }
         let result = with_conn(&self.client, &mut self.conn, |conn| {
             invocation.invoke::<u8>(conn)
