@@ -33,6 +33,7 @@ pub mod admission;
 pub mod auth;
 pub mod bench;
 pub mod checks;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod demo;
