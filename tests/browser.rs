@@ -67,20 +67,14 @@ impl Driver {
                 .process_group(0)
                 .spawn()
                 .expect("start chromedriver");
-            let listening = browser_within("chromedriver to listen", async {
-                loop {
-                    if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            let listening = browser_within(
+                "chromedriver to listen",
+                support::until_ready(&mut child, || async {
+                    tokio::net::TcpStream::connect(("127.0.0.1", port))
                         .await
                         .is_ok()
-                    {
-                        return true;
-                    }
-                    if child.try_wait().expect("chromedriver status").is_some() {
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
+                }),
+            )
             .await;
             if listening {
                 return Driver {

@@ -657,6 +657,23 @@ impl ServerProcess {
     }
 }
 
+/// Polls `ready` every 20 ms until it says yes (`true`) or `child` exits first (`false`): for
+/// a server of the tests' own (Redis, a proxy, chromedriver) to start listening.
+pub async fn until_ready<F: Future<Output = bool>>(
+    child: &mut tokio::process::Child,
+    mut ready: impl FnMut() -> F,
+) -> bool {
+    loop {
+        if ready().await {
+            return true;
+        }
+        if child.try_wait().expect("the child's status").is_some() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs `switchyard serve ARGS` expecting it to stop at start; returns its stderr.
 pub async fn failing_start(args: &[&str]) -> String {
     let output = within(

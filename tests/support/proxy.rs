@@ -4,11 +4,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::{within, TestServer};
+use super::{until_ready, within, TestServer};
 
 const NGINX: &str = "/usr/sbin/nginx";
 const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -72,17 +71,12 @@ impl Proxy {
                 .kill_on_drop(true)
                 .spawn()
                 .unwrap_or_else(|e| panic!("start {program}: {e}"));
-            let listening = within(&format!("{package} to listen"), async {
-                loop {
-                    if TcpStream::connect(addr).await.is_ok() {
-                        return true;
-                    }
-                    if child.try_wait().expect("proxy status").is_some() {
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
+            let listening = within(
+                &format!("{package} to listen"),
+                until_ready(&mut child, || async {
+                    TcpStream::connect(addr).await.is_ok()
+                }),
+            )
             .await;
             if listening {
                 return Proxy {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::within;
+use super::{until_ready, within};
 
 const REDIS: &str = "/usr/bin/redis-server";
 
@@ -83,17 +83,10 @@ impl RedisServer {
             .spawn()
             .unwrap_or_else(|e| panic!("start {REDIS}: {e}"));
         let addr = self.addr;
-        let up = within("redis-server to answer PING", async {
-            loop {
-                if ping(addr).await {
-                    return true;
-                }
-                if child.try_wait().expect("redis status").is_some() {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
+        let up = within(
+            "redis-server to answer PING",
+            until_ready(&mut child, || ping(addr)),
+        )
         .await;
         if up {
             self.child = Some(child);
