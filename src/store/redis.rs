@@ -7,10 +7,12 @@
 //! Keys, all under [`PREFIX`]:
 //! - `switchyard:meta`: a hash naming the application and the layout version; a database
 //!   whose `meta` names another application or a newer version is refused at start.
-//! - `switchyard:owner`: the lease of the server using the database, renewed every
-//!   [`RENEW_EVERY`] and dropped at a clean stop; one server per database, as one per data
-//!   directory. A server starting while another's lease is live waits for it to lapse (a
-//!   server that was killed), at most [`LEASE`], then refuses to start.
+//! - `switchyard:owner`: the lease (`HOST:PID:NONCE`) of the server using the database,
+//!   renewed every [`RENEW_EVERY`] and dropped at a clean stop; one server per database, as
+//!   one per data directory. A server starting finds a lease of a live server of this machine:
+//!   it refuses to start; of one of this machine that is gone (killed): it takes it over; of
+//!   another machine's: it waits for it to lapse, at most [`LEASE`] and a renewal, then
+//!   refuses.
 //! - `switchyard:ids`: the highest message id reserved.
 //! - `switchyard:room:NAME`: a room's messages, a sorted set of their JSON by id.
 //!
@@ -19,7 +21,7 @@
 //! `max_age` after its newest message.
 //!
 //! When Redis cannot be reached, each batch tries to reconnect: writes fail (logged, and
-//! counted in `switchyard_history_write_failures`; with `--history-durability full` the
+//! counted in `switchyard_history_write_failures_total`; with `--history-durability full` the
 //! `send` fails), reads fail (`history_unavailable`), and everything works again once Redis
 //! is back. A write is refused if another server has taken the lease meanwhile.
 
