@@ -138,8 +138,13 @@ pub fn append(
         .arg(body)
         .arg(retention.as_millis().min(u64::MAX as u128) as u64)
         .invoke(conn)?;
+    parse_id(&id, "XADD returned")
+}
+
+/// A stream id Redis gave, or a parse error naming where it came from.
+fn parse_id(id: &str, what: &'static str) -> redis::RedisResult<LogId> {
     id.parse()
-        .map_err(|e: String| redis::RedisError::from((redis::ErrorKind::Parse, "XADD returned", e)))
+        .map_err(|e: String| redis::RedisError::from((redis::ErrorKind::Parse, what, e)))
 }
 
 /// The id of the newest entry ever appended ([`LogId::ZERO`] if none): where a reader that
@@ -148,9 +153,7 @@ pub fn tip(conn: &mut Connection) -> redis::RedisResult<LogId> {
     let last: Option<String> = conn.get(LAST)?;
     match last {
         None => Ok(LogId::ZERO),
-        Some(id) => id.parse().map_err(|e: String| {
-            redis::RedisError::from((redis::ErrorKind::Parse, "switchyard:log:last", e))
-        }),
+        Some(id) => parse_id(&id, "switchyard:log:last"),
     }
 }
 
@@ -278,7 +281,11 @@ fn read_loop(client: &Client, mut after: LogId, reports: &mpsc::Sender<Read>, st
                     return;
                 }
             };
-            if entry.prev != after {
+            let Chained { entry, prev } = entry;
+            let id = entry.id;
+            if prev == after {
+                entries.push(entry);
+            } else {
                 if !entries.is_empty()
                     && reports
                         .blocking_send(Read::Entries(std::mem::take(&mut entries)))
@@ -286,23 +293,20 @@ fn read_loop(client: &Client, mut after: LogId, reports: &mpsc::Sender<Read>, st
                 {
                     return;
                 }
-                tracing::warn!(%after, found = %entry.entry.id, prev = %entry.prev, "log reader: entries lost before they were read");
-                let lost = Read::Lost {
-                    after,
-                    found: entry.entry.clone(),
-                };
-                after = entry.entry.id;
-                after_prev = Some(entry.prev);
-                read_from = after;
-                if reports.blocking_send(lost).is_err() {
+                tracing::warn!(%after, found = %id, %prev, "log reader: entries lost before they were read");
+                if reports
+                    .blocking_send(Read::Lost {
+                        after,
+                        found: entry,
+                    })
+                    .is_err()
+                {
                     return;
                 }
-                continue;
             }
-            after = entry.entry.id;
-            after_prev = Some(entry.prev);
+            after = id;
+            after_prev = Some(prev);
             read_from = after;
-            entries.push(entry.entry);
         }
         if !entries.is_empty() && reports.blocking_send(Read::Entries(entries)).is_err() {
             return;
