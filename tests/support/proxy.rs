@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 
+use hyper::{Method, StatusCode};
+use serde_json::Value;
 use tokio::net::TcpStream;
 
 use super::{until_ready, within, TestServer};
@@ -71,27 +73,35 @@ impl Proxy {
                 .kill_on_drop(true)
                 .spawn()
                 .unwrap_or_else(|e| panic!("start {program}: {e}"));
-            let listening = within(
-                &format!("{package} to listen"),
+            // Ready means a request through the proxy reached the server behind it: a proxy
+            // that accepted a connection may still fail its start and reset what it accepted.
+            let through = TestServer::attached_to(addr);
+            let ready = within(
+                &format!("{package} to carry GET /healthz"),
                 until_ready(&mut child, || async {
-                    TcpStream::connect(addr).await.is_ok()
+                    matches!(
+                        through.try_json(Method::GET, "/healthz", Value::Null).await,
+                        Some((StatusCode::OK, _))
+                    )
                 }),
             )
             .await;
-            if listening {
+            if ready && child.try_wait().expect("the proxy's status").is_none() {
                 return Proxy {
                     addr,
                     child,
                     _dir: dir,
                 };
             }
+            let _ = child.start_kill();
             let output = child.wait_with_output().await.expect("proxy output");
+            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
             eprintln!(
-                "{package} exited at start: {}",
+                "{package} failed at start: {}{log}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        panic!("{package} exited at start five times in a row");
+        panic!("{package} failed at start five times in a row");
     }
 
     /// nginx running `server_block` (its upstream filled in; `listen 80;` is replaced by the
