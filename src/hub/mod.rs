@@ -14,6 +14,7 @@
 //! lock, and no lock is held across an `.await`.
 
 mod config;
+mod entry;
 mod fanout;
 pub mod history;
 mod identity;
@@ -44,6 +45,7 @@ use crate::protocol::{
     TransportKind, DEFAULT_PAGE,
 };
 pub use config::HubConfig;
+use entry::Entry;
 use fanout::Fanout;
 use session::AttachedSlot;
 
@@ -82,7 +84,6 @@ struct Inner {
 struct Written {
     session: Arc<Session>,
     message: Arc<Message>,
-    event: EncodedEvent,
     result: Result<(), StoreError>,
     outcome: watch::Sender<Option<Result<(), ErrorBody>>>,
 }
@@ -579,14 +580,13 @@ impl Hub {
                 } => {
                     return Ok(match reply.await.unwrap_or_else(|_| Err(closed_store())) {
                         Ok(page) => {
-                            let event = Event::HistoryPage {
-                                room: &room,
+                            let page = Entry::Page {
+                                session: session.clone(),
+                                room,
                                 before,
-                                messages: page.messages.iter().map(|m| m.as_ref()).collect(),
-                                more: page.more,
-                            }
-                            .encode();
-                            lock(&self.inner.chat).fanout.one(session, vec![event]);
+                                page,
+                            };
+                            lock(&self.inner.chat).commit(page, &self.inner.config);
                             CommandResult::done()
                         }
                         Err(error) => CommandResult::failed(history_unavailable(&error)),
@@ -650,20 +650,16 @@ impl Hub {
             ))
             .into();
         }
-        chat.tick += 1;
-        let tick = chat.tick;
         let chat = &mut *chat;
         match command {
-            Command::Join { room } if joined => {
-                // A fresh view of the room, as on a reset.
-                if let Some(entry) = chat.rooms.get_mut(&room) {
-                    let view = vec![
-                        entry.history_event(&room, config.history_max_age),
-                        entry.snapshot_event(&room),
-                    ];
-                    chat.fanout.one(session, view);
-                }
-            }
+            // A fresh view of the room, as on a reset.
+            Command::Join { room } if joined => chat.commit(
+                Entry::Join {
+                    session: session.clone(),
+                    room,
+                },
+                config,
+            ),
             Command::Join { room } => {
                 let allowed = session
                     .lock()
@@ -701,21 +697,18 @@ impl Hub {
                         Room::new(chat.fanout.shards(), config.room_rate_limit, history);
                     chat.rooms.insert(room.clone(), room_entry);
                 }
-                let entry = chat.rooms.get_mut(&room).expect("created above");
-                entry.last_used = tick;
-                // The joiner gets the published view first; its own join reaches it, like
-                // everyone else, in the next presence_diff.
-                let view = vec![
-                    entry.history_event(&room, config.history_max_age),
-                    entry.snapshot_event(&room),
-                ];
-                chat.fanout.one(session, view);
-                entry.add(session.clone());
-                session.lock().rooms.push(room.clone());
-                chat.presence_changed(&room, config);
+                let join = Entry::Join {
+                    session: session.clone(),
+                    room,
+                };
+                chat.commit(join, config);
             }
             Command::Leave { room } => {
-                chat.leave(session, &room, config);
+                let leave = Entry::Leave {
+                    session: session.clone(),
+                    room,
+                };
+                chat.commit(leave, config);
             }
             Command::History {
                 room,
@@ -738,7 +731,11 @@ impl Hub {
                 let earlier = session.lock().sent.get(&client_id).cloned();
                 match earlier {
                     Some((id, Sent::Echo(echo))) => {
-                        chat.fanout.one(session, vec![echo]);
+                        let retry = Entry::Retry {
+                            sender: session.clone(),
+                            echo,
+                        };
+                        chat.commit(retry, config);
                         return Ok(CommandResult::sent(id, true)).into();
                     }
                     Some((id, Sent::Pending(outcome))) => {
@@ -778,7 +775,6 @@ impl Hub {
                     .retry_after(wait))
                     .into();
                 }
-                entry.last_used = tick;
                 let message = Arc::new(Message {
                     room: room.clone(),
                     id,
@@ -787,21 +783,16 @@ impl Hub {
                     ts: now_micros(),
                     client_id,
                 });
-                let event = Event::Message(&message).encode();
                 let Some(written) = &self.inner.written else {
                     if let Err(error) = store.append(message.clone(), None) {
                         return Err(history_unavailable(&error)).into();
                     }
                     chat.last_message_id = id;
-                    let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
-                    chat.fanout.room(entry.members(), event.clone());
-                    entry.record(message.clone(), config.history_len);
-                    session.lock().sent.insert(
-                        &message.client_id,
-                        id,
-                        Sent::Echo(event),
-                        config.dedup_window,
-                    );
+                    let send = Entry::Send {
+                        sender: session.clone(),
+                        message,
+                    };
+                    chat.commit(send, config);
                     return Ok(CommandResult::sent(id, false)).into();
                 };
                 // Durability::Full: broadcast once written, by `broadcast_written`.
@@ -814,7 +805,6 @@ impl Hub {
                         let _ = written.send(Written {
                             session,
                             message,
-                            event,
                             result,
                             outcome: outcome_tx,
                         });
@@ -837,10 +827,11 @@ impl Hub {
                 };
             }
             Command::Typing { room } => {
-                if let Some(entry) = chat.rooms.get_mut(&room) {
-                    entry.typing(&session.name);
-                    chat.presence_changed(&room, config);
-                }
+                let typing = Entry::Typing {
+                    session: session.clone(),
+                    room,
+                };
+                chat.commit(typing, config);
             }
             // Handled by `run`, with no lock held.
             Command::Refresh { .. } => {}
@@ -851,15 +842,13 @@ impl Hub {
     /// Sends an `error` event to one session (for commands that came on a stream, which has
     /// no reply of its own); `client_id` names the failed `send`, if it was one.
     pub fn push_error(&self, session: &Arc<Session>, error: &ErrorBody, client_id: Option<&str>) {
-        let event = Event::Error {
-            code: error.code,
-            message: &error.message,
-            client_id,
-            retry_after_ms: error.retry_after_ms,
-        }
-        .encode();
+        let error = Entry::Error {
+            session: session.clone(),
+            error: error.clone(),
+            client_id: client_id.map(str::to_owned),
+        };
         // In the hub's order, after the events of the commands before it.
-        lock(&self.inner.chat).fanout.one(session, vec![event]);
+        lock(&self.inner.chat).commit(error, &self.inner.config);
     }
 
     /// Describes a session: its seq, attached transport and rooms.
@@ -905,7 +894,11 @@ impl Hub {
             state.rooms.clone()
         };
         for room in rooms {
-            chat.leave(session, &room, &self.inner.config);
+            let leave = Entry::Leave {
+                session: session.clone(),
+                room,
+            };
+            chat.commit(leave, &self.inner.config);
         }
         lock(&self.inner.sessions).remove(&session.id);
         tracing::debug!(session = %session.id, ?why, "session ended");
@@ -971,26 +964,10 @@ impl Hub {
         let config = &self.inner.config;
         let mut chat = lock(&self.inner.chat);
         let now = Instant::now();
-        let Chat {
-            rooms,
-            pending_presence,
-            fanout,
-            ..
-        } = &mut *chat;
-        let before = pending_presence.len();
-        pending_presence.retain(|name| {
-            let Some(room) = rooms.get_mut(name) else {
-                return false;
-            };
-            let due = room
-                .last_flush
-                .is_none_or(|at| now.duration_since(at) >= config.presence_interval);
-            if due && room.has_pending() {
-                flush_room(fanout, room, name, config.presence_list_limit, now);
-            }
-            !due
-        });
-        before - pending_presence.len()
+        let rooms = chat.due_rooms(now, config);
+        let flushed = rooms.len();
+        chat.apply(Entry::Flush { rooms, at: now }, config);
+        flushed
     }
 
     /// Runs the hub's timers until [`Hub::shutdown`]: expires idle sessions and flushes
@@ -1072,26 +1049,17 @@ fn broadcast_written(hub: Weak<Inner>, written: mpsc::Receiver<Written>) {
         let Some(inner) = hub.upgrade() else {
             return;
         };
-        let config = &inner.config;
-        let message = &done.message;
         let result = match done.result {
             Ok(()) => {
-                let mut chat = lock(&inner.chat);
-                let chat = &mut *chat;
-                if let Some(entry) = chat.rooms.get_mut(&message.room) {
-                    chat.fanout.room(entry.members(), done.event.clone());
-                    entry.record(message.clone(), config.history_len);
-                }
-                done.session.lock().sent.insert(
-                    &message.client_id,
-                    message.id,
-                    Sent::Echo(done.event),
-                    config.dedup_window,
-                );
+                let send = Entry::Send {
+                    sender: done.session,
+                    message: done.message,
+                };
+                lock(&inner.chat).commit(send, &inner.config);
                 Ok(())
             }
             Err(error) => {
-                done.session.lock().sent.remove(&message.client_id);
+                done.session.lock().sent.remove(&done.message.client_id);
                 Err(history_unavailable(&error))
             }
         };
@@ -1115,38 +1083,6 @@ fn reset_events(chat: &mut Chat, rooms: &[String], max_age: Duration) -> Vec<Enc
 }
 
 impl Chat {
-    /// Removes `session` from `room`; the members hear of it in the next presence flush.
-    fn leave(&mut self, session: &Arc<Session>, room: &str, config: &HubConfig) {
-        self.tick += 1;
-        let tick = self.tick;
-        session.lock().rooms.retain(|r| r != room);
-        let Some(entry) = self.rooms.get_mut(room) else {
-            return;
-        };
-        if !entry.remove(session) {
-            return;
-        }
-        entry.last_used = tick;
-        self.presence_changed(room, config);
-    }
-
-    /// After a presence or typing change in `room`: flushes it now if the room was quiet for
-    /// a presence interval, or leaves it to [`Hub::flush_presence`].
-    fn presence_changed(&mut self, room: &str, config: &HubConfig) {
-        let Some(entry) = self.rooms.get_mut(room) else {
-            return;
-        };
-        let now = Instant::now();
-        let quiet = entry
-            .last_flush
-            .is_none_or(|at| now.duration_since(at) >= config.presence_interval);
-        if quiet {
-            flush_room(&self.fanout, entry, room, config.presence_list_limit, now);
-        } else {
-            self.pending_presence.insert(room.to_owned());
-        }
-    }
-
     /// Drops the least recently used empty room when the server holds `max_rooms`.
     fn make_room_for_one_more(
         &mut self,
