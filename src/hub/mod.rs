@@ -18,6 +18,7 @@ mod entry;
 mod fanout;
 pub mod history;
 mod identity;
+pub(crate) mod refusal;
 mod room;
 mod session;
 
@@ -47,6 +48,7 @@ use crate::protocol::{
 pub use config::HubConfig;
 use entry::Entry;
 use fanout::Fanout;
+use refusal::unknown_session;
 use session::AttachedSlot;
 
 /// Reason carried by the `reset` event when the resume point is older than the replay buffer.
@@ -140,7 +142,7 @@ pub struct CommandResult {
 }
 
 impl CommandResult {
-    fn done() -> Self {
+    pub(crate) fn done() -> Self {
         CommandResult {
             ok: true,
             id: None,
@@ -149,7 +151,7 @@ impl CommandResult {
         }
     }
 
-    fn sent(id: u64, duplicate: bool) -> Self {
+    pub(crate) fn sent(id: u64, duplicate: bool) -> Self {
         CommandResult {
             id: Some(id),
             duplicate: Some(duplicate),
@@ -157,7 +159,7 @@ impl CommandResult {
         }
     }
 
-    fn failed(error: ErrorBody) -> Self {
+    pub(crate) fn failed(error: ErrorBody) -> Self {
         CommandResult {
             ok: false,
             error: Some(error),
@@ -270,14 +272,6 @@ async fn written_outcome(id: u64, duplicate: bool, mut outcome: Outcome) -> Comm
 
 fn closed_store() -> StoreError {
     StoreError::Failed("the history store is closed".into())
-}
-
-fn unknown_session(id: &str) -> ErrorBody {
-    let shown: String = id.chars().take(40).collect();
-    ErrorBody::new(
-        ErrorCode::UnknownSession,
-        format!("no session {shown:?} (it may have expired)"),
-    )
 }
 
 impl Hub {
@@ -603,15 +597,8 @@ impl Hub {
             return Err(unknown_session(&session.id));
         }
         if !state.limiter.try_take() {
-            let config = &self.inner.config;
-            return Err(ErrorBody::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {} commands/s (burst {}); slow down and retry",
-                    config.rate_limit_per_sec, config.rate_limit_burst
-                ),
-            )
-            .retry_after(state.limiter.retry_after()));
+            let wait = state.limiter.retry_after();
+            return Err(refusal::session_rate_limited(&self.inner.config, wait));
         }
         Ok(())
     }
@@ -644,11 +631,7 @@ impl Hub {
             .into();
         }
         if !joined && !matches!(command, Command::Join { .. }) {
-            return Err(ErrorBody::new(
-                ErrorCode::NotInRoom,
-                format!("not in room {room_name:?}; join it first"),
-            ))
-            .into();
+            return Err(refusal::not_in_room(&room_name)).into();
         }
         let chat = &mut *chat;
         match command {
@@ -667,21 +650,10 @@ impl Hub {
                     .as_ref()
                     .is_none_or(|i| i.may_join(&room));
                 if !allowed {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Forbidden,
-                        format!("your token does not let you join room {room:?}"),
-                    ))
-                    .into();
+                    return Err(refusal::room_forbidden(&room)).into();
                 }
                 if session.lock().rooms.len() >= config.max_rooms_per_session {
-                    return Err(ErrorBody::new(
-                        ErrorCode::TooManyRooms,
-                        format!(
-                            "a session may be in at most {} rooms",
-                            config.max_rooms_per_session
-                        ),
-                    ))
-                    .into();
+                    return Err(refusal::too_many_rooms(config)).into();
                 }
                 if !chat.rooms.contains_key(&room) {
                     // The room's history comes from the store, read with no lock held; it is
@@ -765,15 +737,7 @@ impl Hub {
                 }
                 let entry = chat.rooms.get_mut(&room).expect("a joined room exists");
                 if let Err(wait) = entry.admit_message() {
-                    let (per_sec, burst) = config.room_rate_limit.unwrap_or_default();
-                    return Err(ErrorBody::new(
-                        ErrorCode::RateLimited,
-                        format!(
-                            "room {room:?} takes at most {per_sec} messages/s (burst {burst}); retry later"
-                        ),
-                    )
-                    .retry_after(wait))
-                    .into();
+                    return Err(refusal::room_rate_limited(&room, config, wait)).into();
                 }
                 let message = Arc::new(Message {
                     room: room.clone(),
@@ -936,16 +900,10 @@ impl Hub {
         let fresh = verifier.verify(token)?;
         let mut state = session.lock();
         let Some(identity) = &mut state.identity else {
-            return Err(ErrorBody::new(
-                ErrorCode::Forbidden,
-                "this session was created without a token",
-            ));
+            return Err(refusal::refresh_without_token());
         };
         if identity.user != fresh.user {
-            return Err(ErrorBody::new(
-                ErrorCode::Forbidden,
-                "a refresh token must be for the session's own user",
-            ));
+            return Err(refusal::refresh_for_another_user());
         }
         identity.expires_at = fresh.expires_at;
         identity.rooms = fresh.rooms;

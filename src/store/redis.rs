@@ -281,7 +281,7 @@ fn hostname() -> String {
 }
 
 /// The room's key.
-fn room_key(room: &str) -> String {
+pub(crate) fn room_key(room: &str) -> String {
     format!("{PREFIX}room:{room}")
 }
 

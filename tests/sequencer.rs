@@ -1,0 +1,415 @@
+//! The cluster's sequencer (src/cluster/sequencer.rs) on a real `redis-server`: its scripts
+//! decide every command exactly as the hub decides it on one node (random command sequences
+//! run against both, every result compared), append exactly one log entry per command that
+//! changes what a session sees, and keep the room's history where the Redis history store
+//! reads it.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+use redis::streams::StreamRangeReply;
+use support::redis::RedisServer;
+use support::within;
+use switchyard::cluster::log::LOG;
+use switchyard::cluster::sequencer::{Decision, Record, Sequencer, Unavailable};
+use switchyard::hub::{CommandResult, Hub, HubConfig, Identity, Session};
+use switchyard::protocol::{Command, ErrorCode};
+
+/// Limits small enough for a short sequence to reach each of them, with rates so slow that
+/// no token comes back during a test: every refusal is the same on both sides.
+fn config() -> HubConfig {
+    HubConfig {
+        rate_limit_per_sec: 1e-6,
+        rate_limit_burst: 25.0,
+        room_rate_limit: Some((1e-6, 10.0)),
+        max_rooms_per_session: 2,
+        dedup_window: 3,
+        history_len: 4,
+        ..HubConfig::default()
+    }
+}
+
+const ROOMS: [&str; 4] = ["a1", "a2", "b", "c"];
+/// Session 2 may join these only.
+const RULES: [&str; 2] = ["a*", "b"];
+
+fn identity(user: &str) -> Identity {
+    Identity {
+        user: Arc::from(user),
+        name: user.to_owned(),
+        rooms: Some(Arc::from(RULES.map(String::from))),
+        expires_at: SystemTime::now() + Duration::from_secs(3600),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Command(usize, Command),
+    End(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let who = 0..3usize;
+    let room = proptest::sample::select(ROOMS.to_vec()).prop_map(String::from);
+    let client_id = proptest::sample::select(vec!["x", "y", "z", "u", "v"]).prop_map(String::from);
+    let command = prop_oneof![
+        4 => room.clone().prop_map(|room| Command::Join { room }),
+        1 => room.clone().prop_map(|room| Command::Leave { room }),
+        6 => (room.clone(), client_id).prop_map(|(room, client_id)| Command::Send {
+            room,
+            text: "hi".into(),
+            client_id,
+        }),
+        1 => room.clone().prop_map(|room| Command::Typing { room }),
+        1 => (room, proptest::option::of(1..20u64), proptest::option::of(1..5usize))
+            .prop_map(|(room, before, limit)| Command::History { room, before, limit }),
+    ];
+    prop_oneof![
+        60 => (who.clone(), command).prop_map(|(s, c)| Step::Command(s, c)),
+        1 => who.prop_map(Step::End),
+    ]
+}
+
+/// What must be equal between the hub's result and the sequencer's: all but the wait a
+/// `rate_limited` names, which depends on when each side looked at its clock.
+fn comparable(result: &CommandResult) -> CommandResult {
+    let mut result = result.clone();
+    if let Some(error) = &mut result.error {
+        error.retry_after_ms = error.retry_after_ms.map(|_| 0);
+    }
+    result
+}
+
+fn log_records(redis: &RedisServer) -> Vec<Record> {
+    let reply: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(LOG)
+        .arg("-")
+        .arg("+")
+        .query(&mut redis.connection())
+        .expect("XRANGE");
+    reply
+        .ids
+        .iter()
+        .map(|entry| {
+            let body: String = entry.get("e").expect("an entry has a body");
+            Record::parse(&body).expect("the sequencer writes records")
+        })
+        .collect()
+}
+
+async fn sequencer(redis: &RedisServer) -> Sequencer {
+    within(
+        "the sequencer to connect",
+        Sequencer::connect(&redis.url(), &config()),
+    )
+    .await
+    .expect("connect to redis")
+}
+
+/// Runs `steps` against a fresh hub and the sequencer on an empty Redis, comparing each
+/// result.
+async fn same_decisions(redis: &RedisServer, steps: &[Step]) -> Result<(), TestCaseError> {
+    redis::cmd("FLUSHALL")
+        .query::<()>(&mut redis.connection())
+        .expect("FLUSHALL");
+    let hub = Hub::new(config());
+    let sequencer = sequencer(redis).await;
+    let sessions: Vec<Arc<Session>> = vec![
+        hub.create_session("ann").unwrap(),
+        hub.create_session("bob").unwrap(),
+        hub.create_session_for(identity("cat")).unwrap(),
+    ];
+    for (i, session) in sessions.iter().enumerate() {
+        let identity = (i == 2).then(|| identity("cat"));
+        sequencer
+            .create(&session.id, &session.name, identity.as_ref())
+            .await
+            .expect("create");
+    }
+    let mut sent = Vec::new();
+    let mut appended = 0;
+    for (at, step) in steps.iter().enumerate() {
+        match step {
+            Step::Command(who, command) => {
+                let session = &sessions[*who];
+                let expected = hub.execute(session, vec![Ok(command.clone())]).await;
+                let decided = sequencer
+                    .execute(&session.id, command)
+                    .await
+                    .expect("redis answers");
+                prop_assert_eq!(
+                    comparable(&decided.result),
+                    comparable(&expected[0]),
+                    "step {}: {:?} of session {}",
+                    at,
+                    command,
+                    who
+                );
+                prop_assert_eq!(decided.entry.is_some(), decided.result.ok, "step {}", at);
+                appended += usize::from(decided.entry.is_some());
+                if decided.result.duplicate == Some(false) {
+                    sent.push(decided.result.id.unwrap());
+                }
+            }
+            Step::End(who) => {
+                let session = &sessions[*who];
+                let expected = hub.end_session(&session.id);
+                let decided = sequencer.end(&session.id).await.expect("redis answers");
+                prop_assert_eq!(decided.result.ok, expected.is_ok(), "step {}: end", at);
+                prop_assert_eq!(decided.entry.is_some(), decided.result.ok, "step {}", at);
+                appended += usize::from(decided.entry.is_some());
+            }
+        }
+    }
+    let records = log_records(redis);
+    prop_assert_eq!(
+        records.len(),
+        appended,
+        "one entry per command that changed something"
+    );
+    let sends: Vec<u64> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Send { message, .. } => Some(message.id),
+            _ => None,
+        })
+        .collect();
+    prop_assert_eq!(
+        &sends,
+        &sent,
+        "the log's sends are the accepted ones, in order"
+    );
+    prop_assert!(sends.iter().copied().eq(1..=sends.len() as u64));
+    Ok(())
+}
+
+#[test]
+fn the_scripts_decide_every_command_as_the_hub_does() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let redis = runtime.block_on(RedisServer::start());
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(48);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        max_shrink_iters: 512,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&proptest::collection::vec(step(), 1..80), |steps| {
+        runtime.block_on(same_decisions(&redis, &steps))
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}
+
+fn send(room: &str, text: &str, client_id: &str) -> Command {
+    Command::Send {
+        room: room.into(),
+        text: text.into(),
+        client_id: client_id.into(),
+    }
+}
+
+fn join(room: &str) -> Command {
+    Command::Join { room: room.into() }
+}
+
+async fn ok(sequencer: &Sequencer, session: &str, command: Command) -> Decision {
+    let decided = sequencer
+        .execute(session, &command)
+        .await
+        .expect("redis answers");
+    assert!(decided.result.ok, "{command:?}: {decided:?}");
+    decided
+}
+
+#[tokio::test]
+async fn entries_carry_what_replicas_need_and_history_is_where_the_store_reads_it() {
+    let redis = RedisServer::start().await;
+    let sequencer = sequencer(&redis).await;
+    sequencer.create("s1", "ann", None).await.unwrap();
+    ok(&sequencer, "s1", join("lobby")).await;
+    // Text a script must escape, and ids a double would round.
+    let text = "quotes \" back\\slash / tab\t é 日本 😀 \u{1}";
+    for n in 0..6 {
+        ok(
+            &sequencer,
+            "s1",
+            send("lobby", &format!("{text}{n}"), &format!("c{n}")),
+        )
+        .await;
+    }
+    let retry = ok(&sequencer, "s1", send("lobby", "ignored", "c5")).await;
+    assert_eq!(
+        (retry.result.id, retry.result.duplicate),
+        (Some(6), Some(true))
+    );
+    let page = Command::History {
+        room: "lobby".into(),
+        before: Some(6),
+        limit: Some(2),
+    };
+    ok(&sequencer, "s1", page).await;
+    ok(
+        &sequencer,
+        "s1",
+        Command::Typing {
+            room: "lobby".into(),
+        },
+    )
+    .await;
+    ok(
+        &sequencer,
+        "s1",
+        Command::Leave {
+            room: "lobby".into(),
+        },
+    )
+    .await;
+    ok(&sequencer, "s1", join("lobby")).await;
+    ok(&sequencer, "s1", join("other")).await;
+    let end = sequencer.end("s1").await.unwrap();
+    assert!(end.result.ok && end.entry.is_some(), "{end:?}");
+
+    let records = log_records(&redis);
+    assert_eq!(records.len(), 14, "{records:#?}");
+    let Record::Join { ts, .. } = &records[0] else {
+        panic!("first a join: {:?}", records[0]);
+    };
+    let Record::Send { session, message } = &records[6] else {
+        panic!("the sixth send: {:?}", records[6]);
+    };
+    assert_eq!(session, "s1");
+    assert_eq!(message.text, format!("{text}5"));
+    assert_eq!((message.id, message.from.as_str()), (6, "ann"));
+    assert!(
+        message.ts >= *ts,
+        "a message's ts is Redis's clock, after the join's"
+    );
+    let Record::Retry {
+        message: original, ..
+    } = &records[7]
+    else {
+        panic!("a retry: {:?}", records[7]);
+    };
+    assert_eq!(original, message, "a retry carries the original message");
+    let Record::Page {
+        before,
+        more,
+        messages,
+        ..
+    } = &records[8]
+    else {
+        panic!("a page: {:?}", records[8]);
+    };
+    // history_len 4 keeps ids 3-6; below 6, at most 2: 4 and 5, and 3 is left.
+    let ids: Vec<u64> = messages.iter().map(|m| m.id).collect();
+    assert_eq!((*before, *more, ids), (Some(6), true, vec![4, 5]));
+    assert!(matches!(&records[9], Record::Typing { room, .. } if room == "lobby"));
+    assert!(matches!(&records[10], Record::Leave { room, .. } if room == "lobby"));
+    assert_eq!(
+        records[13],
+        Record::End {
+            session: "s1".into(),
+            rooms: vec!["lobby".into(), "other".into()],
+        }
+    );
+
+    // The Redis history store reads what the script wrote, byte for byte.
+    let stored: Vec<String> = redis::cmd("ZRANGE")
+        .arg("switchyard:room:lobby")
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(stored.len(), 4, "trimmed to history_len");
+    let newest: switchyard::protocol::Message = serde_json::from_str(&stored[3]).unwrap();
+    assert_eq!(&newest, message);
+
+    // An ended session is gone, keys and all.
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("switchyard:c:session:*")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    let after = sequencer.execute("s1", &join("lobby")).await.unwrap();
+    assert_eq!(
+        after.result.error.map(|e| e.code),
+        Some(ErrorCode::UnknownSession)
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_takes_the_verified_identity_of_the_same_user_only() {
+    let redis = RedisServer::start().await;
+    let sequencer = sequencer(&redis).await;
+    sequencer.create("plain", "ann", None).await.unwrap();
+    sequencer
+        .create("token", "cat", Some(&identity("cat")))
+        .await
+        .unwrap();
+    let refused = |d: Decision| d.result.error.map(|e| (e.code, e.message));
+    let no_token = sequencer.refresh("plain", &identity("cat")).await.unwrap();
+    assert_eq!(
+        refused(no_token).map(|e| e.0),
+        Some(ErrorCode::Forbidden),
+        "a session without a token has nothing to refresh"
+    );
+    let other = sequencer.refresh("token", &identity("dan")).await.unwrap();
+    assert!(
+        refused(other).is_some_and(
+            |(code, message)| code == ErrorCode::Forbidden && message.contains("own user")
+        ),
+        "another user's token"
+    );
+    let before = sequencer.execute("token", &join("c")).await.unwrap();
+    assert_eq!(
+        before.result.error.map(|e| e.code),
+        Some(ErrorCode::Forbidden)
+    );
+    let wider = Identity {
+        rooms: None,
+        ..identity("cat")
+    };
+    let refreshed = sequencer.refresh("token", &wider).await.unwrap();
+    assert!(
+        refreshed.result.ok && refreshed.entry.is_none(),
+        "{refreshed:?}"
+    );
+    ok(&sequencer, "token", join("c")).await;
+}
+
+#[tokio::test]
+async fn while_redis_is_down_commands_fail_as_unavailable_and_work_again_after() {
+    let mut redis = RedisServer::persistent().await;
+    let sequencer = sequencer(&redis).await;
+    sequencer.create("s1", "ann", None).await.unwrap();
+    ok(&sequencer, "s1", join("lobby")).await;
+    redis.kill().await;
+    let down = within(
+        "a command to fail while Redis is down",
+        sequencer.execute("s1", &send("lobby", "lost?", "c1")),
+    )
+    .await;
+    assert!(matches!(down, Err(Unavailable(_))), "{down:?}");
+    redis.restart().await;
+    // The connection comes back by itself; the session and its room were kept.
+    let again = within("a command to succeed once Redis is back", async {
+        loop {
+            if let Ok(decided) = sequencer.execute("s1", &send("lobby", "back", "c2")).await {
+                return decided;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(again.result.ok, "{again:?}");
+    assert_eq!(again.result.id, Some(1), "the failed send took no id");
+}
