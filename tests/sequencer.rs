@@ -14,10 +14,10 @@ use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner}
 use redis::streams::StreamRangeReply;
 use support::redis::RedisServer;
 use support::within;
-use switchyard::cluster::log::LOG;
-use switchyard::cluster::sequencer::{Decision, Record, Sequencer, Unavailable};
+use switchyard::cluster::log::{LogId, LOG};
+use switchyard::cluster::sequencer::{Decision, Ending, Record, Sequencer, Unavailable};
 use switchyard::hub::{CommandResult, Hub, HubConfig, Identity, Session};
-use switchyard::protocol::{Command, ErrorCode};
+use switchyard::protocol::{Command, ErrorBody, ErrorCode, TransportKind};
 
 /// Limits small enough for a short sequence to reach each of them, with rates so slow that
 /// no token comes back during a test: every refusal is the same on both sides.
@@ -318,6 +318,7 @@ async fn entries_carry_what_replicas_need_and_history_is_where_the_store_reads_i
         records[13],
         Record::End {
             session: "s1".into(),
+            why: Ending::Deleted,
             rooms: vec!["lobby".into(), "other".into()],
         }
     );
@@ -412,4 +413,217 @@ async fn while_redis_is_down_commands_fail_as_unavailable_and_work_again_after()
     .await;
     assert!(again.result.ok, "{again:?}");
     assert_eq!(again.result.id, Some(1), "the failed send took no id");
+}
+
+fn refused_with(result: Result<Option<LogId>, ErrorBody>) -> Option<ErrorCode> {
+    result.err().map(|e| e.code)
+}
+
+#[tokio::test]
+async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
+    let redis = RedisServer::start().await;
+    let sequencer = sequencer(&redis).await;
+    sequencer.create("s1", "ann", None).await.unwrap();
+    let attach = |node: &'static str, attachment: &'static str, kind| {
+        let sequencer = sequencer.clone();
+        async move {
+            sequencer
+                .attach("s1", node, attachment, kind)
+                .await
+                .expect("redis answers")
+        }
+    };
+    assert_eq!(
+        attach("A", "A:1", TransportKind::LongPolling).await,
+        Ok(None),
+        "nothing to supersede"
+    );
+    assert_eq!(
+        refused_with(attach("B", "B:1", TransportKind::ShortPolling).await),
+        Some(ErrorCode::PollInProgress),
+        "a second poll, on another node"
+    );
+    // A stream supersedes the poll: the entry tells node A to close A:1.
+    let entry = attach("B", "B:2", TransportKind::WebSocket).await.unwrap();
+    assert!(entry.is_some());
+    assert_eq!(
+        log_records(&redis).last(),
+        Some(&Record::Attach {
+            session: "s1".into(),
+            node: "B".into(),
+            attachment: "B:2".into(),
+            superseded: "A:1".into(),
+        })
+    );
+    assert!(
+        !sequencer.renew("s1", "A:1").await.unwrap(),
+        "A:1 was superseded"
+    );
+    assert!(sequencer.renew("s1", "B:2").await.unwrap());
+    // A poll supersedes a stream, as on one node.
+    assert!(attach("C", "C:1", TransportKind::Sse)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(!sequencer.detach("s1", "B:2").await.unwrap());
+    assert!(sequencer.detach("s1", "C:1").await.unwrap());
+    assert_eq!(
+        attach("A", "A:2", TransportKind::LongPolling).await,
+        Ok(None),
+        "detached: nothing to supersede"
+    );
+    let unknown = sequencer
+        .attach("nope", "A", "A:3", TransportKind::WebSocket)
+        .await
+        .unwrap();
+    assert_eq!(refused_with(unknown), Some(ErrorCode::UnknownSession));
+}
+
+#[tokio::test]
+async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_token_expired() {
+    let redis = RedisServer::start().await;
+    let config = HubConfig {
+        session_ttl: Duration::from_secs(1),
+        ..config()
+    };
+    let lease = Duration::from_millis(300);
+    let sequencer = within("connect", Sequencer::connect(&redis.url(), &config))
+        .await
+        .unwrap()
+        .with_lease(lease);
+    let short_token = Identity {
+        expires_at: SystemTime::now() + Duration::from_millis(600),
+        ..identity("tok")
+    };
+    let started = std::time::Instant::now();
+    for (session, identity) in [
+        ("idle", None),
+        ("dead", None),
+        ("live", None),
+        ("token", Some(&short_token)),
+        ("refreshed", Some(&short_token)),
+    ] {
+        sequencer.create(session, session, identity).await.unwrap();
+        ok(&sequencer, session, join("a1")).await;
+    }
+    // A refresh moves the token's expiry, and so the deadline.
+    let refreshed = sequencer
+        .refresh("refreshed", &identity("tok"))
+        .await
+        .unwrap();
+    assert!(refreshed.result.ok, "{refreshed:?}");
+    for session in ["dead", "live", "token", "refreshed"] {
+        let attached = sequencer
+            .attach(
+                session,
+                "A",
+                &format!("A:{session}"),
+                TransportKind::WebSocket,
+            )
+            .await
+            .unwrap();
+        assert_eq!(attached, Ok(None));
+    }
+    assert_eq!(sequencer.expire().await.unwrap(), Vec::<String>::new());
+    // "live", "token" and "refreshed" are renewed; "dead"'s node died; "idle" never attached.
+    let mut ended = Vec::new();
+    within("idle, dead and token to end", async {
+        while ended.len() < 3 {
+            for session in ["live", "token", "refreshed"] {
+                sequencer
+                    .renew(session, &format!("A:{session}"))
+                    .await
+                    .unwrap();
+            }
+            for session in sequencer.expire().await.unwrap() {
+                ended.push((session, started.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let names: Vec<&str> = ended.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(names, ["token", "idle", "dead"], "{ended:?}");
+    // Never before its bound (a little slack for two clocks read at different moments).
+    let slack = Duration::from_millis(50);
+    assert!(
+        ended[0].1 + slack >= Duration::from_millis(600),
+        "{ended:?}"
+    );
+    assert!(ended[1].1 + slack >= Duration::from_secs(1), "{ended:?}");
+    assert!(
+        ended[2].1 + slack >= lease + Duration::from_secs(1),
+        "{ended:?}"
+    );
+    assert!(sequencer.renew("refreshed", "A:refreshed").await.unwrap());
+    let ends: Vec<(String, Ending, Vec<String>)> = log_records(&redis)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::End {
+                session,
+                why,
+                rooms,
+            } => Some((session, why, rooms)),
+            _ => None,
+        })
+        .collect();
+    let lobby = vec!["a1".to_owned()];
+    assert_eq!(
+        ends,
+        [
+            ("token".into(), Ending::TokenExpired, lobby.clone()),
+            ("idle".into(), Ending::Idle, lobby.clone()),
+            ("dead".into(), Ending::Idle, lobby.clone()),
+        ]
+    );
+    // Once ended, gone: a renewal fails, and commands are refused.
+    assert!(!sequencer.renew("token", "A:token").await.unwrap());
+    let gone = sequencer.execute("dead", &join("a1")).await.unwrap();
+    assert_eq!(
+        gone.result.error.map(|e| e.code),
+        Some(ErrorCode::UnknownSession)
+    );
+    // "live" detaches, and ends a TTL later.
+    assert!(sequencer.detach("live", "A:live").await.unwrap());
+    let detached = std::time::Instant::now();
+    let ended = within("live to end after its detach", async {
+        loop {
+            let ended = sequencer.expire().await.unwrap();
+            if !ended.is_empty() {
+                return ended;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(ended, ["live"]);
+    assert!(detached.elapsed() + slack >= Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_refused_command_from_a_stream_is_an_error_entry_for_its_session() {
+    let redis = RedisServer::start().await;
+    let sequencer = sequencer(&redis).await;
+    sequencer.create("s1", "ann", None).await.unwrap();
+    let refused = sequencer
+        .execute("s1", &send("nowhere", "hi", "c1"))
+        .await
+        .unwrap();
+    let error = refused.result.error.expect("not in the room");
+    assert!(
+        refused.entry.is_none(),
+        "a refusal appends nothing by itself"
+    );
+    sequencer
+        .push_error("s1", &error, Some("c1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        log_records(&redis),
+        [Record::Error {
+            session: "s1".into(),
+            error,
+            client_id: Some("c1".into()),
+        }]
+    );
 }

@@ -48,7 +48,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Appends ARGV[1] as the body (`e`) of a new entry of stream KEYS[1], with the previous
 /// entry's id (`p`, from KEYS[2]), trimming entries older than ARGV[2] ms; returns the id.
-const APPEND: &str = r"
+pub(crate) const APPEND: &str = r"
 local prev = redis.call('GET', KEYS[2]) or '0-0'
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])

@@ -19,9 +19,20 @@
 //! ([`Record`]); a refused one appends none, and its reply carries the error (a node pushes
 //! the `error` event of a command that came on a stream as an entry of its own).
 //!
+//! **A session's life** is decided here too (`lifecycle.lua`): one transport at a time, each
+//! holding an attach lease (`ATTACH_LEASE`) that its node renews, a second poll refused while
+//! one is held, and a deadline per session: the earlier of its token's expiry and its TTL
+//! after it was last attached (its last detach, or its lease's lapse if its node died). Any
+//! node may sweep the due sessions; each ends once, with an `end` entry. So a dead node's
+//! sessions leave their rooms within a lease, a TTL and one sweep period.
+//!
 //! **Keys**, all under `switchyard:c:` but for the room's history: `session:ID` (a hash: name,
-//! user, rules), `session:ID:rooms` (a list), `session:ID:bucket`, `session:ID:sent` (`client_id`
-//! to the message's JSON), `session:ID:sent:order` (a list), `room:NAME:bucket` and `ids`.
+//! user, rules, token expiry, when it falls idle), `session:ID:rooms` (a list),
+//! `session:ID:bucket`, `session:ID:sent` (`client_id` to the message's JSON),
+//! `session:ID:sent:order` (a list), `session:ID:attach` (the lease: node, attachment, whether
+//! a poll), `deadlines` (a sorted set), `room:NAME:bucket` and `ids`. The scripts name some
+//! keys they did not declare (a sweep ends sessions it finds), so the sequencer needs one
+//! Redis, not a Redis Cluster.
 
 use std::time::Duration;
 
@@ -29,10 +40,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 use serde::Deserialize;
 
-use super::log::{LogId, LAST, LOG};
+use super::log::{LogId, APPEND, LAST, LOG};
 use crate::hub::refusal;
 use crate::hub::{CommandResult, HubConfig, Identity};
-use crate::protocol::{Command, ErrorBody, Message, DEFAULT_PAGE};
+use crate::protocol::{Command, ErrorBody, Message, TransportKind, DEFAULT_PAGE};
 use crate::store::redis::room_key;
 
 /// Where the sequencer's own keys live.
@@ -46,156 +57,16 @@ const MAX_WAIT: Duration = Duration::from_secs(86_400);
 /// A bucket's expiry at most, in ms: past it a bucket is as good as refilled.
 const MAX_BUCKET_MS: u64 = 1_000_000_000_000;
 
-/// Creates a session: KEYS[1] its hash; ARGV: name, user ('' without a token), the rooms its
-/// identity allows as a JSON array ('' for any).
-const CREATE: &str = r"
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'name', ARGV[1])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'user', ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'rules', ARGV[3]) end
-return 1
-";
+/// Decides one command (its keys and arguments are listed at the top of the script).
+const DECIDE: &str = concat!(include_str!("prelude.lua"), include_str!("decide.lua"));
+/// Creates sessions, attaches transports, ends sessions that fall due (the same).
+const LIFECYCLE: &str = concat!(include_str!("prelude.lua"), include_str!("lifecycle.lua"));
 
-/// Decides one command. Returns `{'ok', entry id or '', message id, duplicate}` or
-/// `{'err', code, detail, wait in microseconds}`.
-///
-/// KEYS: 1 session, 2 its rooms, 3 its bucket, 4 its sent messages, 5 their order, 6 the
-/// room's bucket, 7 the room's history, 8 ids, 9 log, 10 log last.
-/// ARGV: 1 kind, 2 session id, 3 room, 4 text | before | user, 5 client_id | limit | rules,
-/// 6 session rate/s, 7 session burst, 8 room rate/s ('' for none), 9 room burst,
-/// 10 rooms per session, 11 history kept, 12 history max age (ms), 13 retry table size,
-/// 14 log retention (ms), 15 bucket expiry cap (ms).
-const DECIDE: &str = r#"
-local kind, session, room = ARGV[1], ARGV[2], ARGV[3]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function int(n) return string.format('%d', n) end
-local function q(s) return cjson.encode(s) end
-local function refuse(code, detail, wait) return {'err', code, detail or '', int(wait or 0)} end
-local function ok(entry, id, dup) return {'ok', entry or '', int(id or 0), dup and '1' or '0'} end
-
-local function append(body)
-  local prev = redis.call('GET', KEYS[10]) or '0-0'
-  local oldest = math.floor(now / 1000) - tonumber(ARGV[14])
-  if oldest < 0 then oldest = 0 end
-  local id = redis.call('XADD', KEYS[9], 'MINID', int(oldest), '*', 'p', prev, 'e', body)
-  redis.call('SET', KEYS[10], id)
-  return id
-end
-
--- Takes a token from the bucket at `key`: 0, or the microseconds until one is there.
-local function take(key, per_sec, burst)
-  burst = math.max(burst, 1)
-  local b = redis.call('HMGET', key, 't', 'at')
-  local tokens = tonumber(b[1]) or burst
-  local at = tonumber(b[2]) or now
-  tokens = math.min(burst, tokens + math.max(now - at, 0) * per_sec / 1000000)
-  local wait = 0
-  if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / per_sec * 1000000) end
-  redis.call('HSET', key, 't', string.format('%.17g', tokens), 'at', int(now))
-  -- Refilled to its burst, a bucket is the same as none.
-  local ms = math.min(math.ceil((burst - tokens) / per_sec * 1000), tonumber(ARGV[15]))
-  redis.call('PEXPIRE', key, int(math.max(ms, 1)))
-  return math.min(wait, 86400000000)
-end
-
-local function list(items)
-  local quoted = {}
-  for i, item in ipairs(items) do quoted[i] = q(item) end
-  return '[' .. table.concat(quoted, ',') .. ']'
-end
-
-if redis.call('EXISTS', KEYS[1]) == 0 then return refuse('unknown_session') end
-if kind == 'end' then
-  local rooms = redis.call('LRANGE', KEYS[2], 0, -1)
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-  return ok(append('{"k":"end","s":' .. q(session) .. ',"rooms":' .. list(rooms) .. '}'))
-end
-local wait = take(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
-if wait > 0 then return refuse('rate_limited', 'session', wait) end
-
-if kind == 'refresh' then
-  local user = redis.call('HGET', KEYS[1], 'user')
-  if not user then return refuse('forbidden', 'no_token') end
-  if user ~= ARGV[4] then return refuse('forbidden', 'other_user') end
-  if ARGV[5] == '' then redis.call('HDEL', KEYS[1], 'rules')
-  else redis.call('HSET', KEYS[1], 'rules', ARGV[5]) end
-  return ok()
-end
-
-local joined = redis.call('LPOS', KEYS[2], room) ~= false
-if kind == 'join' then
-  if not joined then
-    local rules = redis.call('HGET', KEYS[1], 'rules')
-    if rules then
-      local allowed = false
-      for _, rule in ipairs(cjson.decode(rules)) do
-        if string.sub(rule, -1) == '*' then
-          local prefix = string.sub(rule, 1, -2)
-          if string.sub(room, 1, #prefix) == prefix then allowed = true end
-        elseif rule == room then
-          allowed = true
-        end
-      end
-      if not allowed then return refuse('forbidden', 'room') end
-    end
-    if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[10]) then return refuse('too_many_rooms') end
-    redis.call('RPUSH', KEYS[2], room)
-  end
-  return ok(append('{"k":"join","s":' .. q(session) .. ',"r":' .. q(room) .. ',"ts":' .. int(now) .. '}'))
-end
-if not joined then return refuse('not_in_room') end
-
-if kind == 'leave' or kind == 'typing' then
-  if kind == 'leave' then redis.call('LREM', KEYS[2], 0, room) end
-  return ok(append('{"k":"' .. kind .. '","s":' .. q(session) .. ',"r":' .. q(room) .. '}'))
-end
-
-if kind == 'history' then
-  local limit = tonumber(ARGV[5])
-  local top = '+inf'
-  if ARGV[4] ~= '' then top = '(' .. ARGV[4] end
-  local rows = redis.call('ZRANGE', KEYS[7], top, '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, limit + 1)
-  local oldest = now - tonumber(ARGV[12]) * 1000
-  local kept = {}
-  for _, json in ipairs(rows) do
-    -- Ids grow with time: past the first message too old, all are.
-    if cjson.decode(json).ts < oldest then break end
-    table.insert(kept, 1, json)
-  end
-  local more = #kept > limit
-  if more then table.remove(kept, 1) end
-  local before = 'null'
-  if ARGV[4] ~= '' then before = ARGV[4] end
-  return ok(append('{"k":"page","s":' .. q(session) .. ',"r":' .. q(room) .. ',"before":' .. before
-    .. ',"more":' .. tostring(more) .. ',"m":[' .. table.concat(kept, ',') .. ']}'))
-end
-
--- send
-local client_id = ARGV[5]
-local earlier = redis.call('HGET', KEYS[4], client_id)
-if earlier then
-  local id = cjson.decode(earlier).id
-  return ok(append('{"k":"retry","s":' .. q(session) .. ',"m":' .. earlier .. '}'), id, true)
-end
-if ARGV[8] ~= '' then
-  local room_wait = take(KEYS[6], tonumber(ARGV[8]), tonumber(ARGV[9]))
-  if room_wait > 0 then return refuse('rate_limited', 'room', room_wait) end
-end
-local id = redis.call('INCR', KEYS[8])
-local name = redis.call('HGET', KEYS[1], 'name')
-local msg = '{"room":' .. q(room) .. ',"id":' .. int(id) .. ',"from":' .. q(name) .. ',"text":'
-  .. q(ARGV[4]) .. ',"ts":' .. int(now) .. ',"client_id":' .. q(client_id) .. '}'
-redis.call('ZADD', KEYS[7], int(id), msg)
-redis.call('ZREMRANGEBYRANK', KEYS[7], 0, -(tonumber(ARGV[11]) + 1))
-redis.call('PEXPIRE', KEYS[7], ARGV[12])
-redis.call('HSET', KEYS[4], client_id, msg)
-redis.call('RPUSH', KEYS[5], client_id)
-while redis.call('LLEN', KEYS[5]) > tonumber(ARGV[13]) do
-  redis.call('HDEL', KEYS[4], redis.call('LPOP', KEYS[5]))
-end
-return ok(append('{"k":"send","s":' .. q(session) .. ',"m":' .. msg .. '}'), id, false)
-"#;
+/// How long a transport's attach lease lasts unless its node renews it: the longest a dead
+/// node's session stays attached.
+pub const ATTACH_LEASE: Duration = Duration::from_secs(6);
+/// Sessions one sweep ends at most.
+const EXPIRE_BATCH: usize = 1000;
 
 /// What a log entry written by the sequencer says (its body, field `e`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -265,14 +136,52 @@ pub enum Record {
         #[serde(rename = "m")]
         messages: Vec<Message>,
     },
-    /// A session ended: it left these rooms.
+    /// A session ended: it left these rooms, and its transport closes.
     End {
         /// The session.
         #[serde(rename = "s")]
         session: String,
+        /// Why it ended.
+        why: Ending,
         /// The rooms it was in.
         rooms: Vec<String>,
     },
+    /// A transport attached while another held the session: the node holding that one closes
+    /// it (`superseded`).
+    Attach {
+        /// The session.
+        #[serde(rename = "s")]
+        session: String,
+        /// The node of the new transport.
+        node: String,
+        /// The new transport's attachment.
+        attachment: String,
+        /// The attachment it supersedes.
+        superseded: String,
+    },
+    /// A command that came on a stream was refused: its session gets an `error` event.
+    Error {
+        /// The session.
+        #[serde(rename = "s")]
+        session: String,
+        /// The refusal.
+        #[serde(flatten)]
+        error: ErrorBody,
+        /// The `client_id` of the refused `send`.
+        client_id: Option<String>,
+    },
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// `DELETE`.
+    Deleted,
+    /// No transport for its TTL (or its node stopped renewing the lease).
+    Idle,
+    /// Its identity token expired without a `refresh`.
+    TokenExpired,
 }
 
 impl Record {
@@ -308,14 +217,35 @@ impl From<redis::RedisError> for Unavailable {
 pub struct Sequencer {
     conn: ConnectionManager,
     config: HubConfig,
-    create: Script,
+    lease: Duration,
     decide: Script,
+    lifecycle: Script,
+    append: Script,
 }
 
 impl std::fmt::Debug for Sequencer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sequencer").finish_non_exhaustive()
     }
+}
+
+/// The sessions' deadlines (a sorted set: session id by ms on Redis's clock).
+const DEADLINES: &str = "switchyard:c:deadlines";
+
+/// A log entry's id, as a script returned it.
+fn parse_entry(id: &str) -> Result<LogId, Unavailable> {
+    id.parse()
+        .map_err(|_| Unavailable(format!("a script returned {id:?} for an entry's id")))
+}
+
+fn millis(duration: Duration) -> u64 {
+    duration.as_millis().min(u64::MAX as u128) as u64
+}
+
+/// When an identity expires, in ms since the Unix epoch, as the scripts read it.
+fn expiry_ms(identity: &Identity) -> String {
+    let since = identity.expires_at.duration_since(std::time::UNIX_EPOCH);
+    millis(since.unwrap_or_default()).to_string()
 }
 
 fn session_key(session: &str, part: &str) -> String {
@@ -346,27 +276,109 @@ impl Sequencer {
         Ok(Sequencer {
             conn,
             config: config.clone(),
-            create: Script::new(CREATE),
+            lease: ATTACH_LEASE,
             decide: Script::new(DECIDE),
+            lifecycle: Script::new(LIFECYCLE),
+            append: Script::new(APPEND),
         })
     }
 
-    /// Creates session `session` for `name`, with the rooms `identity` allows.
+    /// The same sequencer with attach leases of `lease` (tests shorten it).
+    pub fn with_lease(mut self, lease: Duration) -> Sequencer {
+        self.lease = lease;
+        self
+    }
+
+    /// Creates session `session` for `name`, with the rooms `identity` allows, ending when
+    /// idle for the TTL or when the identity expires.
     pub async fn create(
         &self,
         session: &str,
         name: &str,
         identity: Option<&Identity>,
     ) -> Result<(), Unavailable> {
-        let mut conn = self.conn.clone();
-        self.create
-            .key(session_key(session, ""))
-            .arg(name)
-            .arg(identity.map(|i| &*i.user).unwrap_or_default())
-            .arg(rules(identity))
-            .invoke_async::<()>(&mut conn)
-            .await?;
+        let user = identity.map(|i| i.user.to_string()).unwrap_or_default();
+        let expires = identity.map(expiry_ms).unwrap_or_default();
+        self.lifecycle_call(
+            "create",
+            session,
+            &[name, &user, &rules(identity), &expires],
+        )
+        .await?;
         Ok(())
+    }
+
+    /// Attaches transport `attachment` of `kind`, served by `node`, to `session`: it holds
+    /// the session's attach lease until it detaches, supersedes it, or stops renewing it.
+    /// `Err` `unknown_session`, or `poll_in_progress` for a poll while a poll holds it.
+    pub async fn attach(
+        &self,
+        session: &str,
+        node: &str,
+        attachment: &str,
+        kind: TransportKind,
+    ) -> Result<Result<Option<LogId>, ErrorBody>, Unavailable> {
+        let kind = if kind.is_poll() { "poll" } else { "stream" };
+        let reply = self
+            .lifecycle_call("attach", session, &[node, attachment, kind])
+            .await?;
+        match reply.as_slice() {
+            [status, entry] if status == "ok" && entry.is_empty() => Ok(Ok(None)),
+            [status, entry] if status == "ok" => Ok(Ok(Some(parse_entry(entry)?))),
+            [status, code] if status == "err" && code == "unknown_session" => {
+                Ok(Err(refusal::unknown_session(session)))
+            }
+            [status, code] if status == "err" && code == "poll_in_progress" => {
+                Ok(Err(refusal::poll_in_progress()))
+            }
+            _ => Err(Unavailable(format!("the attach script answered {reply:?}"))),
+        }
+    }
+
+    /// Renews the attach lease of `attachment`; `false` if it no longer holds it (another
+    /// transport superseded it, or the session ended).
+    pub async fn renew(&self, session: &str, attachment: &str) -> Result<bool, Unavailable> {
+        let reply = self.lifecycle_call("renew", session, &[attachment]).await?;
+        Ok(reply.first().is_some_and(|status| status == "ok"))
+    }
+
+    /// Gives up the attach lease of `attachment`: the session falls idle a TTL from now.
+    /// `false` if it did not hold it.
+    pub async fn detach(&self, session: &str, attachment: &str) -> Result<bool, Unavailable> {
+        let reply = self
+            .lifecycle_call("detach", session, &[attachment])
+            .await?;
+        Ok(reply.first().is_some_and(|status| status == "ok"))
+    }
+
+    /// Ends the sessions that fell due (idle past their TTL, or their token expired), each
+    /// with an `end` entry; returns their ids. Any node may sweep: each session ends once.
+    pub async fn expire(&self) -> Result<Vec<String>, Unavailable> {
+        self.lifecycle_call("expire", "", &[]).await
+    }
+
+    /// Runs the lifecycle script for `kind`, with the arguments of that kind.
+    async fn lifecycle_call(
+        &self,
+        kind: &str,
+        session: &str,
+        args: &[&str],
+    ) -> Result<Vec<String>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let mut call = self.lifecycle.key(session_key(session, ""));
+        call.key(session_key(session, ":attach"))
+            .key(DEADLINES)
+            .key(LOG)
+            .key(LAST)
+            .arg(kind)
+            .arg(session)
+            .arg(millis(self.lease))
+            .arg(millis(self.config.session_ttl))
+            .arg(millis(self.retention()))
+            .arg(session_key("", ""))
+            .arg(EXPIRE_BATCH)
+            .arg(args);
+        Ok(call.invoke_async(&mut conn).await?)
     }
 
     /// Decides one command of `session`.
@@ -396,7 +408,8 @@ impl Sequencer {
                 ))
             }
         };
-        self.run(kind, session, room, first, second).await
+        self.run(kind, session, room, [first, second, String::new()])
+            .await
     }
 
     /// Gives `session` the rooms of a verified `identity` (`refresh`); refused if the session
@@ -407,14 +420,44 @@ impl Sequencer {
         identity: &Identity,
     ) -> Result<Decision, Unavailable> {
         let user = identity.user.to_string();
-        self.run("refresh", session, "", user, rules(Some(identity)))
-            .await
+        let expires = expiry_ms(identity);
+        self.run(
+            "refresh",
+            session,
+            "",
+            [user, rules(Some(identity)), expires],
+        )
+        .await
     }
 
-    /// Ends `session`: it leaves its rooms, and its state is gone.
+    /// Gives `session` an `error` event for a refused command that came on a stream (a
+    /// `/commands` reply carries its errors instead); `client_id` names a refused `send`.
+    pub async fn push_error(
+        &self,
+        session: &str,
+        error: &ErrorBody,
+        client_id: Option<&str>,
+    ) -> Result<LogId, Unavailable> {
+        let mut body = serde_json::json!({ "k": "error", "s": session, "client_id": client_id });
+        let fields = serde_json::to_value(error).expect("an error serializes");
+        if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), fields) {
+            body.extend(fields);
+        }
+        let mut conn = self.conn.clone();
+        let id: String = self
+            .append
+            .key(LOG)
+            .key(LAST)
+            .arg(body.to_string())
+            .arg(millis(self.retention()))
+            .invoke_async(&mut conn)
+            .await?;
+        parse_entry(&id)
+    }
+
+    /// Ends `session` (`DELETE`): it leaves its rooms, and its state is gone.
     pub async fn end(&self, session: &str) -> Result<Decision, Unavailable> {
-        self.run("end", session, "", String::new(), String::new())
-            .await
+        self.run("end", session, "", Default::default()).await
     }
 
     async fn run(
@@ -422,8 +465,7 @@ impl Sequencer {
         kind: &str,
         session: &str,
         room: &str,
-        first: String,
-        second: String,
+        [first, second, third]: [String; 3],
     ) -> Result<Decision, Unavailable> {
         let config = &self.config;
         let (room_rate, room_burst) = match config.room_rate_limit {
@@ -443,6 +485,8 @@ impl Sequencer {
             .key(format!("{PREFIX}ids"))
             .key(LOG)
             .key(LAST)
+            .key(DEADLINES)
+            .key(session_key(session, ":attach"))
             .arg(kind)
             .arg(session)
             .arg(room)
@@ -454,10 +498,11 @@ impl Sequencer {
             .arg(room_burst)
             .arg(config.max_rooms_per_session)
             .arg(config.history_len)
-            .arg(config.history_max_age.as_millis().min(u64::MAX as u128) as u64)
+            .arg(millis(config.history_max_age))
             .arg(config.dedup_window)
-            .arg(self.retention().as_millis() as u64)
+            .arg(millis(self.retention()))
             .arg(MAX_BUCKET_MS)
+            .arg(third)
             .invoke_async(&mut conn)
             .await?;
         self.decision(session, room, &reply)
@@ -482,7 +527,7 @@ impl Sequencer {
                 };
                 let entry = match entry.as_str() {
                     "" => None,
-                    entry => Some(entry.parse().ok()?),
+                    entry => Some(parse_entry(entry).ok()?),
                 };
                 Some(Decision { result, entry })
             }

@@ -429,10 +429,7 @@ impl Hub {
             return Err(unknown_session(session_id));
         }
         if kind.is_poll() && state.attached.as_ref().is_some_and(|s| s.kind.is_poll()) {
-            return Err(ErrorBody::new(
-                ErrorCode::PollInProgress,
-                "another poll of this session is in progress; one poll at a time",
-            ));
+            return Err(refusal::poll_in_progress());
         }
         let gap = state.replay.check_resume(after);
         if gap == Err(Gap::Unknown) {

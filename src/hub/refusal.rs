@@ -16,6 +16,14 @@ pub(crate) fn unknown_session(id: &str) -> ErrorBody {
     )
 }
 
+/// A poll while another poll of the session is held.
+pub(crate) fn poll_in_progress() -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::PollInProgress,
+        "another poll of this session is in progress; one poll at a time",
+    )
+}
+
 /// A command for a room the session has not joined.
 pub(crate) fn not_in_room(room: &str) -> ErrorBody {
     ErrorBody::new(

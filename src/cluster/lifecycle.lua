@@ -1,0 +1,75 @@
+-- A session's life in the cluster (src/cluster/sequencer.rs): its creation, its transports
+-- (one at a time, one poll at a time, each holding an attach lease its node renews), and its
+-- end when idle past its TTL or when its token expires.
+--
+-- A session's deadline (its score in the sorted set KEYS[3], ms on Redis's clock) is the
+-- earlier of its token's expiry and when it falls idle: its TTL after the last detach or
+-- after its attach lease lapses. A node that dies stops renewing its leases, so its sessions
+-- fall due a lease and a TTL after its last renewal.
+--
+-- KEYS: 1 session, 2 its attach lease, 3 deadlines, 4 log, 5 log last.
+-- ARGV: 1 kind, 2 session id, 3 lease (ms), 4 TTL (ms), 5 log retention (ms), 6 the key
+-- prefix of sessions, 7 the most sessions one sweep ends, then by kind:
+--   create:         8 name, 9 user ('' without a token), 10 rules ('' for any room),
+--                   11 token expiry (ms, '' for none)
+--   attach:         8 node, 9 attachment, 10 'poll' or 'stream'
+--   renew, detach:  8 attachment
+-- Returns {'ok', entry id or ''}, {'err', code}, or (expire) the sessions ended.
+local kind, session = ARGV[1], ARGV[2]
+local lease_ms, ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+
+if kind == 'create' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[1], 'name', ARGV[8])
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'user', ARGV[9]) end
+  if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'rules', ARGV[10]) end
+  if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'token_exp', ARGV[11]) end
+  schedule(KEYS[3], KEYS[1], session, ms + ttl)
+  return {'ok', ''}
+end
+
+if kind == 'expire' then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', int(ms), 'LIMIT', 0, tonumber(ARGV[7]))
+  for _, id in ipairs(due) do
+    local key = ARGV[6] .. id
+    local rooms = redis.call('LRANGE', key .. ':rooms', 0, -1)
+    local token = tonumber(redis.call('HGET', key, 'token_exp'))
+    local why = 'idle'
+    if token and token <= ms then why = 'token_expired' end
+    redis.call('DEL', key, key .. ':rooms', key .. ':bucket', key .. ':sent', key .. ':sent:order',
+      key .. ':attach')
+    redis.call('ZREM', KEYS[3], id)
+    append(KEYS[4], KEYS[5], retention, '{"k":"end","s":' .. q(id) .. ',"why":"' .. why
+      .. '","rooms":' .. list(rooms) .. '}')
+  end
+  return due
+end
+
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'err', 'unknown_session'} end
+local lease = redis.call('HMGET', KEYS[2], 'node', 'attachment', 'poll')
+local held = lease[1] ~= false
+
+if kind == 'attach' then
+  if held and lease[3] == '1' and ARGV[10] == 'poll' then return {'err', 'poll_in_progress'} end
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'node', ARGV[8], 'attachment', ARGV[9], 'poll',
+    ARGV[10] == 'poll' and '1' or '0')
+  redis.call('PEXPIRE', KEYS[2], int(lease_ms))
+  schedule(KEYS[3], KEYS[1], session, ms + lease_ms + ttl)
+  if not held then return {'ok', ''} end
+  -- The node holding the transport this one supersedes closes it when it reads the entry.
+  return {'ok', append(KEYS[4], KEYS[5], retention, '{"k":"attach","s":' .. q(session)
+    .. ',"node":' .. q(ARGV[8]) .. ',"attachment":' .. q(ARGV[9])
+    .. ',"superseded":' .. q(lease[2]) .. '}')}
+end
+
+-- renew and detach: only by the attachment that holds the lease.
+if not held or lease[2] ~= ARGV[8] then return {'err', 'superseded'} end
+if kind == 'renew' then
+  redis.call('PEXPIRE', KEYS[2], int(lease_ms))
+  schedule(KEYS[3], KEYS[1], session, ms + lease_ms + ttl)
+else
+  redis.call('DEL', KEYS[2])
+  schedule(KEYS[3], KEYS[1], session, ms + ttl)
+end
+return {'ok', ''}
