@@ -16,7 +16,7 @@ use support::redis::RedisServer;
 use support::within;
 use switchyard::cluster::log::{LogId, LOG};
 use switchyard::cluster::sequencer::{Decision, Ending, Record, Sequencer, Unavailable};
-use switchyard::hub::{CommandResult, Hub, HubConfig, Identity, Session};
+use switchyard::hub::{BatchLimit, CommandResult, Delivery, Hub, HubConfig, Identity, Session};
 use switchyard::protocol::{Command, ErrorBody, ErrorCode, TransportKind};
 
 /// Limits small enough for a short sequence to reach each of them, with rates so slow that
@@ -626,4 +626,156 @@ async fn a_refused_command_from_a_stream_is_an_error_entry_for_its_session() {
             client_id: Some("c1".into()),
         }]
     );
+}
+
+/// A hub's view of one session: a stream attached from the start, read after every step.
+struct Reader {
+    hub: Hub,
+    attachment: Option<switchyard::hub::Attachment>,
+}
+
+impl Reader {
+    fn new(hub: &Hub, id: &str) -> Reader {
+        let attachment = hub
+            .attach(id, TransportKind::Sse, 0)
+            .expect("attach a stream");
+        Reader {
+            hub: hub.clone(),
+            attachment: Some(attachment),
+        }
+    }
+
+    /// The events since the last read, as JSON with their seq, without the times (each
+    /// side's clock gives its own).
+    fn read(&mut self) -> Vec<serde_json::Value> {
+        self.hub.settle();
+        let Some(attachment) = &mut self.attachment else {
+            return Vec::new();
+        };
+        match attachment.ready(BatchLimit::events(100_000)) {
+            Delivery::Events(events) => events
+                .iter()
+                .map(|(seq, event)| {
+                    let mut json = serde_json::from_str(&event.to_json(*seq)).unwrap();
+                    strip_times(&mut json);
+                    json
+                })
+                .collect(),
+            Delivery::Closed(_) => {
+                self.attachment = None;
+                Vec::new()
+            }
+        }
+    }
+}
+
+fn strip_times(json: &mut serde_json::Value) {
+    match json {
+        serde_json::Value::Object(fields) => {
+            fields.remove("ts");
+            fields.values_mut().for_each(strip_times);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_times),
+        _ => {}
+    }
+}
+
+/// Runs `steps` on one hub, and through the sequencer on two replicas (node A serving
+/// sessions 0 and 1, node B session 2), applying the log after every step: each session's
+/// events must be the same, seq for seq.
+async fn same_events(redis: &RedisServer, steps: &[Step]) -> Result<(), TestCaseError> {
+    redis::cmd("FLUSHALL")
+        .query::<()>(&mut redis.connection())
+        .expect("FLUSHALL");
+    let config = HubConfig {
+        presence_interval: Duration::ZERO,
+        ..config()
+    };
+    let reference = Hub::new(config.clone());
+    let nodes = [
+        ("A", Hub::new(config.clone())),
+        ("B", Hub::new(config.clone())),
+    ];
+    let sequencer = within("connect", Sequencer::connect(&redis.url(), &config))
+        .await
+        .unwrap();
+    let mut sessions = Vec::new();
+    let mut readers = Vec::new();
+    for (i, name) in ["ann", "bob", "cat"].into_iter().enumerate() {
+        let identity = (i == 2).then(|| identity(name));
+        let expected = match &identity {
+            Some(identity) => reference.create_session_for(identity.clone()),
+            None => reference.create_session(name),
+        }
+        .unwrap();
+        let id = format!("s{i}");
+        sequencer
+            .create(&id, name, identity.as_ref())
+            .await
+            .unwrap();
+        let node = &nodes[usize::from(i == 2)].1;
+        node.serve_session(&id, name, identity).unwrap();
+        readers.push((
+            Reader::new(&reference, &expected.id),
+            Reader::new(node, &id),
+        ));
+        sessions.push((expected, id));
+    }
+    let mut applied = "0-0".to_owned();
+    for (at, step) in steps.iter().enumerate() {
+        match step {
+            Step::Command(who, command) => {
+                let (expected, id) = &sessions[*who];
+                reference.execute(expected, vec![Ok(command.clone())]).await;
+                sequencer.execute(id, command).await.expect("redis answers");
+            }
+            Step::End(who) => {
+                let (expected, id) = &sessions[*who];
+                let _ = reference.end_session(&expected.id);
+                sequencer.end(id).await.expect("redis answers");
+            }
+        }
+        // Apply what the log got since the last step, on both nodes.
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(LOG)
+            .arg(format!("({applied}"))
+            .arg("+")
+            .query(&mut redis.connection())
+            .expect("XRANGE");
+        for entry in &reply.ids {
+            let body: String = entry.get("e").expect("a body");
+            let record = Record::parse(&body).expect("a record");
+            for (node, hub) in &nodes {
+                hub.replicate(record.clone(), node).await;
+            }
+            applied = entry.id.clone();
+        }
+        for (i, (expected, replica)) in readers.iter_mut().enumerate() {
+            let (expected, got) = (expected.read(), replica.read());
+            prop_assert_eq!(got, expected, "session {} after step {}: {:?}", i, at, step);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn replicas_give_each_session_the_events_one_hub_gives() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let redis = runtime.block_on(RedisServer::start());
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(48);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        max_shrink_iters: 512,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&proptest::collection::vec(step(), 1..80), |steps| {
+        runtime.block_on(same_events(&redis, &steps))
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
 }

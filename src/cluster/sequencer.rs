@@ -101,6 +101,13 @@ pub enum Record {
         /// When, on Redis's clock (µs): the joiner's `history` covers messages younger than
         /// the room's max age at this time.
         ts: u64,
+        /// The joiner's name, for presence.
+        name: String,
+        /// The joiner's user (with a token): presence counts a user once.
+        user: Option<String>,
+        /// The newest message id handed out before it: a replica that reads the room's
+        /// history from Redis takes nothing newer.
+        last: u64,
     },
     /// A session leaves a room.
     Leave {
@@ -119,6 +126,8 @@ pub enum Record {
         /// The room.
         #[serde(rename = "r")]
         room: String,
+        /// The typer's name.
+        name: String,
     },
     /// A page of a room's history, for the session that asked.
     Page {

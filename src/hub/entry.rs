@@ -22,7 +22,8 @@ pub(super) enum Entry {
     /// A message accepted into its room: the members get it, the room's history keeps it
     /// and the sender's retry table keeps its echo.
     Send {
-        sender: Arc<Session>,
+        /// Served here, it keeps the echo; served elsewhere (a replica), `None`.
+        sender: Option<Arc<Session>>,
         message: Arc<Message>,
     },
     /// A send retried with a `client_id` already sent: the sender gets the original again.
@@ -33,10 +34,19 @@ pub(super) enum Entry {
     /// A session joins a room: it gets the room's history and presence, and the members hear
     /// of it at the room's next flush. A member joining again gets a fresh view only.
     Join { session: Arc<Session>, room: String },
+    /// A session another node serves joins a room: a member for presence only.
+    RemoteJoin {
+        id: String,
+        name: Arc<str>,
+        user: Option<Arc<str>>,
+        room: String,
+    },
     /// A session leaves a room; the members hear of it at the room's next flush.
     Leave { session: Arc<Session>, room: String },
+    /// A session another node serves leaves a room.
+    RemoteLeave { id: String, room: String },
     /// A member is typing; the members hear of it at the room's next flush.
-    Typing { session: Arc<Session>, room: String },
+    Typing { name: Arc<str>, room: String },
     /// The pending presence and typing changes of `rooms` go to their members, as of `at`.
     Flush { rooms: Vec<String>, at: Instant },
     /// A command refused: its session gets an `error` event.
@@ -104,12 +114,14 @@ impl Chat {
                     self.fanout.room(room.members(), event.clone());
                     room.record(message.clone(), config.history_len);
                 }
-                sender.lock().sent.insert(
-                    &message.client_id,
-                    message.id,
-                    Sent::Echo(event),
-                    config.dedup_window,
-                );
+                if let Some(sender) = sender {
+                    sender.lock().sent.insert(
+                        &message.client_id,
+                        message.id,
+                        Sent::Echo(event),
+                        config.dedup_window,
+                    );
+                }
             }
             Entry::Retry { sender, echo } => self.fanout.one(&sender, vec![echo]),
             Entry::Join { session, room } => {
@@ -137,8 +149,27 @@ impl Chat {
                     return Some(self.pending(room));
                 }
             }
-            Entry::Typing { session, room } => {
-                self.rooms.get_mut(&room)?.typing(&session.name);
+            Entry::RemoteJoin {
+                id,
+                name,
+                user,
+                room,
+            } => {
+                let entry = self.rooms.get_mut(&room)?;
+                if entry.add_remote(&id, name, user) {
+                    entry.last_used = tick;
+                    return Some(self.pending(room));
+                }
+            }
+            Entry::RemoteLeave { id, room } => {
+                let entry = self.rooms.get_mut(&room)?;
+                if entry.remove_remote(&id) {
+                    entry.last_used = tick;
+                    return Some(self.pending(room));
+                }
+            }
+            Entry::Typing { name, room } => {
+                self.rooms.get_mut(&room)?.typing(&name);
                 return Some(self.pending(room));
             }
             Entry::Flush { rooms, at } => {

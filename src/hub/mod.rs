@@ -19,6 +19,7 @@ mod fanout;
 pub mod history;
 mod identity;
 pub(crate) mod refusal;
+mod replica;
 mod room;
 mod session;
 
@@ -34,6 +35,7 @@ use tokio::time::Instant;
 use history::{now_micros, StoreError};
 pub use history::{Durability, HistoryStore, MemoryStore};
 pub use identity::{Identity, TokenVerifier};
+pub use replica::attachment_name;
 use room::Room;
 pub use session::{Attachment, BatchLimit, Budget, Delivery, Session};
 pub use session::{DirectSink, OutboxFull};
@@ -343,17 +345,33 @@ impl Hub {
 
     /// Creates a session for a user name.
     pub fn create_session(&self, name: &str) -> Result<Arc<Session>, ErrorBody> {
-        self.create(name, None)
+        self.create(None, name, None)
+    }
+
+    /// Starts serving a session the cluster's sequencer created (`id`, for `name` or a
+    /// verified `identity`): it gets the events of the log records applied from now on.
+    pub fn serve_session(
+        &self,
+        id: &str,
+        name: &str,
+        identity: Option<Identity>,
+    ) -> Result<Arc<Session>, ErrorBody> {
+        self.create(Some(id.to_owned()), name, identity)
     }
 
     /// Creates a session for a verified user: it ends when the identity expires, unless
     /// refreshed, and counts once per user in room presence.
     pub fn create_session_for(&self, identity: Identity) -> Result<Arc<Session>, ErrorBody> {
         let name = identity.name.clone();
-        self.create(&name, Some(identity))
+        self.create(None, &name, Some(identity))
     }
 
-    fn create(&self, name: &str, identity: Option<Identity>) -> Result<Arc<Session>, ErrorBody> {
+    fn create(
+        &self,
+        id: Option<String>,
+        name: &str,
+        identity: Option<Identity>,
+    ) -> Result<Arc<Session>, ErrorBody> {
         self.refuse_if_shutting_down()?;
         validate_name(name)?;
         let mut sessions = lock(&self.inner.sessions);
@@ -363,7 +381,7 @@ impl Hub {
                 "the server holds its maximum number of sessions; try again later",
             ));
         }
-        let id = format!("{:032x}", rand::random::<u128>());
+        let id = id.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
         let shard = self.inner.next_shard.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(
             id.clone(),
@@ -750,7 +768,7 @@ impl Hub {
                     }
                     chat.last_message_id = id;
                     let send = Entry::Send {
-                        sender: session.clone(),
+                        sender: Some(session.clone()),
                         message,
                     };
                     chat.commit(send, config);
@@ -789,7 +807,7 @@ impl Hub {
             }
             Command::Typing { room } => {
                 let typing = Entry::Typing {
-                    session: session.clone(),
+                    name: session.name.clone(),
                     room,
                 };
                 chat.commit(typing, config);
@@ -1007,7 +1025,7 @@ fn broadcast_written(hub: Weak<Inner>, written: mpsc::Receiver<Written>) {
         let result = match done.result {
             Ok(()) => {
                 let send = Entry::Send {
-                    sender: done.session,
+                    sender: Some(done.session),
                     message: done.message,
                 };
                 lock(&inner.chat).commit(send, &inner.config);

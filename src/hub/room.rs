@@ -39,6 +39,15 @@ struct Place {
     joined_at: u64,
 }
 
+/// A member whose session another node serves (cluster mode): known here for presence only,
+/// never fanned out to.
+#[derive(Debug)]
+struct Remote {
+    name: Arc<str>,
+    user: Option<Arc<str>>,
+    joined_at: u64,
+}
+
 /// Presence changes not yet told to the members, and what they were last told.
 #[derive(Debug)]
 struct Presence {
@@ -68,6 +77,8 @@ pub(crate) struct Room {
     shards: Vec<Arc<Vec<Arc<Session>>>>,
     /// Each member's place, by session address.
     index: HashMap<usize, Place>,
+    /// Members served by other nodes, by session id.
+    remote: HashMap<Arc<str>, Remote>,
     /// Sessions per authenticated user: a user with several sessions (tabs) in the room is one
     /// member of its presence, who joins with the first and leaves with the last.
     /// Each user's session count and the name presence announced for them (a user's tokens
@@ -106,6 +117,7 @@ impl Room {
         Room {
             shards: (0..shards.max(1)).map(|_| Arc::new(Vec::new())).collect(),
             index: HashMap::new(),
+            remote: HashMap::new(),
             users: HashMap::new(),
             present: 0,
             joins: 0,
@@ -129,7 +141,7 @@ impl Room {
 
     /// Whether the room has no members.
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.index.is_empty() && self.remote.is_empty()
     }
 
     /// The members, for a broadcast.
@@ -159,7 +171,38 @@ impl Room {
         };
         list.push(session.clone());
         self.index.insert(key(&session), place);
-        let first = match &session.user {
+        self.announce_join(name, session.user.as_ref());
+    }
+
+    /// Adds a member another node serves, unless it is one; returns whether it was added.
+    pub fn add_remote(&mut self, id: &str, name: Arc<str>, user: Option<Arc<str>>) -> bool {
+        if self.remote.contains_key(id) {
+            return false;
+        }
+        self.joins += 1;
+        self.announce_join(name.clone(), user.as_ref());
+        let joined_at = self.joins;
+        let member = Remote {
+            name,
+            user,
+            joined_at,
+        };
+        self.remote.insert(Arc::from(id), member);
+        true
+    }
+
+    /// Removes a member another node serves; returns whether it was one.
+    pub fn remove_remote(&mut self, id: &str) -> bool {
+        let Some(member) = self.remote.remove(id) else {
+            return false;
+        };
+        self.announce_leave(&member.name, member.user.as_ref());
+        true
+    }
+
+    /// Records a join in presence: a user's first session announces it.
+    fn announce_join(&mut self, name: Arc<str>, user: Option<&Arc<str>>) {
+        let first = match user {
             Some(user) => {
                 let (sessions, _) = self.users.entry(user.clone()).or_insert((0, name.clone()));
                 *sessions += 1;
@@ -174,6 +217,32 @@ impl Room {
         self.presence.changed = true;
         if self.presence.exact || self.presence.joined.len() < PRESENCE_SAMPLE {
             self.presence.joined.push(name);
+        }
+    }
+
+    /// Records a leave in presence: a user's last session announces it, with the name its
+    /// join was announced with.
+    fn announce_leave(&mut self, name: &Arc<str>, user: Option<&Arc<str>>) {
+        let (last, name) = match user {
+            Some(user) => match self.users.get_mut(user) {
+                Some((sessions, _)) if *sessions > 1 => {
+                    *sessions -= 1;
+                    (false, name.clone())
+                }
+                _ => {
+                    let announced = self.users.remove(user).map(|(_, name)| name);
+                    (true, announced.unwrap_or_else(|| name.clone()))
+                }
+            },
+            None => (true, name.clone()),
+        };
+        if !last {
+            return;
+        }
+        self.present -= 1;
+        self.presence.changed = true;
+        if self.presence.exact || self.presence.left.len() < PRESENCE_SAMPLE {
+            self.presence.left.push(name);
         }
     }
 
@@ -195,27 +264,7 @@ impl Room {
                 *shard = Arc::new(Vec::new());
             }
         }
-        let (last, name) = match &session.user {
-            Some(user) => match self.users.get_mut(user) {
-                Some((sessions, _)) if *sessions > 1 => {
-                    *sessions -= 1;
-                    (false, session.name.clone())
-                }
-                _ => {
-                    let announced = self.users.remove(user).map(|(_, name)| name);
-                    (true, announced.unwrap_or_else(|| session.name.clone()))
-                }
-            },
-            None => (true, session.name.clone()),
-        };
-        if !last {
-            return true;
-        }
-        self.present -= 1;
-        self.presence.changed = true;
-        if self.presence.exact || self.presence.left.len() < PRESENCE_SAMPLE {
-            self.presence.left.push(name);
-        }
+        self.announce_leave(&session.name, session.user.as_ref());
         true
     }
 
@@ -278,13 +327,12 @@ impl Room {
     pub fn snapshot_event(&mut self, room: &str) -> EncodedEvent {
         if self.presence.snapshot.is_none() {
             let presence = &self.presence;
+            let sample;
             let online: Vec<&str> = if presence.exact {
                 presence.published.iter().map(|n| &**n).collect()
             } else {
-                self.present_members()
-                    .take(PRESENCE_SAMPLE)
-                    .map(|m| &*m.name)
-                    .collect()
+                sample = self.names_in_join_order(PRESENCE_SAMPLE);
+                sample.iter().map(|n| &**n).collect()
             };
             let encoded = Event::Presence {
                 room,
@@ -305,8 +353,8 @@ impl Room {
     pub fn flush(&mut self, room: &str, list_limit: usize) -> Vec<EncodedEvent> {
         let mut events = Vec::new();
         let count = self.present;
-        let rebuilt =
-            (!self.presence.exact && count <= list_limit).then(|| self.names_in_join_order());
+        let rebuilt = (!self.presence.exact && count <= list_limit)
+            .then(|| self.names_in_join_order(usize::MAX));
         let presence = &mut self.presence;
         if presence.changed {
             let small = count <= list_limit;
@@ -374,26 +422,25 @@ impl Room {
         self.presence.published.iter().map(|n| &**n).collect()
     }
 
-    /// One session per member as presence counts them: each user's first (in shard order),
-    /// and every session without a user.
-    fn present_members(&self) -> impl Iterator<Item = &Arc<Session>> {
-        let mut seen = std::collections::HashSet::new();
-        self.each_member()
-            .filter(move |m| m.user.as_ref().is_none_or(|u| seen.insert(u.clone())))
-    }
-
-    /// Every member's name, in join order (a user's first session's).
-    fn names_in_join_order(&self) -> Vec<Arc<str>> {
-        let mut members: Vec<(u64, &Arc<Session>)> = self
+    /// The first `limit` names of the members as presence counts them (a user's first
+    /// session, every session without a user), local or not, in join order: the same on
+    /// every node that applied the same joins.
+    fn names_in_join_order(&self, limit: usize) -> Vec<Arc<str>> {
+        let local = self
             .each_member()
-            .map(|m| (self.index[&key(m)].joined_at, m))
-            .collect();
-        members.sort_by_key(|(joined_at, _)| *joined_at);
+            .map(|m| (self.index[&key(m)].joined_at, &m.name, m.user.as_ref()));
+        let remote = self
+            .remote
+            .values()
+            .map(|m| (m.joined_at, &m.name, m.user.as_ref()));
+        let mut members: Vec<_> = local.chain(remote).collect();
+        members.sort_unstable_by_key(|(joined_at, _, _)| *joined_at);
         let mut seen = std::collections::HashSet::new();
         members
             .into_iter()
-            .filter(|(_, m)| m.user.as_ref().is_none_or(|u| seen.insert(u.clone())))
-            .map(|(_, m)| m.name.clone())
+            .filter(|(_, _, user)| user.is_none_or(|u| seen.insert(u.clone())))
+            .map(|(_, name, _)| name.clone())
+            .take(limit)
             .collect()
     }
 }

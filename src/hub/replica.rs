@@ -1,0 +1,185 @@
+//! A node of a cluster applies the log: each [`Record`] the sequencer wrote becomes an
+//! [`Entry`] for the sessions this node serves, and a change of membership for those it does
+//! not (docs/cluster.md, section 3). Nothing here decides: the sequencer did.
+
+use std::sync::Arc;
+
+use super::entry::Entry;
+use super::history::Page;
+use super::{lock, Hub, Session};
+use crate::cluster::sequencer::{Ending, Record};
+use crate::protocol::{CloseReason, Event};
+
+/// How a node names its attachments in the cluster: `NODE:ID`.
+pub fn attachment_name(node: &str, id: u64) -> String {
+    format!("{node}:{id}")
+}
+
+impl Hub {
+    /// Applies one record of the log. `node` is this node's id, which names its attachments
+    /// ([`attachment_name`]). A room this node does not hold yet is read from the history
+    /// store first, up to the message the record says the room had.
+    pub async fn replicate(&self, record: Record, node: &str) {
+        let config = &self.inner.config;
+        let local = |id: &str| lock(&self.inner.sessions).get(id).cloned();
+        let entry = match record {
+            Record::Send { message, session } => {
+                let mut chat = lock(&self.inner.chat);
+                chat.last_message_id = chat.last_message_id.max(message.id);
+                Entry::Send {
+                    sender: local(&session),
+                    message: Arc::new(message),
+                }
+            }
+            Record::Retry { session, message } => {
+                let Some(sender) = local(&session) else {
+                    return;
+                };
+                Entry::Retry {
+                    sender,
+                    echo: Event::Message(&message).encode(),
+                }
+            }
+            Record::Join {
+                session,
+                room,
+                name,
+                user,
+                last,
+                ..
+            } => {
+                self.hold_room(&room, last).await;
+                match local(&session) {
+                    Some(session) => Entry::Join { session, room },
+                    None => Entry::RemoteJoin {
+                        id: session,
+                        name: Arc::from(name),
+                        user: user.map(Arc::from),
+                        room,
+                    },
+                }
+            }
+            Record::Leave { session, room } => leave(local(&session), session, room),
+            Record::Typing { room, name, .. } => Entry::Typing {
+                name: Arc::from(name),
+                room,
+            },
+            Record::Page {
+                session,
+                room,
+                before,
+                more,
+                messages,
+            } => {
+                let Some(session) = local(&session) else {
+                    return;
+                };
+                let messages = messages.into_iter().map(Arc::new).collect();
+                Entry::Page {
+                    session,
+                    room,
+                    before,
+                    page: Page { messages, more },
+                }
+            }
+            Record::Error {
+                session,
+                error,
+                client_id,
+            } => {
+                let Some(session) = local(&session) else {
+                    return;
+                };
+                Entry::Error {
+                    session,
+                    error,
+                    client_id,
+                }
+            }
+            Record::Attach {
+                session,
+                superseded,
+                ..
+            } => {
+                if let Some(session) = local(&session) {
+                    let mut state = session.lock();
+                    let holds = state
+                        .attached
+                        .as_ref()
+                        .is_some_and(|slot| attachment_name(node, slot.id) == superseded);
+                    if holds {
+                        state.close_attached(CloseReason::Superseded);
+                    }
+                }
+                return;
+            }
+            Record::End {
+                session,
+                why,
+                rooms,
+            } => {
+                self.replicate_end(local(&session), session, why, rooms);
+                return;
+            }
+        };
+        lock(&self.inner.chat).commit(entry, config);
+    }
+
+    /// Makes sure the node holds `room`, reading its history (up to message `last`) from the
+    /// store if it does not.
+    async fn hold_room(&self, room: &str, last: u64) {
+        if lock(&self.inner.chat).rooms.contains_key(room) {
+            return;
+        }
+        let config = &self.inner.config;
+        let reply = self
+            .inner
+            .store
+            .page(room, Some(last + 1), config.history_len);
+        let history = match reply.await {
+            Ok(Ok(page)) => page.messages,
+            // The joiner's history then starts empty; the store says why in its metrics.
+            _ => Vec::new(),
+        };
+        let mut chat = lock(&self.inner.chat);
+        let shards = chat.fanout.shards();
+        chat.rooms
+            .entry(room.to_owned())
+            .or_insert_with(|| super::Room::new(shards, None, history));
+    }
+
+    /// A session ended: it leaves its rooms, and if this node serves it, its transport is
+    /// told why and the session is gone.
+    fn replicate_end(
+        &self,
+        session: Option<Arc<Session>>,
+        id: String,
+        why: Ending,
+        rooms: Vec<String>,
+    ) {
+        let config = &self.inner.config;
+        let mut chat = lock(&self.inner.chat);
+        if let Some(session) = &session {
+            let mut state = session.lock();
+            state.ended = true;
+            state.close_attached(match why {
+                Ending::Deleted | Ending::Idle => CloseReason::Expired,
+                Ending::TokenExpired => CloseReason::TokenExpired,
+            });
+        }
+        for room in rooms {
+            chat.commit(leave(session.clone(), id.clone(), room), config);
+        }
+        if session.is_some() {
+            lock(&self.inner.sessions).remove(&id);
+        }
+    }
+}
+
+/// A leave by a session served here or elsewhere.
+fn leave(session: Option<Arc<Session>>, id: String, room: String) -> Entry {
+    match session {
+        Some(session) => Entry::Leave { session, room },
+        None => Entry::RemoteLeave { id, room },
+    }
+}
