@@ -314,14 +314,25 @@ async fn entries_carry_what_replicas_need_and_history_is_where_the_store_reads_i
     assert_eq!((*before, *more, ids), (Some(6), true, vec![4, 5]));
     assert!(matches!(&records[9], Record::Typing { room, .. } if room == "lobby"));
     assert!(matches!(&records[10], Record::Leave { room, .. } if room == "lobby"));
-    assert_eq!(
-        records[13],
-        Record::End {
-            session: "s1".into(),
-            why: Ending::Deleted,
-            rooms: vec!["lobby".into(), "other".into()],
-        }
-    );
+    let Record::Join {
+        name, user, last, ..
+    } = &records[11]
+    else {
+        panic!("a join: {:?}", records[11]);
+    };
+    assert_eq!((name.as_str(), user, *last), ("ann", &None, 6));
+    let Record::End {
+        session,
+        why,
+        rooms,
+        ts: ended,
+    } = &records[13]
+    else {
+        panic!("an end: {:?}", records[13]);
+    };
+    assert_eq!((session.as_str(), *why), ("s1", Ending::Deleted));
+    assert_eq!(rooms, &["lobby", "other"]);
+    assert!(ended >= &message.ts);
 
     // The Redis history store reads what the script wrote, byte for byte.
     let stored: Vec<String> = redis::cmd("ZRANGE")
@@ -563,6 +574,7 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
                 session,
                 why,
                 rooms,
+                ..
             } => Some((session, why, rooms)),
             _ => None,
         })
@@ -778,4 +790,147 @@ fn replicas_give_each_session_the_events_one_hub_gives() {
     if let Err(failure) = result {
         panic!("{failure}");
     }
+}
+
+#[derive(Debug, Clone)]
+enum Timed {
+    Step(Step),
+    /// Time passes (ms), then the ticker appends a flush.
+    Wait(u64),
+}
+
+/// With coalesced presence (a 20 ms interval), two nodes that both serve every session give
+/// each the same events, byte for byte: quiet rooms are judged on the log's clock and
+/// pending changes go out at the ticker's `flush` entries.
+async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), TestCaseError> {
+    redis::cmd("FLUSHALL")
+        .query::<()>(&mut redis.connection())
+        .expect("FLUSHALL");
+    let config = HubConfig {
+        presence_interval: Duration::from_millis(20),
+        ..config()
+    };
+    let nodes = [Hub::new(config.clone()), Hub::new(config.clone())];
+    let sequencer = within("connect", Sequencer::connect(&redis.url(), &config))
+        .await
+        .unwrap();
+    let mut readers = Vec::new();
+    for (i, name) in ["ann", "bob", "cat"].into_iter().enumerate() {
+        let identity = (i == 2).then(|| identity(name));
+        let id = format!("s{i}");
+        sequencer
+            .create(&id, name, identity.as_ref())
+            .await
+            .unwrap();
+        for node in &nodes {
+            node.serve_session(&id, name, identity.clone()).unwrap();
+        }
+        readers.push([Reader::new(&nodes[0], &id), Reader::new(&nodes[1], &id)]);
+    }
+    let mut applied = "0-0".to_owned();
+    let mut flushes = 0;
+    let final_wait = [Timed::Wait(25)];
+    for (at, step) in steps.iter().chain(&final_wait).enumerate() {
+        match step {
+            Timed::Step(Step::Command(who, command)) => {
+                sequencer
+                    .execute(&format!("s{who}"), command)
+                    .await
+                    .expect("redis answers");
+            }
+            Timed::Step(Step::End(who)) => {
+                sequencer
+                    .end(&format!("s{who}"))
+                    .await
+                    .expect("redis answers");
+            }
+            Timed::Wait(ms) => {
+                tokio::time::sleep(Duration::from_millis(*ms)).await;
+                flushes += usize::from(sequencer.tick("A").await.unwrap().is_some());
+            }
+        }
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(LOG)
+            .arg(format!("({applied}"))
+            .arg("+")
+            .query(&mut redis.connection())
+            .expect("XRANGE");
+        for entry in &reply.ids {
+            let body: String = entry.get("e").expect("a body");
+            let record = Record::parse(&body).expect("a record");
+            for (node, hub) in ["A", "B"].into_iter().zip(&nodes) {
+                hub.replicate(record.clone(), node).await;
+            }
+            applied = entry.id.clone();
+        }
+        for (i, [a, b]) in readers.iter_mut().enumerate() {
+            prop_assert_eq!(
+                a.read(),
+                b.read(),
+                "session {} after step {}: {:?}",
+                i,
+                at,
+                step
+            );
+        }
+    }
+    prop_assert!(flushes > 0, "the ticker appended flushes");
+    Ok(())
+}
+
+#[test]
+fn with_coalesced_presence_replicas_give_the_same_events() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let redis = runtime.block_on(RedisServer::start());
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(16);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        max_shrink_iters: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let timed = prop_oneof![
+        8 => step().prop_map(Timed::Step),
+        1 => (0..30u64).prop_map(Timed::Wait),
+    ];
+    let result = runner.run(&proptest::collection::vec(timed, 1..60), |steps| {
+        runtime.block_on(replicas_agree(&redis, &steps))
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}
+
+#[tokio::test]
+async fn one_node_at_a_time_holds_the_ticker_and_another_takes_it_when_it_lapses() {
+    let redis = RedisServer::start().await;
+    let lease = Duration::from_millis(300);
+    let sequencer = sequencer(&redis).await.with_lease(lease);
+    assert!(
+        sequencer.tick("A").await.unwrap().is_some(),
+        "free: A takes it"
+    );
+    assert!(sequencer.tick("B").await.unwrap().is_none(), "A holds it");
+    assert!(sequencer.tick("A").await.unwrap().is_some(), "A renews it");
+    let taken = within("B to take the ticker once A stops", async {
+        loop {
+            if let Some(entry) = sequencer.tick("B").await.unwrap() {
+                return entry;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let flushes = log_records(&redis)
+        .iter()
+        .filter(|r| matches!(r, Record::Flush { .. }))
+        .count();
+    assert_eq!(flushes, 3, "each tick of the holder is one flush ({taken})");
+    assert!(
+        sequencer.tick("A").await.unwrap().is_none(),
+        "B holds it now"
+    );
 }

@@ -36,7 +36,8 @@ if kind == 'end' then
   local rooms = redis.call('LRANGE', KEYS[2], 0, -1)
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[12])
   redis.call('ZREM', KEYS[11], session)
-  return ok(entry('{"k":"end","s":' .. q(session) .. ',"why":"deleted","rooms":' .. list(rooms) .. '}'))
+  return ok(entry('{"k":"end","s":' .. q(session) .. ',"why":"deleted","rooms":' .. list(rooms)
+    .. ',"ts":' .. int(now) .. '}'))
 end
 local wait = take(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
 if wait > 0 then return refuse('rate_limited', 'session', wait) end
@@ -82,11 +83,12 @@ if not joined then return refuse('not_in_room') end
 
 if kind == 'leave' then
   redis.call('LREM', KEYS[2], 0, room)
-  return ok(entry('{"k":"leave","s":' .. q(session) .. ',"r":' .. q(room) .. '}'))
+  return ok(entry('{"k":"leave","s":' .. q(session) .. ',"r":' .. q(room) .. ',"ts":' .. int(now)
+    .. '}'))
 end
 if kind == 'typing' then
   return ok(entry('{"k":"typing","s":' .. q(session) .. ',"r":' .. q(room) .. ',"name":'
-    .. q(redis.call('HGET', KEYS[1], 'name')) .. '}'))
+    .. q(redis.call('HGET', KEYS[1], 'name')) .. ',"ts":' .. int(now) .. '}'))
 end
 
 if kind == 'history' then

@@ -14,6 +14,7 @@
 --                   11 token expiry (ms, '' for none)
 --   attach:         8 node, 9 attachment, 10 'poll' or 'stream'
 --   renew, detach:  8 attachment
+--   tick:           8 node; KEYS[1] is then the ticker's lease
 -- Returns {'ok', entry id or ''}, {'err', code}, or (expire) the sessions ended.
 local kind, session = ARGV[1], ARGV[2]
 local lease_ms, ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
@@ -40,9 +41,18 @@ if kind == 'expire' then
       key .. ':attach')
     redis.call('ZREM', KEYS[3], id)
     append(KEYS[4], KEYS[5], retention, '{"k":"end","s":' .. q(id) .. ',"why":"' .. why
-      .. '","rooms":' .. list(rooms) .. '}')
+      .. '","rooms":' .. list(rooms) .. ',"ts":' .. int(now) .. '}')
   end
   return due
+end
+
+-- One node at a time holds the ticker and appends the flushes that turn pending presence
+-- and typing changes into events, the same on every replica.
+if kind == 'tick' then
+  local holder = redis.call('GET', KEYS[1])
+  if holder and holder ~= ARGV[8] then return {'err', 'not_ticker'} end
+  redis.call('SET', KEYS[1], ARGV[8], 'PX', int(lease_ms))
+  return {'ok', append(KEYS[4], KEYS[5], retention, '{"k":"flush","ts":' .. int(now) .. '}')}
 end
 
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'err', 'unknown_session'} end

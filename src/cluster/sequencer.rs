@@ -117,6 +117,8 @@ pub enum Record {
         /// The room.
         #[serde(rename = "r")]
         room: String,
+        /// When (µs on Redis's clock).
+        ts: u64,
     },
     /// A member is typing.
     Typing {
@@ -128,6 +130,14 @@ pub enum Record {
         room: String,
         /// The typer's name.
         name: String,
+        /// When (µs on Redis's clock).
+        ts: u64,
+    },
+    /// The rooms whose presence interval has passed at `ts` (µs on Redis's clock) tell their
+    /// members of the presence and typing changes pending.
+    Flush {
+        /// When.
+        ts: u64,
     },
     /// A page of a room's history, for the session that asked.
     Page {
@@ -154,6 +164,8 @@ pub enum Record {
         why: Ending,
         /// The rooms it was in.
         rooms: Vec<String>,
+        /// When (µs on Redis's clock).
+        ts: u64,
     },
     /// A transport attached while another held the session: the node holding that one closes
     /// it (`superseded`).
@@ -240,6 +252,8 @@ impl std::fmt::Debug for Sequencer {
 
 /// The sessions' deadlines (a sorted set: session id by ms on Redis's clock).
 const DEADLINES: &str = "switchyard:c:deadlines";
+/// The node that appends `flush` entries (a lease).
+const TICKER: &str = "switchyard:c:ticker";
 
 /// A log entry's id, as a script returned it.
 fn parse_entry(id: &str) -> Result<LogId, Unavailable> {
@@ -364,6 +378,36 @@ impl Sequencer {
     /// with an `end` entry; returns their ids. Any node may sweep: each session ends once.
     pub async fn expire(&self) -> Result<Vec<String>, Unavailable> {
         self.lifecycle_call("expire", "", &[]).await
+    }
+
+    /// Appends a `flush` entry if this `node` holds the ticker (or takes it, free): every
+    /// replica then flushes the rooms whose presence interval has passed. `None` if another
+    /// node holds it. A node calls it every quarter presence interval while its replica has
+    /// changes pending; if the ticker's node dies, another takes over within the lease.
+    pub async fn tick(&self, node: &str) -> Result<Option<LogId>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = self
+            .lifecycle
+            .key(TICKER)
+            .key("")
+            .key(DEADLINES)
+            .key(LOG)
+            .key(LAST)
+            .arg("tick")
+            .arg("")
+            .arg(millis(self.lease))
+            .arg(millis(self.config.session_ttl))
+            .arg(millis(self.retention()))
+            .arg(session_key("", ""))
+            .arg(EXPIRE_BATCH)
+            .arg(node)
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.as_slice() {
+            [status, entry] if status == "ok" => Ok(Some(parse_entry(entry)?)),
+            [status, _] if status == "err" => Ok(None),
+            _ => Err(Unavailable(format!("the tick script answered {reply:?}"))),
+        }
     }
 
     /// Runs the lifecycle script for `kind`, with the arguments of that kind.

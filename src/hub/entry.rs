@@ -10,8 +10,6 @@
 
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
 use super::history::Page;
 use super::session::Sent;
 use super::{flush_room, Chat, HubConfig, Session};
@@ -47,8 +45,9 @@ pub(super) enum Entry {
     RemoteLeave { id: String, room: String },
     /// A member is typing; the members hear of it at the room's next flush.
     Typing { name: Arc<str>, room: String },
-    /// The pending presence and typing changes of `rooms` go to their members, as of `at`.
-    Flush { rooms: Vec<String>, at: Instant },
+    /// The pending presence and typing changes of `rooms` go to their members, as of `at`
+    /// (µs on the hub's timeline).
+    Flush { rooms: Vec<String>, at: u64 },
     /// A command refused: its session gets an `error` event.
     Error {
         session: Arc<Session>,
@@ -65,15 +64,21 @@ pub(super) enum Entry {
 }
 
 impl Chat {
-    /// Applies a decided entry, then flushes the room whose presence it changed if that room
-    /// was quiet for a presence interval (else the change waits for [`Chat::due_rooms`]).
+    /// Applies a decided entry now, on this hub's clock ([`Chat::commit_at`]).
     pub(super) fn commit(&mut self, entry: Entry, config: &HubConfig) {
+        let now = self.clock();
+        self.commit_at(entry, config, now);
+    }
+
+    /// Applies an entry decided at `now` (µs on the hub's timeline: its own clock, or the
+    /// log's), then flushes the room whose presence it changed if that room was quiet for a
+    /// presence interval (else the change waits for [`Chat::due_rooms`]).
+    pub(super) fn commit_at(&mut self, entry: Entry, config: &HubConfig, now: u64) {
         if let Some(room) = self.apply(entry, config) {
-            let now = Instant::now();
-            let quiet = self.rooms.get(&room).is_some_and(|r| {
-                r.last_flush
-                    .is_none_or(|at| now.duration_since(at) >= config.presence_interval)
-            });
+            let quiet = self
+                .rooms
+                .get(&room)
+                .is_some_and(|r| quiet_since(r.last_flush, now, config));
             if quiet {
                 self.apply(
                     Entry::Flush {
@@ -87,18 +92,25 @@ impl Chat {
     }
 
     /// The rooms with pending changes whose presence interval has passed at `now`, and those
-    /// dropped since their change.
-    pub(super) fn due_rooms(&self, now: Instant, config: &HubConfig) -> Vec<String> {
-        self.pending_presence
+    /// dropped since their change, by name (so every replica flushes them in one order).
+    pub(super) fn due_rooms(&self, now: u64, config: &HubConfig) -> Vec<String> {
+        let mut due: Vec<String> = self
+            .pending_presence
             .iter()
             .filter(|name| {
-                self.rooms.get(*name).is_none_or(|room| {
-                    room.last_flush
-                        .is_none_or(|at| now.duration_since(at) >= config.presence_interval)
-                })
+                self.rooms
+                    .get(*name)
+                    .is_none_or(|room| quiet_since(room.last_flush, now, config))
             })
             .cloned()
-            .collect()
+            .collect();
+        due.sort_unstable();
+        due
+    }
+
+    /// Now on the hub's own timeline: µs since it started.
+    pub(super) fn clock(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
     }
 
     /// Applies one entry: changes the rooms and hands its events to the fan-out. Returns the
@@ -220,4 +232,11 @@ impl Chat {
         self.pending_presence.insert(room.clone());
         room
     }
+}
+
+/// Whether a room last flushed at `last` (never: `None`) has been quiet for a presence
+/// interval at `now`.
+fn quiet_since(last: Option<u64>, now: u64, config: &HubConfig) -> bool {
+    let interval = config.presence_interval.as_micros() as u64;
+    last.is_none_or(|at| now.saturating_sub(at) >= interval)
 }

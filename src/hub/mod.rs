@@ -109,6 +109,8 @@ struct Chat {
     room_drops: u64,
     /// Set by [`Hub::close_store`]: the last id is recorded, so nothing more may be sent.
     store_closed: bool,
+    /// Where the hub's own timeline starts (presence intervals are measured on it).
+    epoch: Instant,
     tick: u64,
 }
 
@@ -307,6 +309,7 @@ impl Hub {
                     ids_asked: 0,
                     room_drops: 0,
                     store_closed: false,
+                    epoch: Instant::now(),
                     tick: 0,
                 }),
                 sessions: Mutex::new(HashMap::new()),
@@ -936,7 +939,7 @@ impl Hub {
     pub fn flush_presence(&self) -> usize {
         let config = &self.inner.config;
         let mut chat = lock(&self.inner.chat);
-        let now = Instant::now();
+        let now = chat.clock();
         let rooms = chat.due_rooms(now, config);
         let flushed = rooms.len();
         chat.apply(Entry::Flush { rooms, at: now }, config);
@@ -1008,7 +1011,7 @@ impl Hub {
 }
 
 /// Sends a room's pending presence and typing changes to its members.
-fn flush_room(fanout: &Fanout, room: &mut Room, name: &str, list_limit: usize, now: Instant) {
+fn flush_room(fanout: &Fanout, room: &mut Room, name: &str, list_limit: usize, now: u64) {
     for event in room.flush(name, list_limit) {
         fanout.room(room.members(), event);
     }

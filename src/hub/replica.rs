@@ -22,6 +22,9 @@ impl Hub {
     pub async fn replicate(&self, record: Record, node: &str) {
         let config = &self.inner.config;
         let local = |id: &str| lock(&self.inner.sessions).get(id).cloned();
+        // The time of an entry that changes presence: whether its room was quiet is measured
+        // on the log's clock, so every replica decides the same.
+        let mut at = None;
         let entry = match record {
             Record::Send { message, session } => {
                 let mut chat = lock(&self.inner.chat);
@@ -46,8 +49,9 @@ impl Hub {
                 name,
                 user,
                 last,
-                ..
+                ts,
             } => {
+                at = Some(ts);
                 self.hold_room(&room, last).await;
                 match local(&session) {
                     Some(session) => Entry::Join { session, room },
@@ -59,11 +63,23 @@ impl Hub {
                     },
                 }
             }
-            Record::Leave { session, room } => leave(local(&session), session, room),
-            Record::Typing { room, name, .. } => Entry::Typing {
-                name: Arc::from(name),
-                room,
-            },
+            Record::Leave { session, room, ts } => {
+                at = Some(ts);
+                leave(local(&session), session, room)
+            }
+            Record::Typing { room, name, ts, .. } => {
+                at = Some(ts);
+                Entry::Typing {
+                    name: Arc::from(name),
+                    room,
+                }
+            }
+            Record::Flush { ts } => {
+                let mut chat = lock(&self.inner.chat);
+                let rooms = chat.due_rooms(ts, config);
+                chat.apply(Entry::Flush { rooms, at: ts }, config);
+                return;
+            }
             Record::Page {
                 session,
                 room,
@@ -117,12 +133,18 @@ impl Hub {
                 session,
                 why,
                 rooms,
+                ts,
             } => {
-                self.replicate_end(local(&session), session, why, rooms);
+                self.replicate_end(local(&session), session, why, rooms, ts);
                 return;
             }
         };
-        lock(&self.inner.chat).commit(entry, config);
+        let mut chat = lock(&self.inner.chat);
+        match at {
+            Some(at) => chat.commit_at(entry, config, at),
+            // Changes nothing a flush depends on.
+            None => chat.commit(entry, config),
+        }
     }
 
     /// Makes sure the node holds `room`, reading its history (up to message `last`) from the
@@ -156,6 +178,7 @@ impl Hub {
         id: String,
         why: Ending,
         rooms: Vec<String>,
+        at: u64,
     ) {
         let config = &self.inner.config;
         let mut chat = lock(&self.inner.chat);
@@ -168,7 +191,7 @@ impl Hub {
             });
         }
         for room in rooms {
-            chat.commit(leave(session.clone(), id.clone(), room), config);
+            chat.commit_at(leave(session.clone(), id.clone(), room), config, at);
         }
         if session.is_some() {
             lock(&self.inner.sessions).remove(&id);

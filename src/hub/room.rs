@@ -95,8 +95,9 @@ pub(crate) struct Room {
     limiter: Option<TokenBucket>,
     /// Hub-wide tick of the last join/leave/send, to drop the least recently used empty room.
     pub(crate) last_used: u64,
-    /// When presence was last flushed (`None`: never), to coalesce within an interval.
-    pub(crate) last_flush: Option<tokio::time::Instant>,
+    /// When presence was last flushed (µs on the hub's timeline; `None`: never), to coalesce
+    /// within an interval.
+    pub(crate) last_flush: Option<u64>,
 }
 
 fn key(session: &Arc<Session>) -> usize {
