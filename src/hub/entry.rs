@@ -29,9 +29,15 @@ pub(super) enum Entry {
         sender: Arc<Session>,
         echo: EncodedEvent,
     },
-    /// A session joins a room: it gets the room's history and presence, and the members hear
-    /// of it at the room's next flush. A member joining again gets a fresh view only.
-    Join { session: Arc<Session>, room: String },
+    /// A session joins a room at `ts` (µs since the Unix epoch; its `history` holds the
+    /// messages younger than the max age then): it gets the room's history and presence, and
+    /// the members hear of it at the room's next flush. A member joining again gets a fresh
+    /// view only.
+    Join {
+        session: Arc<Session>,
+        room: String,
+        ts: u64,
+    },
     /// A session another node serves joins a room: a member for presence only.
     RemoteJoin {
         id: String,
@@ -136,13 +142,13 @@ impl Chat {
                 }
             }
             Entry::Retry { sender, echo } => self.fanout.one(&sender, vec![echo]),
-            Entry::Join { session, room } => {
+            Entry::Join { session, room, ts } => {
                 let entry = self.rooms.get_mut(&room)?;
                 entry.last_used = tick;
                 // The joiner gets the published view first; its own join reaches it, like
                 // everyone else, in the next presence_diff.
                 let view = vec![
-                    entry.history_event(&room, config.history_max_age),
+                    entry.history_event(&room, config.history_max_age, ts),
                     entry.snapshot_event(&room),
                 ];
                 self.fanout.one(&session, view);

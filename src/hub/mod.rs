@@ -658,6 +658,7 @@ impl Hub {
                 Entry::Join {
                     session: session.clone(),
                     room,
+                    ts: now_micros(),
                 },
                 config,
             ),
@@ -690,6 +691,7 @@ impl Hub {
                 let join = Entry::Join {
                     session: session.clone(),
                     room,
+                    ts: now_micros(),
                 };
                 chat.commit(join, config);
             }
@@ -1051,7 +1053,7 @@ fn reset_events(chat: &mut Chat, rooms: &[String], max_age: Duration) -> Vec<Enc
     .encode()];
     for name in rooms {
         if let Some(room) = chat.rooms.get_mut(name) {
-            events.push(room.history_event(name, max_age));
+            events.push(room.history_event(name, max_age, now_micros()));
             events.push(room.snapshot_event(name));
         }
     }

@@ -54,7 +54,7 @@ impl Hub {
                 at = Some(ts);
                 self.hold_room(&room, last).await;
                 match local(&session) {
-                    Some(session) => Entry::Join { session, room },
+                    Some(session) => Entry::Join { session, room, ts },
                     None => Entry::RemoteJoin {
                         id: session,
                         name: Arc::from(name),

@@ -305,10 +305,16 @@ impl Room {
         self.history_event = None;
     }
 
-    /// The `history` event for this room, encoded once until a message is recorded or ages
-    /// out: messages older than `max_age` are dropped first.
-    pub fn history_event(&mut self, room: &str, max_age: std::time::Duration) -> EncodedEvent {
-        let oldest = super::history::cutoff(max_age);
+    /// The `history` event for this room at `now` (µs since the Unix epoch), encoded once
+    /// until a message is recorded or ages out: messages older than `max_age` are dropped
+    /// first.
+    pub fn history_event(
+        &mut self,
+        room: &str,
+        max_age: std::time::Duration,
+        now: u64,
+    ) -> EncodedEvent {
+        let oldest = now.saturating_sub(max_age.as_micros().min(u64::MAX as u128) as u64);
         while self.history.front().is_some_and(|m| m.ts < oldest) {
             self.history.pop_front();
             self.history_event = None;
