@@ -72,11 +72,9 @@ if kind == 'join' then
     if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[10]) then return refuse('too_many_rooms') end
     redis.call('RPUSH', KEYS[2], room)
   end
-  -- Replicas need who joins (presence) and where the room's history stood (a replica that
-  -- reads it from Redis takes nothing newer).
-  local user = redis.call('HGET', KEYS[1], 'user')
+  -- With where the room's history stood: a replica that reads it from Redis takes nothing
+  -- newer.
   return ok(entry('{"k":"join","s":' .. q(session) .. ',"r":' .. q(room) .. ',"ts":' .. int(now)
-    .. ',"name":' .. q(redis.call('HGET', KEYS[1], 'name')) .. ',"user":' .. (user and q(user) or 'null')
     .. ',"last":' .. int(tonumber(redis.call('GET', KEYS[8]) or '0')) .. '}'))
 end
 if not joined then return refuse('not_in_room') end
@@ -87,8 +85,8 @@ if kind == 'leave' then
     .. '}'))
 end
 if kind == 'typing' then
-  return ok(entry('{"k":"typing","s":' .. q(session) .. ',"r":' .. q(room) .. ',"name":'
-    .. q(redis.call('HGET', KEYS[1], 'name')) .. ',"ts":' .. int(now) .. '}'))
+  return ok(entry('{"k":"typing","s":' .. q(session) .. ',"r":' .. q(room) .. ',"ts":' .. int(now)
+    .. '}'))
 end
 
 if kind == 'history' then

@@ -26,7 +26,11 @@ if kind == 'create' then
   if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'rules', ARGV[10]) end
   if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'token_exp', ARGV[11]) end
   schedule(KEYS[3], KEYS[1], session, ms + ttl)
-  return {'ok', ''}
+  -- Every node keeps every session (its seq and recent events), from this entry on.
+  local function opt(v, raw) if v == '' then return 'null' elseif raw then return v else return q(v) end end
+  return {'ok', append(KEYS[4], KEYS[5], retention, '{"k":"create","s":' .. q(session) .. ',"name":'
+    .. q(ARGV[8]) .. ',"user":' .. opt(ARGV[9]) .. ',"rules":' .. opt(ARGV[10], true)
+    .. ',"expires":' .. opt(ARGV[11], true) .. '}')}
 end
 
 if kind == 'expire' then

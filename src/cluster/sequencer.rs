@@ -72,6 +72,20 @@ const EXPIRE_BATCH: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum Record {
+    /// A session was created: every node keeps it from here on.
+    Create {
+        /// The session.
+        #[serde(rename = "s")]
+        session: String,
+        /// Its user's name.
+        name: String,
+        /// Its user, with a token.
+        user: Option<String>,
+        /// The rooms its token allows, if limited.
+        rules: Option<Vec<String>>,
+        /// When its token expires (ms since the Unix epoch).
+        expires: Option<u64>,
+    },
     /// A message accepted into its room: its members get it.
     Send {
         /// The sender.
@@ -101,10 +115,6 @@ pub enum Record {
         /// When, on Redis's clock (µs): the joiner's `history` covers messages younger than
         /// the room's max age at this time.
         ts: u64,
-        /// The joiner's name, for presence.
-        name: String,
-        /// The joiner's user (with a token): presence counts a user once.
-        user: Option<String>,
         /// The newest message id handed out before it: a replica that reads the room's
         /// history from Redis takes nothing newer.
         last: u64,
@@ -128,8 +138,6 @@ pub enum Record {
         /// The room.
         #[serde(rename = "r")]
         room: String,
-        /// The typer's name.
-        name: String,
         /// When (µs on Redis's clock).
         ts: u64,
     },
@@ -313,22 +321,21 @@ impl Sequencer {
     }
 
     /// Creates session `session` for `name`, with the rooms `identity` allows, ending when
-    /// idle for the TTL or when the identity expires.
+    /// idle for the TTL or when the identity expires; returns its `create` entry.
     pub async fn create(
         &self,
         session: &str,
         name: &str,
         identity: Option<&Identity>,
-    ) -> Result<(), Unavailable> {
+    ) -> Result<LogId, Unavailable> {
         let user = identity.map(|i| i.user.to_string()).unwrap_or_default();
         let expires = identity.map(expiry_ms).unwrap_or_default();
-        self.lifecycle_call(
-            "create",
-            session,
-            &[name, &user, &rules(identity), &expires],
-        )
-        .await?;
-        Ok(())
+        let args = [name, &user, &rules(identity), &expires];
+        let reply = self.lifecycle_call("create", session, &args).await?;
+        match reply.as_slice() {
+            [status, entry] if status == "ok" => parse_entry(entry),
+            _ => Err(Unavailable(format!("the create script answered {reply:?}"))),
+        }
     }
 
     /// Attaches transport `attachment` of `kind`, served by `node`, to `session`: it holds

@@ -38,17 +38,8 @@ pub(super) enum Entry {
         room: String,
         ts: u64,
     },
-    /// A session another node serves joins a room: a member for presence only.
-    RemoteJoin {
-        id: String,
-        name: Arc<str>,
-        user: Option<Arc<str>>,
-        room: String,
-    },
     /// A session leaves a room; the members hear of it at the room's next flush.
     Leave { session: Arc<Session>, room: String },
-    /// A session another node serves leaves a room.
-    RemoteLeave { id: String, room: String },
     /// A member is typing; the members hear of it at the room's next flush.
     Typing { name: Arc<str>, room: String },
     /// The pending presence and typing changes of `rooms` go to their members, as of `at`
@@ -163,25 +154,6 @@ impl Chat {
                 session.lock().rooms.retain(|r| *r != room);
                 let entry = self.rooms.get_mut(&room)?;
                 if entry.remove(&session) {
-                    entry.last_used = tick;
-                    return Some(self.pending(room));
-                }
-            }
-            Entry::RemoteJoin {
-                id,
-                name,
-                user,
-                room,
-            } => {
-                let entry = self.rooms.get_mut(&room)?;
-                if entry.add_remote(&id, name, user) {
-                    entry.last_used = tick;
-                    return Some(self.pending(room));
-                }
-            }
-            Entry::RemoteLeave { id, room } => {
-                let entry = self.rooms.get_mut(&room)?;
-                if entry.remove_remote(&id) {
                     entry.last_used = tick;
                     return Some(self.pending(room));
                 }

@@ -351,17 +351,6 @@ impl Hub {
         self.create(None, name, None)
     }
 
-    /// Starts serving a session the cluster's sequencer created (`id`, for `name` or a
-    /// verified `identity`): it gets the events of the log records applied from now on.
-    pub fn serve_session(
-        &self,
-        id: &str,
-        name: &str,
-        identity: Option<Identity>,
-    ) -> Result<Arc<Session>, ErrorBody> {
-        self.create(Some(id.to_owned()), name, identity)
-    }
-
     /// Creates a session for a verified user: it ends when the identity expires, unless
     /// refreshed, and counts once per user in room presence.
     pub fn create_session_for(&self, identity: Identity) -> Result<Arc<Session>, ErrorBody> {

@@ -1,12 +1,15 @@
 //! A node of a cluster applies the log: each [`Record`] the sequencer wrote becomes an
-//! [`Entry`] for the sessions this node serves, and a change of membership for those it does
-//! not (docs/cluster.md, section 3). Nothing here decides: the sequencer did.
+//! [`Entry`], applied as the single-node hub applies it. Every node keeps every session (its
+//! seq and its recent events, a pointer each), and writes to the transports attached to it
+//! only; so a session resumes on any node at once, with the seqs it had (docs/cluster.md,
+//! section 3). Nothing here decides: the sequencer did.
 
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use super::entry::Entry;
 use super::history::Page;
-use super::{lock, Hub, Session};
+use super::{lock, Hub, Identity, Session};
 use crate::cluster::sequencer::{Ending, Record};
 use crate::protocol::{CloseReason, Event};
 
@@ -26,6 +29,27 @@ impl Hub {
         // on the log's clock, so every replica decides the same.
         let mut at = None;
         let entry = match record {
+            Record::Create {
+                session,
+                name,
+                user,
+                rules,
+                expires,
+            } => {
+                let identity = user.map(|user| Identity {
+                    user: Arc::from(user),
+                    name: name.clone(),
+                    rooms: rules.map(Arc::from),
+                    expires_at: UNIX_EPOCH
+                        .checked_add(Duration::from_millis(expires.unwrap_or_default()))
+                        .unwrap_or(UNIX_EPOCH),
+                });
+                if local(&session).is_none() {
+                    // Only a node shutting down refuses, and then nothing it keeps matters.
+                    let _ = self.create(Some(session), &name, identity);
+                }
+                return;
+            }
             Record::Send { message, session } => {
                 let mut chat = lock(&self.inner.chat);
                 chat.last_message_id = chat.last_message_id.max(message.id);
@@ -46,31 +70,30 @@ impl Hub {
             Record::Join {
                 session,
                 room,
-                name,
-                user,
                 last,
                 ts,
             } => {
                 at = Some(ts);
+                let Some(session) = local(&session) else {
+                    return;
+                };
                 self.hold_room(&room, last).await;
-                match local(&session) {
-                    Some(session) => Entry::Join { session, room, ts },
-                    None => Entry::RemoteJoin {
-                        id: session,
-                        name: Arc::from(name),
-                        user: user.map(Arc::from),
-                        room,
-                    },
-                }
+                Entry::Join { session, room, ts }
             }
             Record::Leave { session, room, ts } => {
                 at = Some(ts);
-                leave(local(&session), session, room)
+                let Some(session) = local(&session) else {
+                    return;
+                };
+                Entry::Leave { session, room }
             }
-            Record::Typing { room, name, ts, .. } => {
+            Record::Typing { session, room, ts } => {
                 at = Some(ts);
+                let Some(session) = local(&session) else {
+                    return;
+                };
                 Entry::Typing {
-                    name: Arc::from(name),
+                    name: session.name.clone(),
                     room,
                 }
             }
@@ -130,12 +153,11 @@ impl Hub {
                 return;
             }
             Record::End {
-                session,
-                why,
-                rooms,
-                ts,
+                session, why, ts, ..
             } => {
-                self.replicate_end(local(&session), session, why, rooms, ts);
+                if let Some(session) = local(&session) {
+                    self.replicate_end(&session, why, ts);
+                }
                 return;
             }
         };
@@ -170,39 +192,26 @@ impl Hub {
             .or_insert_with(|| super::Room::new(shards, None, history));
     }
 
-    /// A session ended: it leaves its rooms, and if this node serves it, its transport is
-    /// told why and the session is gone.
-    fn replicate_end(
-        &self,
-        session: Option<Arc<Session>>,
-        id: String,
-        why: Ending,
-        rooms: Vec<String>,
-        at: u64,
-    ) {
+    /// A session ended: its transport is told why, it leaves its rooms, and it is gone.
+    fn replicate_end(&self, session: &Arc<Session>, why: Ending, at: u64) {
         let config = &self.inner.config;
         let mut chat = lock(&self.inner.chat);
-        if let Some(session) = &session {
+        let rooms = {
             let mut state = session.lock();
             state.ended = true;
             state.close_attached(match why {
                 Ending::Deleted | Ending::Idle => CloseReason::Expired,
                 Ending::TokenExpired => CloseReason::TokenExpired,
             });
-        }
+            state.rooms.clone()
+        };
         for room in rooms {
-            chat.commit_at(leave(session.clone(), id.clone(), room), config, at);
+            let leave = Entry::Leave {
+                session: session.clone(),
+                room,
+            };
+            chat.commit_at(leave, config, at);
         }
-        if session.is_some() {
-            lock(&self.inner.sessions).remove(&id);
-        }
-    }
-}
-
-/// A leave by a session served here or elsewhere.
-fn leave(session: Option<Arc<Session>>, id: String, room: String) -> Entry {
-    match session {
-        Some(session) => Entry::Leave { session, room },
-        None => Entry::RemoteLeave { id, room },
+        lock(&self.inner.sessions).remove(&session.id);
     }
 }

@@ -39,15 +39,6 @@ struct Place {
     joined_at: u64,
 }
 
-/// A member whose session another node serves (cluster mode): known here for presence only,
-/// never fanned out to.
-#[derive(Debug)]
-struct Remote {
-    name: Arc<str>,
-    user: Option<Arc<str>>,
-    joined_at: u64,
-}
-
 /// Presence changes not yet told to the members, and what they were last told.
 #[derive(Debug)]
 struct Presence {
@@ -77,8 +68,6 @@ pub(crate) struct Room {
     shards: Vec<Arc<Vec<Arc<Session>>>>,
     /// Each member's place, by session address.
     index: HashMap<usize, Place>,
-    /// Members served by other nodes, by session id.
-    remote: HashMap<Arc<str>, Remote>,
     /// Sessions per authenticated user: a user with several sessions (tabs) in the room is one
     /// member of its presence, who joins with the first and leaves with the last.
     /// Each user's session count and the name presence announced for them (a user's tokens
@@ -118,7 +107,6 @@ impl Room {
         Room {
             shards: (0..shards.max(1)).map(|_| Arc::new(Vec::new())).collect(),
             index: HashMap::new(),
-            remote: HashMap::new(),
             users: HashMap::new(),
             present: 0,
             joins: 0,
@@ -142,7 +130,7 @@ impl Room {
 
     /// Whether the room has no members.
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty() && self.remote.is_empty()
+        self.index.is_empty()
     }
 
     /// The members, for a broadcast.
@@ -173,32 +161,6 @@ impl Room {
         list.push(session.clone());
         self.index.insert(key(&session), place);
         self.announce_join(name, session.user.as_ref());
-    }
-
-    /// Adds a member another node serves, unless it is one; returns whether it was added.
-    pub fn add_remote(&mut self, id: &str, name: Arc<str>, user: Option<Arc<str>>) -> bool {
-        if self.remote.contains_key(id) {
-            return false;
-        }
-        self.joins += 1;
-        self.announce_join(name.clone(), user.as_ref());
-        let joined_at = self.joins;
-        let member = Remote {
-            name,
-            user,
-            joined_at,
-        };
-        self.remote.insert(Arc::from(id), member);
-        true
-    }
-
-    /// Removes a member another node serves; returns whether it was one.
-    pub fn remove_remote(&mut self, id: &str) -> bool {
-        let Some(member) = self.remote.remove(id) else {
-            return false;
-        };
-        self.announce_leave(&member.name, member.user.as_ref());
-        true
     }
 
     /// Records a join in presence: a user's first session announces it.
@@ -430,17 +392,13 @@ impl Room {
     }
 
     /// The first `limit` names of the members as presence counts them (a user's first
-    /// session, every session without a user), local or not, in join order: the same on
-    /// every node that applied the same joins.
+    /// session, every session without a user), in join order: the same on every node that
+    /// applied the same joins, whatever its fan-out shards.
     fn names_in_join_order(&self, limit: usize) -> Vec<Arc<str>> {
-        let local = self
+        let mut members: Vec<_> = self
             .each_member()
-            .map(|m| (self.index[&key(m)].joined_at, &m.name, m.user.as_ref()));
-        let remote = self
-            .remote
-            .values()
-            .map(|m| (m.joined_at, &m.name, m.user.as_ref()));
-        let mut members: Vec<_> = local.chain(remote).collect();
+            .map(|m| (self.index[&key(m)].joined_at, &m.name, m.user.as_ref()))
+            .collect();
         members.sort_unstable_by_key(|(joined_at, _, _)| *joined_at);
         let mut seen = std::collections::HashSet::new();
         members
