@@ -3,4 +3,5 @@
 //! node will read and the sequencer that decides commands and writes it.
 
 pub mod log;
+pub mod node;
 pub mod sequencer;

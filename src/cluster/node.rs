@@ -1,0 +1,149 @@
+//! A cluster node's copy of the log: a [`Replica`] runs the log [`Reader`] and hands each
+//! record, in order, to the hub ([`Hub::replicate`]), and says how far it has applied, so a
+//! command's reply can wait until its own entry is applied (a client then reads its writes
+//! on the node it asked). Not yet run by the server (docs/cluster.md, section 7).
+//!
+//! **A gap stops it.** If the reader reports entries lost (Redis lost data, or trimmed
+//! entries the node had not read), or an entry is not a record, the replica stops applying
+//! and says so ([`Health::Stopped`]): serving on past a gap would give clients a silent
+//! one. Resetting the sessions and going on is the next step.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use super::log::{Entry, LogId, Read, Reader};
+use super::sequencer::Record;
+use crate::hub::Hub;
+
+/// Reports the reader may have queued before the replica takes them.
+const QUEUE: usize = 64;
+
+/// How the replica is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Applying the log as it comes.
+    Applying,
+    /// Redis cannot be reached; the reader keeps trying, and the replica goes on where it
+    /// was when it is back.
+    Unreachable(String),
+    /// It stopped at a gap or at an entry that is not a record: what it holds can no longer
+    /// be trusted.
+    Stopped(String),
+}
+
+/// The log, applied to a hub as it comes. Stops when dropped.
+#[derive(Debug)]
+pub struct Replica {
+    applied: watch::Receiver<LogId>,
+    health: watch::Receiver<Health>,
+    task: tokio::task::JoinHandle<()>,
+    _reader: Reader,
+}
+
+impl Replica {
+    /// Starts applying the log after `after` to `hub`, as node `node`. Call it within a
+    /// tokio runtime.
+    pub fn start(
+        client: redis::Client,
+        hub: Hub,
+        node: &str,
+        after: LogId,
+    ) -> std::io::Result<Replica> {
+        let (reports, mut incoming) = mpsc::channel(QUEUE);
+        let reader = Reader::spawn(client, after, reports)?;
+        let (applied_tx, applied) = watch::channel(after);
+        let (health_tx, health) = watch::channel(Health::Applying);
+        let node: Arc<str> = Arc::from(node);
+        let task = tokio::spawn(async move {
+            while let Some(read) = incoming.recv().await {
+                let outcome = match read {
+                    Read::Entries(entries) => {
+                        health_tx.send_if_modified(|h| replace(h, Health::Applying));
+                        apply(&hub, &node, entries, &applied_tx).await
+                    }
+                    Read::Lost { after, found } => Err(format!(
+                        "entries after {after} were lost before this node read them (the \
+                         next one found is {}): Redis lost data, or trimmed them while the \
+                         node lagged",
+                        found.id
+                    )),
+                    Read::Unreachable(cause) => {
+                        health_tx.send_replace(Health::Unreachable(cause));
+                        Ok(())
+                    }
+                };
+                if let Err(cause) = outcome {
+                    tracing::error!(%cause, "the replica stopped");
+                    health_tx.send_replace(Health::Stopped(cause));
+                    return;
+                }
+            }
+        });
+        Ok(Replica {
+            applied,
+            health,
+            task,
+            _reader: reader,
+        })
+    }
+
+    /// The last entry applied.
+    pub fn applied(&self) -> LogId {
+        *self.applied.borrow()
+    }
+
+    /// How the replica is doing.
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
+    }
+
+    /// Waits until entry `id` is applied; `Err` with the cause if the replica stopped first.
+    /// The caller bounds the wait.
+    pub async fn caught_up(&self, id: LogId) -> Result<(), String> {
+        let mut applied = self.applied.clone();
+        let mut health = self.health.clone();
+        loop {
+            if *applied.borrow_and_update() >= id {
+                return Ok(());
+            }
+            if let Health::Stopped(cause) = &*health.borrow_and_update() {
+                return Err(cause.clone());
+            }
+            tokio::select! {
+                changed = applied.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
+                changed = health.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
+            }
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Applies entries in order, moving `applied` past each.
+async fn apply(
+    hub: &Hub,
+    node: &str,
+    entries: Vec<Entry>,
+    applied: &watch::Sender<LogId>,
+) -> Result<(), String> {
+    for entry in entries {
+        let body = std::str::from_utf8(&entry.body)
+            .map_err(|_| format!("log entry {} is not UTF-8", entry.id))?;
+        let record = Record::parse(body)?;
+        hub.replicate(record, node).await;
+        applied.send_replace(entry.id);
+    }
+    Ok(())
+}
+
+/// Sets `health` to `new`; whether it changed.
+fn replace(health: &mut Health, new: Health) -> bool {
+    let changed = *health != new;
+    *health = new;
+    changed
+}
