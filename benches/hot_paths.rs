@@ -121,6 +121,54 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
+/// A cluster node applying a room message for `members` sessions it keeps but does not serve
+/// (docs/cluster.md, section 3): the cost every node pays for every session.
+fn replicate(c: &mut Criterion) {
+    use switchyard::cluster::sequencer::Record;
+    let mut group = c.benchmark_group("replicate one send record");
+    for members in [1usize, 100, 10_000] {
+        let hub = Hub::new(Config::default().hub_config());
+        let apply = |record: Record| {
+            RUNTIME.with(|runtime| runtime.block_on(hub.replicate(record, "A")));
+        };
+        for i in 0..members {
+            let session = format!("s{i}");
+            apply(Record::Create {
+                session: session.clone(),
+                name: format!("u{i}"),
+                user: None,
+                rules: None,
+                expires: None,
+            });
+            apply(Record::Join {
+                session,
+                room: "lobby".into(),
+                ts: 0,
+                last: 0,
+            });
+        }
+        let mut id = 0u64;
+        group.throughput(Throughput::Elements(members as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(members), &members, |b, _| {
+            b.iter(|| {
+                id += 1;
+                apply(Record::Send {
+                    session: "s0".into(),
+                    message: switchyard::protocol::Message {
+                        room: "lobby".into(),
+                        id,
+                        from: "u0".into(),
+                        text: "hello everyone, this is a chat message".into(),
+                        ts: 1_700_000_000_000_000 + id,
+                        client_id: format!("c{id}"),
+                    },
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn replay(c: &mut Criterion) {
     // Through the public API: the replay buffer is the hub's own.
     let mut group = c.benchmark_group("replay buffer");
@@ -169,6 +217,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = encoding, fan_out, replay
+    targets = encoding, fan_out, replicate, replay
 }
 criterion_main!(benches);
