@@ -187,26 +187,36 @@ async fn same_decisions(redis: &RedisServer, steps: &[Step]) -> Result<(), TestC
     Ok(())
 }
 
-#[test]
-fn the_scripts_decide_every_command_as_the_hub_does() {
+/// Runs `cases` random cases of `strategy` (or `PROPTEST_CASES`) through `case`, on one
+/// `redis-server`; a failure is shrunk to a short sequence and reported.
+fn run_cases<T: std::fmt::Debug>(
+    strategy: impl Strategy<Value = T>,
+    cases: u32,
+    case: impl Fn(&tokio::runtime::Runtime, &RedisServer, T) -> Result<(), TestCaseError>,
+) {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let redis = runtime.block_on(RedisServer::start());
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(48);
+        .unwrap_or(cases);
     let mut runner = TestRunner::new(ProptestConfig {
         cases,
         max_shrink_iters: 512,
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let result = runner.run(&proptest::collection::vec(step(), 1..80), |steps| {
-        runtime.block_on(same_decisions(&redis, &steps))
-    });
-    if let Err(failure) = result {
+    if let Err(failure) = runner.run(&strategy, |value| case(&runtime, &redis, value)) {
         panic!("{failure}");
     }
+}
+
+#[test]
+fn the_scripts_decide_every_command_as_the_hub_does() {
+    let steps = proptest::collection::vec(step(), 1..80);
+    run_cases(steps, 48, |runtime, redis, steps| {
+        runtime.block_on(same_decisions(redis, &steps))
+    });
 }
 
 fn send(room: &str, text: &str, client_id: &str) -> Command {
@@ -806,24 +816,10 @@ async fn same_events(redis: &RedisServer, steps: &[Step]) -> Result<(), TestCase
 
 #[test]
 fn replicas_give_each_session_the_events_one_hub_gives() {
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    let redis = runtime.block_on(RedisServer::start());
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(48);
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases,
-        max_shrink_iters: 512,
-        failure_persistence: None,
-        ..ProptestConfig::default()
+    let steps = proptest::collection::vec(step(), 1..80);
+    run_cases(steps, 48, |runtime, redis, steps| {
+        runtime.block_on(same_events(redis, &steps))
     });
-    let result = runner.run(&proptest::collection::vec(step(), 1..80), |steps| {
-        runtime.block_on(same_events(&redis, &steps))
-    });
-    if let Err(failure) = result {
-        panic!("{failure}");
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -907,28 +903,14 @@ async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), Test
 
 #[test]
 fn with_coalesced_presence_replicas_give_the_same_events() {
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    let redis = runtime.block_on(RedisServer::start());
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(16);
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases,
-        max_shrink_iters: 256,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
     let timed = prop_oneof![
         8 => step().prop_map(Timed::Step),
         1 => (0..30u64).prop_map(Timed::Wait),
     ];
-    let result = runner.run(&proptest::collection::vec(timed, 1..60), |steps| {
-        runtime.block_on(replicas_agree(&redis, &steps))
+    let steps = proptest::collection::vec(timed, 1..60);
+    run_cases(steps, 16, |runtime, redis, steps| {
+        runtime.block_on(replicas_agree(redis, &steps))
     });
-    if let Err(failure) = result {
-        panic!("{failure}");
-    }
 }
 
 #[tokio::test]
