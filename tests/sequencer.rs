@@ -742,22 +742,31 @@ impl Replay {
 
 /// Runs `steps` on one hub, and through the sequencer on two nodes applying the log after
 /// every step: each session's events on each node must be the one hub's, seq for seq.
-async fn same_events(redis: &RedisServer, steps: &[Step]) -> Result<(), TestCaseError> {
+/// An empty Redis, two nodes of `config`, and a sequencer deciding by it.
+async fn fresh_cluster(
+    redis: &RedisServer,
+    config: &HubConfig,
+) -> ([(&'static str, Hub); 2], Sequencer) {
     redis::cmd("FLUSHALL")
         .query::<()>(&mut redis.connection())
         .expect("FLUSHALL");
+    let nodes = [
+        ("A", Hub::new(config.clone())),
+        ("B", Hub::new(config.clone())),
+    ];
+    let sequencer = within("connect", Sequencer::connect(&redis.url(), config))
+        .await
+        .unwrap();
+    (nodes, sequencer)
+}
+
+async fn same_events(redis: &RedisServer, steps: &[Step]) -> Result<(), TestCaseError> {
     let config = HubConfig {
         presence_interval: Duration::ZERO,
         ..config()
     };
     let reference = Hub::new(config.clone());
-    let nodes = [
-        ("A", Hub::new(config.clone())),
-        ("B", Hub::new(config.clone())),
-    ];
-    let sequencer = within("connect", Sequencer::connect(&redis.url(), &config))
-        .await
-        .unwrap();
+    let (nodes, sequencer) = fresh_cluster(redis, &config).await;
     let mut sessions = Vec::new();
     let mut readers = Vec::new();
     for (i, name) in ["ann", "bob", "cat"].into_iter().enumerate() {
@@ -833,20 +842,11 @@ enum Timed {
 /// byte for byte: quiet rooms are judged on the log's clock and pending changes go out at the
 /// ticker's `flush` entries.
 async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), TestCaseError> {
-    redis::cmd("FLUSHALL")
-        .query::<()>(&mut redis.connection())
-        .expect("FLUSHALL");
     let config = HubConfig {
         presence_interval: Duration::from_millis(20),
         ..config()
     };
-    let nodes = [
-        ("A", Hub::new(config.clone())),
-        ("B", Hub::new(config.clone())),
-    ];
-    let sequencer = within("connect", Sequencer::connect(&redis.url(), &config))
-        .await
-        .unwrap();
+    let (nodes, sequencer) = fresh_cluster(redis, &config).await;
     let mut readers = Vec::new();
     for (i, name) in ["ann", "bob", "cat"].into_iter().enumerate() {
         let identity = (i == 2).then(|| identity(name));
