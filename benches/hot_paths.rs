@@ -129,7 +129,9 @@ fn replicate(c: &mut Criterion) {
     for members in [1usize, 100, 10_000] {
         let hub = Hub::new(Config::default().hub_config());
         let apply = |record: Record| {
-            RUNTIME.with(|runtime| runtime.block_on(hub.replicate(record, "A")));
+            RUNTIME
+                .with(|runtime| runtime.block_on(hub.replicate(record, "A")))
+                .expect("applied");
         };
         for i in 0..members {
             let session = format!("s{i}");

@@ -733,7 +733,9 @@ impl Replay {
             let body: String = entry.get("e").expect("a body");
             let record = Record::parse(&body).expect("a record");
             for (node, hub) in nodes {
-                hub.replicate(record.clone(), node).await;
+                hub.replicate(record.clone(), node)
+                    .await
+                    .expect("the node applies the record");
             }
             self.applied = entry.id.clone();
         }

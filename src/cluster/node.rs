@@ -4,9 +4,9 @@
 //! on the node it asked). Not yet run by the server (docs/cluster.md, section 7).
 //!
 //! **A gap stops it.** If the reader reports entries lost (Redis lost data, or trimmed
-//! entries the node had not read), or an entry is not a record, the replica stops applying
-//! and says so ([`Health::Stopped`]): serving on past a gap would give clients a silent
-//! one. Resetting the sessions and going on is the next step.
+//! entries the node had not read), an entry is not a record, or a room's history cannot be
+//! read, the replica stops applying and says so ([`Health::Stopped`]): serving on past a gap
+//! would give clients a silent one. Resetting the sessions and going on is the next step.
 
 use std::sync::Arc;
 
@@ -135,7 +135,7 @@ async fn apply(
         let body = std::str::from_utf8(&entry.body)
             .map_err(|_| format!("log entry {} is not UTF-8", entry.id))?;
         let record = Record::parse(body)?;
-        hub.replicate(record, node).await;
+        hub.replicate(record, node).await?;
         applied.send_replace(entry.id);
     }
     Ok(())

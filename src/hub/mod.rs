@@ -348,22 +348,17 @@ impl Hub {
 
     /// Creates a session for a user name.
     pub fn create_session(&self, name: &str) -> Result<Arc<Session>, ErrorBody> {
-        self.create(None, name, None)
+        self.create(name, None)
     }
 
     /// Creates a session for a verified user: it ends when the identity expires, unless
     /// refreshed, and counts once per user in room presence.
     pub fn create_session_for(&self, identity: Identity) -> Result<Arc<Session>, ErrorBody> {
         let name = identity.name.clone();
-        self.create(None, &name, Some(identity))
+        self.create(&name, Some(identity))
     }
 
-    fn create(
-        &self,
-        id: Option<String>,
-        name: &str,
-        identity: Option<Identity>,
-    ) -> Result<Arc<Session>, ErrorBody> {
+    fn create(&self, name: &str, identity: Option<Identity>) -> Result<Arc<Session>, ErrorBody> {
         self.refuse_if_shutting_down()?;
         validate_name(name)?;
         let mut sessions = lock(&self.inner.sessions);
@@ -373,7 +368,19 @@ impl Hub {
                 "the server holds its maximum number of sessions; try again later",
             ));
         }
-        let id = id.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+        let id = format!("{:032x}", rand::random::<u128>());
+        Ok(self.insert_session(&mut sessions, id, name, identity))
+    }
+
+    /// Adds a session to the registry (held locked by the caller), with no check: `create`
+    /// checked, or the cluster's sequencer decided (a node keeps every session it is told of).
+    fn insert_session(
+        &self,
+        sessions: &mut HashMap<String, Arc<Session>>,
+        id: String,
+        name: &str,
+        identity: Option<Identity>,
+    ) -> Arc<Session> {
         let shard = self.inner.next_shard.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(
             id.clone(),
@@ -384,7 +391,7 @@ impl Hub {
         ));
         sessions.insert(id, session.clone());
         tracing::debug!(session = %session.id, name, "session created");
-        Ok(session)
+        session
     }
 
     /// Looks a session up by id.

@@ -21,8 +21,10 @@ pub fn attachment_name(node: &str, id: u64) -> String {
 impl Hub {
     /// Applies one record of the log. `node` is this node's id, which names its attachments
     /// ([`attachment_name`]). A room this node does not hold yet is read from the history
-    /// store first, up to the message the record says the room had.
-    pub async fn replicate(&self, record: Record, node: &str) {
+    /// store first, up to the message the record says the room had. `Err` if that read
+    /// fails: going on without the room's history would make this node's events differ from
+    /// the others'.
+    pub async fn replicate(&self, record: Record, node: &str) -> Result<(), String> {
         let config = &self.inner.config;
         let local = |id: &str| lock(&self.inner.sessions).get(id).cloned();
         // The time of an entry that changes presence: whether its room was quiet is measured
@@ -44,11 +46,12 @@ impl Hub {
                         .checked_add(Duration::from_millis(expires.unwrap_or_default()))
                         .unwrap_or(UNIX_EPOCH),
                 });
-                if local(&session).is_none() {
-                    // Only a node shutting down refuses, and then nothing it keeps matters.
-                    let _ = self.create(Some(session), &name, identity);
+                // The sequencer created it: no limit of this node's applies.
+                let mut sessions = lock(&self.inner.sessions);
+                if !sessions.contains_key(&session) {
+                    self.insert_session(&mut sessions, session, &name, identity);
                 }
-                return;
+                return Ok(());
             }
             Record::Send { message, session } => {
                 let mut chat = lock(&self.inner.chat);
@@ -60,7 +63,7 @@ impl Hub {
             }
             Record::Retry { session, message } => {
                 let Some(sender) = local(&session) else {
-                    return;
+                    return Ok(());
                 };
                 Entry::Retry {
                     sender,
@@ -75,22 +78,22 @@ impl Hub {
             } => {
                 at = Some(ts);
                 let Some(session) = local(&session) else {
-                    return;
+                    return Ok(());
                 };
-                self.hold_room(&room, last).await;
+                self.hold_room(&room, last).await?;
                 Entry::Join { session, room, ts }
             }
             Record::Leave { session, room, ts } => {
                 at = Some(ts);
                 let Some(session) = local(&session) else {
-                    return;
+                    return Ok(());
                 };
                 Entry::Leave { session, room }
             }
             Record::Typing { session, room, ts } => {
                 at = Some(ts);
                 let Some(session) = local(&session) else {
-                    return;
+                    return Ok(());
                 };
                 Entry::Typing {
                     name: session.name.clone(),
@@ -101,7 +104,7 @@ impl Hub {
                 let mut chat = lock(&self.inner.chat);
                 let rooms = chat.due_rooms(ts, config);
                 chat.apply(Entry::Flush { rooms, at: ts }, config);
-                return;
+                return Ok(());
             }
             Record::Page {
                 session,
@@ -111,7 +114,7 @@ impl Hub {
                 messages,
             } => {
                 let Some(session) = local(&session) else {
-                    return;
+                    return Ok(());
                 };
                 let messages = messages.into_iter().map(Arc::new).collect();
                 Entry::Page {
@@ -127,7 +130,7 @@ impl Hub {
                 client_id,
             } => {
                 let Some(session) = local(&session) else {
-                    return;
+                    return Ok(());
                 };
                 Entry::Error {
                     session,
@@ -150,7 +153,7 @@ impl Hub {
                         state.close_attached(CloseReason::Superseded);
                     }
                 }
-                return;
+                return Ok(());
             }
             Record::End {
                 session, why, ts, ..
@@ -158,7 +161,7 @@ impl Hub {
                 if let Some(session) = local(&session) {
                     self.replicate_end(&session, why, ts);
                 }
-                return;
+                return Ok(());
             }
         };
         let mut chat = lock(&self.inner.chat);
@@ -167,29 +170,41 @@ impl Hub {
             // Changes nothing a flush depends on.
             None => chat.commit(entry, config),
         }
+        Ok(())
     }
 
     /// Makes sure the node holds `room`, reading its history (up to message `last`) from the
-    /// store if it does not.
-    async fn hold_room(&self, room: &str, last: u64) {
+    /// store if it does not, trying for about a second.
+    async fn hold_room(&self, room: &str, last: u64) -> Result<(), String> {
         if lock(&self.inner.chat).rooms.contains_key(room) {
-            return;
+            return Ok(());
         }
         let config = &self.inner.config;
-        let reply = self
-            .inner
-            .store
-            .page(room, Some(last + 1), config.history_len);
-        let history = match reply.await {
-            Ok(Ok(page)) => page.messages,
-            // The joiner's history then starts empty; the store says why in its metrics.
-            _ => Vec::new(),
+        let mut tries = 0;
+        let history = loop {
+            let reply = self
+                .inner
+                .store
+                .page(room, Some(last + 1), config.history_len);
+            let error = match reply.await {
+                Ok(Ok(page)) => break page.messages,
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "the history store is closed".to_owned(),
+            };
+            tries += 1;
+            if tries == 5 {
+                return Err(format!(
+                    "the history of room {room:?} could not be read: {error}"
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         };
         let mut chat = lock(&self.inner.chat);
         let shards = chat.fanout.shards();
         chat.rooms
             .entry(room.to_owned())
             .or_insert_with(|| super::Room::new(shards, None, history));
+        Ok(())
     }
 
     /// A session ended: its transport is told why, it leaves its rooms, and it is gone.
