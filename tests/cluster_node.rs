@@ -171,3 +171,80 @@ async fn a_replica_goes_on_across_a_redis_restart_and_stops_when_redis_lost_the_
     assert_eq!(on_hub.applied(), applied, "nothing applied past the gap");
     assert!(hub.session("s9").is_err());
 }
+
+/// A history store whose reads fail, as one whose backend is down.
+#[derive(Debug)]
+struct Unreadable;
+
+impl switchyard::hub::HistoryStore for Unreadable {
+    fn last_id(&self) -> u64 {
+        0
+    }
+    fn reserved_ids(&self) -> u64 {
+        u64::MAX
+    }
+    fn reserve_ids(&self, up_to: u64) -> switchyard::hub::history::Reply<u64> {
+        switchyard::hub::history::ready(Ok(up_to))
+    }
+    fn append(
+        &self,
+        _message: std::sync::Arc<switchyard::protocol::Message>,
+        _then: Option<switchyard::hub::history::Then>,
+    ) -> Result<(), switchyard::hub::history::StoreError> {
+        Ok(())
+    }
+    fn recent(
+        &self,
+        _room: &str,
+        _limit: usize,
+    ) -> switchyard::hub::history::Reply<Vec<std::sync::Arc<switchyard::protocol::Message>>> {
+        switchyard::hub::history::ready(Err(down()))
+    }
+    fn page(
+        &self,
+        _room: &str,
+        _before: Option<u64>,
+        _limit: usize,
+    ) -> switchyard::hub::history::Reply<switchyard::hub::history::Page> {
+        switchyard::hub::history::ready(Err(down()))
+    }
+    fn forget(&self, _room: &str) {}
+    fn close(&self, _last_used: u64) {}
+}
+
+fn down() -> switchyard::hub::history::StoreError {
+    switchyard::hub::history::StoreError::Failed("the backend is down".into())
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_read_a_rooms_history_refuses_to_apply_the_join() {
+    use switchyard::cluster::sequencer::Record;
+    let hub = Hub::with_store(
+        HubConfig::default(),
+        std::sync::Arc::new(Unreadable),
+        switchyard::metrics::Metrics::new(),
+    );
+    let create = Record::Create {
+        session: "s0".into(),
+        name: "ann".into(),
+        user: None,
+        rules: None,
+        expires: None,
+    };
+    hub.replicate(create, "A")
+        .await
+        .expect("a create reads nothing");
+    let join = Record::Join {
+        session: "s0".into(),
+        room: "lobby".into(),
+        ts: 0,
+        last: 7,
+    };
+    let refused = within("the join to give up", hub.replicate(join, "A")).await;
+    let cause = refused.expect_err("no history, no join");
+    assert!(cause.contains("lobby") && cause.contains("down"), "{cause}");
+    assert!(
+        hub.describe("s0").unwrap().rooms.is_empty(),
+        "nothing applied"
+    );
+}
