@@ -392,24 +392,7 @@ impl Sequencer {
     /// node holds it. A node calls it every quarter presence interval while its replica has
     /// changes pending; if the ticker's node dies, another takes over within the lease.
     pub async fn tick(&self, node: &str) -> Result<Option<LogId>, Unavailable> {
-        let mut conn = self.conn.clone();
-        let reply: Vec<String> = self
-            .lifecycle
-            .key(TICKER)
-            .key("")
-            .key(DEADLINES)
-            .key(LOG)
-            .key(LAST)
-            .arg("tick")
-            .arg("")
-            .arg(millis(self.lease))
-            .arg(millis(self.config.session_ttl))
-            .arg(millis(self.retention()))
-            .arg(session_key("", ""))
-            .arg(EXPIRE_BATCH)
-            .arg(node)
-            .invoke_async(&mut conn)
-            .await?;
+        let reply = self.lifecycle_call("tick", "", &[node]).await?;
         match reply.as_slice() {
             [status, entry] if status == "ok" => Ok(Some(parse_entry(entry)?)),
             [status, _] if status == "err" => Ok(None),
@@ -425,7 +408,12 @@ impl Sequencer {
         args: &[&str],
     ) -> Result<Vec<String>, Unavailable> {
         let mut conn = self.conn.clone();
-        let mut call = self.lifecycle.key(session_key(session, ""));
+        // The script's first key is the session, or for a tick the ticker's lease.
+        let first = match kind {
+            "tick" => TICKER.to_owned(),
+            _ => session_key(session, ""),
+        };
+        let mut call = self.lifecycle.key(first);
         call.key(session_key(session, ":attach"))
             .key(DEADLINES)
             .key(LOG)
