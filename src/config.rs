@@ -29,6 +29,17 @@ pub enum HistoryStoreKind {
     Redis(String),
 }
 
+/// A cluster node's settings (`--redis`, `--node-id`; docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The Redis every node of the cluster shares (`redis://HOST:PORT[/DB]`): the log, the
+    /// sequencer's state and room history live there.
+    pub redis: String,
+    /// This node's id, unique in the cluster: it names the node's transports in attach
+    /// leases and its hold on the presence ticker.
+    pub node: String,
+}
+
 /// The server's settings. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -76,6 +87,8 @@ pub struct Config {
     /// Where room history is kept: in memory (the default here, for tests and embedding) or
     /// in the embedded database under `data_dir` (the binary's default).
     pub history_store: HistoryStoreKind,
+    /// Run as a node of a cluster on Redis; `None`: one node on its own.
+    pub cluster: Option<Cluster>,
     /// The directory of the embedded store: its database and its lock file.
     pub data_dir: PathBuf,
     /// Messages kept per room by the embedded store; older ones are deleted.
@@ -172,6 +185,7 @@ impl Default for Config {
             outbox_bytes: hub.outbox.bytes as usize,
             history_len: hub.history_len,
             history_store: HistoryStoreKind::Memory,
+            cluster: None,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             history_keep: 10_000,
             history_max_age: hub.history_max_age,

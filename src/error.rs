@@ -35,9 +35,10 @@ pub fn status(code: ErrorCode) -> StatusCode {
         | ErrorCode::TokenWrongAlgorithm
         | ErrorCode::TokenExpired
         | ErrorCode::TokenNotYetValid => StatusCode::UNAUTHORIZED,
-        ErrorCode::ServerFull | ErrorCode::ShuttingDown | ErrorCode::HistoryUnavailable => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        ErrorCode::ServerFull
+        | ErrorCode::ShuttingDown
+        | ErrorCode::HistoryUnavailable
+        | ErrorCode::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -172,6 +172,16 @@ struct ServeArgs {
     /// --history-len messages per room; nothing survives a restart).
     #[arg(long, default_value = "sqlite", value_parser = parse_store)]
     history_store: HistoryStoreKind,
+    /// Run as a node of a cluster: every node of a cluster names the same Redis (6.2 or newer,
+    /// `redis://HOST:PORT[/DB]`), which holds the log, the sessions' shared state and room
+    /// history (so a node needs no --data-dir). Any node serves any request of any session.
+    /// Needs --node-id.
+    #[arg(long, requires = "node_id", conflicts_with = "history_store", value_parser = parse_redis_url)]
+    redis: Option<String>,
+    /// This node's id in the cluster (letters, digits, `-`, `_` and `.`; unique among the
+    /// nodes of one Redis).
+    #[arg(long, requires = "redis", value_parser = parse_node_id)]
+    node_id: Option<String>,
     /// The directory of the embedded history store (created if missing; one server per
     /// directory).
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
@@ -233,6 +243,30 @@ fn parse_store(raw: &str) -> Result<HistoryStoreKind, String> {
         _ => Err(format!(
             "{raw:?} is not a history store (memory, sqlite or redis://HOST:PORT[/DB])"
         )),
+    }
+}
+
+/// A `redis://` URL.
+fn parse_redis_url(raw: &str) -> Result<String, String> {
+    match parse_store(raw)? {
+        HistoryStoreKind::Redis(url) => Ok(url),
+        _ => Err(format!("{raw:?} is not a redis://HOST:PORT[/DB] URL")),
+    }
+}
+
+/// A node id: 1 to 64 letters, digits, `-`, `_` or `.` (no `:`, which separates it from an
+/// attachment's number).
+fn parse_node_id(raw: &str) -> Result<String, String> {
+    let valid = (1..=64).contains(&raw.len())
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(raw.to_owned())
+    } else {
+        Err(format!(
+            "{raw:?} is not a node id (1 to 64 letters, digits, '-', '_' or '.')"
+        ))
     }
 }
 
@@ -341,6 +375,11 @@ impl ServeArgs {
             socket_send_buffer: self.socket_send_buffer,
             demo_dir: self.demo_dir.clone(),
             history_store: self.history_store.clone(),
+            cluster: self
+                .redis
+                .clone()
+                .zip(self.node_id.clone())
+                .map(|(redis, node)| switchyard::config::Cluster { redis, node }),
             trusted_proxies: self.trusted_proxies.clone(),
             auth,
             data_dir: self.data_dir.clone(),
@@ -465,7 +504,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     // The store first: a directory in use or a bad database stops the server before it listens.
-    let hub = match switchyard::server::build_hub(&config) {
+    let hub = match switchyard::server::build_hub(&config).await {
         Ok(hub) => hub,
         Err(message) => {
             eprintln!("error: {message}");

@@ -179,6 +179,9 @@ pub enum ErrorCode {
     /// The history store could not take or read messages (its queue is full, a write or read
     /// failed); a `send` that gets it was not broadcast.
     HistoryUnavailable,
+    /// A cluster node (`--redis`) cannot reach Redis, or its copy of the log lags too far to
+    /// answer now; nothing was done. Retry, on this node or another.
+    BackendUnavailable,
     /// Authentication is on and the request carried no token.
     TokenMissing,
     /// The token is not a well-formed JWT, or lacks a required claim (`sub`, `exp`).
@@ -225,6 +228,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::HistoryUnavailable => "history_unavailable",
+            ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::TokenMissing => "token_missing",
             ErrorCode::TokenMalformed => "token_malformed",
             ErrorCode::TokenBadSignature => "token_bad_signature",

@@ -263,7 +263,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             StatusCode::OK,
             &serde_json::json!({"ok": true}),
         )),
-        Endpoint::Ready => Ok(match hub.ready() {
+        Endpoint::Ready => Ok(match hub.readiness().await {
             Ok(()) => json_response(StatusCode::OK, &serde_json::json!({"ok": true})),
             Err(error) => error_response(error),
         }),
@@ -288,10 +288,11 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
         // and a held long poll keeps it alive (~11 KiB per idle long poll unboxed).
         Endpoint::Sessions => Box::pin(create_session(request, app)).await,
         Endpoint::Session(id) if request.method() == Method::GET => {
+            hub.find_session(id).await?;
             Ok(json_response(StatusCode::OK, &hub.describe(id)?))
         }
         Endpoint::Session(id) => {
-            hub.end_session(id)?;
+            hub.close_session(id).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &serde_json::json!({"ended": true}),
@@ -299,7 +300,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
         }
         Endpoint::WebSocket(id) => {
             enabled(config, TransportKind::WebSocket)?;
-            websocket::upgrade(app, id, after()?, request)
+            Box::pin(websocket::upgrade(app, id, after()?, request)).await
         }
         Endpoint::Sse(id) => {
             enabled(config, TransportKind::Sse)?;
@@ -308,7 +309,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
                 .get("last-event-id")
                 .map(|v| v.to_str().unwrap_or("invalid"));
             let after = resume_point(last_event_id, query_param(query, "after"))?;
-            let attachment = hub.attach(id, TransportKind::Sse, after)?;
+            let attachment = hub.attach_transport(id, TransportKind::Sse, after).await?;
             hub.metrics().attached_over(TransportKind::Sse, http);
             let watch = request.extensions().get::<Arc<ConnectionWatch>>().cloned();
             Ok(sse::stream(
@@ -323,7 +324,7 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
             let wait = wait_param(query_param(query, "wait"), config.long_poll)?;
             if wait.is_zero() {
                 enabled(config, TransportKind::ShortPolling)?;
-                short_poll::poll(hub, id, after()?, http)
+                Box::pin(short_poll::poll(hub, id, after()?, http)).await
             } else {
                 enabled(config, TransportKind::LongPolling)?;
                 let after = after()?;
@@ -442,13 +443,17 @@ async fn create_session(
             })?;
             let identity = verifier.verify(&token)?;
             let expires_at = identity.expires_at;
-            (app.hub.create_session_for(identity)?, Some(expires_at))
+            let name = identity.name.clone();
+            (
+                app.hub.open_session(&name, Some(identity)).await?,
+                Some(expires_at),
+            )
         }
         None => {
             let name = create.name.ok_or_else(|| {
                 ErrorBody::new(ErrorCode::BadRequest, "expected {\"name\": string}")
             })?;
-            (app.hub.create_session(&name)?, None)
+            (app.hub.open_session(&name, None).await?, None)
         }
     };
     if let Some(client) = client {

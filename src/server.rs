@@ -67,16 +67,28 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let hub = build_hub(&config).map_err(std::io::Error::other)?;
+    let hub = build_hub(&config).await.map_err(std::io::Error::other)?;
     serve(listener, config, hub, shutdown).await
 }
 
-/// The session core for `config`, with the history store it asks for opened. `Err` is a
-/// one-line message (a data directory that cannot be used, a locked or unreadable database).
-pub fn build_hub(config: &Config) -> Result<Hub, String> {
+/// The session core for `config`, with the history store it asks for opened, and on a
+/// cluster node its link to Redis. `Err` is a one-line message (a data directory that cannot
+/// be used, a locked or unreadable database, a Redis that cannot be reached).
+pub async fn build_hub(config: &Config) -> Result<Hub, String> {
     let metrics = Metrics::new();
     let store = crate::store::open(config, &metrics)?;
-    Ok(Hub::with_store(config.hub_config(), store, metrics))
+    let Some(cluster) = &config.cluster else {
+        return Ok(Hub::with_store(config.hub_config(), store, metrics));
+    };
+    let hub_config = config.hub_config();
+    let in_redis = |e: String| format!("{}: {e}", cluster.redis);
+    let client =
+        redis::Client::open(cluster.redis.as_str()).map_err(|e| in_redis(e.to_string()))?;
+    let sequencer = crate::cluster::sequencer::Sequencer::connect(&cluster.redis, &hub_config)
+        .await
+        .map_err(|e| in_redis(e.0))?;
+    Hub::clustered(hub_config, store, metrics, sequencer, client, &cluster.node)
+        .map_err(|e| format!("cannot start the log reader: {e}"))
 }
 
 /// Like [`run`], with a hub (from [`build_hub`], or `Hub::new(config.hub_config())`) the

@@ -14,10 +14,10 @@ use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner}
 use redis::streams::StreamRangeReply;
 use support::redis::RedisServer;
 use support::within;
-use switchyard::cluster::log::{LogId, LOG};
-use switchyard::cluster::sequencer::{Decision, Ending, Record, Sequencer, Unavailable};
+use switchyard::cluster::log::LOG;
+use switchyard::cluster::sequencer::{Attach, Decision, Ending, Record, Sequencer, Unavailable};
 use switchyard::hub::{BatchLimit, CommandResult, Delivery, Hub, HubConfig, Identity, Session};
-use switchyard::protocol::{Command, ErrorBody, ErrorCode, TransportKind};
+use switchyard::protocol::{Command, ErrorCode, TransportKind};
 
 /// Limits small enough for a short sequence to reach each of them, with rates so slow that
 /// no token comes back during a test: every refusal is the same on both sides.
@@ -444,10 +444,6 @@ async fn while_redis_is_down_commands_fail_as_unavailable_and_work_again_after()
     assert_eq!(again.result.id, Some(1), "the failed send took no id");
 }
 
-fn refused_with(result: Result<Option<LogId>, ErrorBody>) -> Option<ErrorCode> {
-    result.err().map(|e| e.code)
-}
-
 #[tokio::test]
 async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
     let redis = RedisServer::start().await;
@@ -462,19 +458,27 @@ async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
                 .expect("redis answers")
         }
     };
-    assert_eq!(
-        attach("A", "A:1", TransportKind::LongPolling).await,
-        Ok(None),
+    let create = log_records(&redis).len();
+    assert!(
+        matches!(
+            attach("A", "A:1", TransportKind::LongPolling).await,
+            Attach::Attached { .. }
+        ),
         "nothing to supersede"
     );
+    assert_eq!(log_records(&redis).len(), create, "no entry");
     assert_eq!(
-        refused_with(attach("B", "B:1", TransportKind::ShortPolling).await),
-        Some(ErrorCode::PollInProgress),
+        attach("B", "B:1", TransportKind::ShortPolling).await,
+        Attach::PollHeldBy("A:1".into()),
         "a second poll, on another node"
     );
-    // A stream supersedes the poll: the entry tells node A to close A:1.
-    let entry = attach("B", "B:2", TransportKind::WebSocket).await.unwrap();
-    assert!(entry.is_some());
+    // A stream supersedes the poll: the entry tells node A to close A:1, and the node that
+    // attaches applies the log up to it first.
+    let Attach::Attached { last } = attach("B", "B:2", TransportKind::WebSocket).await else {
+        panic!("a stream supersedes a poll");
+    };
+    assert_eq!(last, sequencer.tip().await.unwrap());
+    assert_eq!(log_records(&redis).len(), create + 1);
     assert_eq!(
         log_records(&redis).last(),
         Some(&Record::Attach {
@@ -490,22 +494,27 @@ async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
     );
     assert!(sequencer.renew("s1", "B:2").await.unwrap());
     // A poll supersedes a stream, as on one node.
-    assert!(attach("C", "C:1", TransportKind::Sse)
-        .await
-        .unwrap()
-        .is_some());
+    assert!(matches!(
+        attach("C", "C:1", TransportKind::Sse).await,
+        Attach::Attached { .. }
+    ));
+    assert_eq!(log_records(&redis).len(), create + 2, "C:1 superseded B:2");
     assert!(!sequencer.detach("s1", "B:2").await.unwrap());
     assert!(sequencer.detach("s1", "C:1").await.unwrap());
-    assert_eq!(
+    assert!(matches!(
         attach("A", "A:2", TransportKind::LongPolling).await,
-        Ok(None),
+        Attach::Attached { .. }
+    ));
+    assert_eq!(
+        log_records(&redis).len(),
+        create + 2,
         "detached: nothing to supersede"
     );
     let unknown = sequencer
         .attach("nope", "A", "A:3", TransportKind::WebSocket)
         .await
         .unwrap();
-    assert_eq!(refused_with(unknown), Some(ErrorCode::UnknownSession));
+    assert_eq!(unknown, Attach::UnknownSession);
 }
 
 #[tokio::test]
@@ -551,7 +560,7 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
             )
             .await
             .unwrap();
-        assert_eq!(attached, Ok(None));
+        assert!(matches!(attached, Attach::Attached { .. }), "{attached:?}");
     }
     assert_eq!(sequencer.expire().await.unwrap(), Vec::<String>::new());
     // "live", "token" and "refreshed" are renewed; "dead"'s node died; "idle" never attached.

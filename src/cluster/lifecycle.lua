@@ -15,7 +15,8 @@
 --   attach:         8 node, 9 attachment, 10 'poll' or 'stream'
 --   renew, detach:  8 attachment
 --   tick:           8 node; KEYS[1] is then the ticker's lease
--- Returns {'ok', entry id or ''}, {'err', code}, or (expire) the sessions ended.
+-- Returns {'ok', entry id or ''} (attach: the log's newest entry id), {'err', code} (for
+-- poll_in_progress, and the attachment holding the lease), or (expire) the sessions ended.
 local kind, session = ARGV[1], ARGV[2]
 local lease_ms, ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 
@@ -64,17 +65,23 @@ local lease = redis.call('HMGET', KEYS[2], 'node', 'attachment', 'poll')
 local held = lease[1] ~= false
 
 if kind == 'attach' then
-  if held and lease[3] == '1' and ARGV[10] == 'poll' then return {'err', 'poll_in_progress'} end
+  if held and lease[3] == '1' and ARGV[10] == 'poll' then
+    return {'err', 'poll_in_progress', lease[2]}
+  end
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[2], 'node', ARGV[8], 'attachment', ARGV[9], 'poll',
     ARGV[10] == 'poll' and '1' or '0')
   redis.call('PEXPIRE', KEYS[2], int(lease_ms))
   schedule(KEYS[3], KEYS[1], session, ms + lease_ms + ttl)
-  if not held then return {'ok', ''} end
-  -- The node holding the transport this one supersedes closes it when it reads the entry.
-  return {'ok', append(KEYS[4], KEYS[5], retention, '{"k":"attach","s":' .. q(session)
-    .. ',"node":' .. q(ARGV[8]) .. ',"attachment":' .. q(ARGV[9])
-    .. ',"superseded":' .. q(lease[2]) .. '}')}
+  if held then
+    -- The node holding the transport this one supersedes closes it when it reads the entry.
+    append(KEYS[4], KEYS[5], retention, '{"k":"attach","s":' .. q(session)
+      .. ',"node":' .. q(ARGV[8]) .. ',"attachment":' .. q(ARGV[9])
+      .. ',"superseded":' .. q(lease[2]) .. '}')
+  end
+  -- The log's newest entry: the attaching node applies everything up to it first, so the
+  -- session's seqs there are as current as on the node the client came from.
+  return {'ok', redis.call('GET', KEYS[5]) or ''}
 end
 
 -- renew and detach: only by the attachment that holds the lease.

@@ -88,6 +88,11 @@ impl Replica {
         })
     }
 
+    /// Stops applying the log (the node is stopping).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
     /// The last entry applied.
     pub fn applied(&self) -> LogId {
         *self.applied.borrow()

@@ -44,7 +44,7 @@ use super::log::{LogId, APPEND, LAST, LOG};
 use crate::hub::refusal;
 use crate::hub::{CommandResult, HubConfig, Identity};
 use crate::protocol::{Command, ErrorBody, Message, TransportKind, DEFAULT_PAGE};
-use crate::store::redis::room_key;
+use crate::store::redis::{room_key, IDS};
 
 /// Where the sequencer's own keys live.
 const PREFIX: &str = "switchyard:c:";
@@ -220,6 +220,21 @@ impl Record {
     }
 }
 
+/// What the sequencer decided on an attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attach {
+    /// The attachment holds the lease. `last` is the log's newest entry (the `attach` entry
+    /// itself when it superseded one): the node applies the log up to it before serving.
+    Attached {
+        /// The log's newest entry ([`LogId::ZERO`] for an empty log).
+        last: LogId,
+    },
+    /// No such session.
+    UnknownSession,
+    /// A poll holds the lease: this attachment (`NODE:ID`).
+    PollHeldBy(String),
+}
+
 /// What the sequencer decided for one command.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
@@ -340,26 +355,30 @@ impl Sequencer {
 
     /// Attaches transport `attachment` of `kind`, served by `node`, to `session`: it holds
     /// the session's attach lease until it detaches, supersedes it, or stops renewing it.
-    /// `Err` `unknown_session`, or `poll_in_progress` for a poll while a poll holds it.
+    /// The attachment it supersedes, if any, is told so by an `attach` entry.
     pub async fn attach(
         &self,
         session: &str,
         node: &str,
         attachment: &str,
         kind: TransportKind,
-    ) -> Result<Result<Option<LogId>, ErrorBody>, Unavailable> {
+    ) -> Result<Attach, Unavailable> {
         let kind = if kind.is_poll() { "poll" } else { "stream" };
         let reply = self
             .lifecycle_call("attach", session, &[node, attachment, kind])
             .await?;
         match reply.as_slice() {
-            [status, entry] if status == "ok" && entry.is_empty() => Ok(Ok(None)),
-            [status, entry] if status == "ok" => Ok(Ok(Some(parse_entry(entry)?))),
-            [status, code] if status == "err" && code == "unknown_session" => {
-                Ok(Err(refusal::unknown_session(session)))
+            [status, last] if status == "ok" && last.is_empty() => {
+                Ok(Attach::Attached { last: LogId::ZERO })
             }
-            [status, code] if status == "err" && code == "poll_in_progress" => {
-                Ok(Err(refusal::poll_in_progress()))
+            [status, last] if status == "ok" => Ok(Attach::Attached {
+                last: parse_entry(last)?,
+            }),
+            [status, code] if status == "err" && code == "unknown_session" => {
+                Ok(Attach::UnknownSession)
+            }
+            [status, code, holder] if status == "err" && code == "poll_in_progress" => {
+                Ok(Attach::PollHeldBy(holder.clone()))
             }
             _ => Err(Unavailable(format!("the attach script answered {reply:?}"))),
         }
@@ -397,6 +416,16 @@ impl Sequencer {
             [status, entry] if status == "ok" => Ok(Some(parse_entry(entry)?)),
             [status, _] if status == "err" => Ok(None),
             _ => Err(Unavailable(format!("the tick script answered {reply:?}"))),
+        }
+    }
+
+    /// The log's newest entry ([`LogId::ZERO`] if none).
+    pub async fn tip(&self) -> Result<LogId, Unavailable> {
+        let mut conn = self.conn.clone();
+        let last: Option<String> = redis::cmd("GET").arg(LAST).query_async(&mut conn).await?;
+        match last {
+            Some(last) => parse_entry(&last),
+            None => Ok(LogId::ZERO),
         }
     }
 
@@ -530,7 +559,7 @@ impl Sequencer {
             .key(session_key(session, ":sent:order"))
             .key(format!("{PREFIX}room:{room}:bucket"))
             .key(room_key(room))
-            .key(format!("{PREFIX}ids"))
+            .key(IDS)
             .key(LOG)
             .key(LAST)
             .key(DEADLINES)

@@ -13,6 +13,7 @@
 //! session registry, then a session; nothing queues for the fan-out while holding a session
 //! lock, and no lock is held across an `.await`.
 
+mod clustered;
 mod config;
 mod entry;
 mod fanout;
@@ -47,6 +48,7 @@ use crate::protocol::{
     validate_name, CloseReason, Command, EncodedEvent, ErrorBody, ErrorCode, Event, Message,
     TransportKind, DEFAULT_PAGE,
 };
+pub use clustered::{CATCH_UP, READY_LAG};
 pub use config::HubConfig;
 use entry::Entry;
 use fanout::Fanout;
@@ -82,6 +84,8 @@ struct Inner {
     /// broadcasts them. Not bounded by itself, but each entry is a send whose command is
     /// still waiting for it, and a connection has one batch of commands in flight at most.
     written: Option<mpsc::Sender<Written>>,
+    /// A cluster node's link to the sequencer and its replica of the log; `None` on one node.
+    cluster: Option<Arc<clustered::Link>>,
 }
 
 /// A message whose write to the store is done (or failed), for the thread that broadcasts it.
@@ -288,6 +292,15 @@ impl Hub {
 
     /// A hub with no sessions, keeping history in `store`, counting into `metrics`.
     pub fn with_store(config: HubConfig, store: Arc<dyn HistoryStore>, metrics: Metrics) -> Self {
+        Hub::build(config, store, metrics, None)
+    }
+
+    fn build(
+        config: HubConfig,
+        store: Arc<dyn HistoryStore>,
+        metrics: Metrics,
+        cluster: Option<Arc<clustered::Link>>,
+    ) -> Self {
         let fanout_threads = config.fanout_threads;
         let last_id = store.last_id();
         let (written, written_rx) = match config.durability {
@@ -318,6 +331,7 @@ impl Hub {
                 shutting_down: AtomicBool::new(false),
                 store,
                 written,
+                cluster,
             }),
         };
         if let Some(written) = written_rx {
@@ -363,13 +377,9 @@ impl Hub {
         validate_name(name)?;
         let mut sessions = lock(&self.inner.sessions);
         if sessions.len() >= self.inner.config.max_sessions {
-            return Err(ErrorBody::new(
-                ErrorCode::ServerFull,
-                "the server holds its maximum number of sessions; try again later",
-            ));
+            return Err(refusal::server_full());
         }
-        let id = format!("{:032x}", rand::random::<u128>());
-        Ok(self.insert_session(&mut sessions, id, name, identity))
+        Ok(self.insert_session(&mut sessions, new_session_id(), name, identity))
     }
 
     /// Adds a session to the registry (held locked by the caller), with no check: `create`
@@ -426,6 +436,20 @@ impl Hub {
         after: u64,
     ) -> Result<Attachment, ErrorBody> {
         self.refuse_if_shutting_down()?;
+        let id = self.inner.next_attachment.fetch_add(1, Ordering::Relaxed);
+        self.attach_as(session_id, kind, after, id, true)
+    }
+
+    /// [`Hub::attach`] as attachment `id`; `one_poll`: refuse a poll while a poll is attached
+    /// (a cluster node's sequencer decided that already).
+    fn attach_as(
+        &self,
+        session_id: &str,
+        kind: TransportKind,
+        after: u64,
+        id: u64,
+        one_poll: bool,
+    ) -> Result<Attachment, ErrorBody> {
         let session = self.session(session_id)?;
         let mut gap = session.lock().replay.check_resume(after);
         if gap == Err(Gap::Unknown) {
@@ -445,7 +469,7 @@ impl Hub {
         if state.ended {
             return Err(unknown_session(session_id));
         }
-        if kind.is_poll() && state.attached.as_ref().is_some_and(|s| s.kind.is_poll()) {
+        if one_poll && kind.is_poll() && state.attached.as_ref().is_some_and(|s| s.kind.is_poll()) {
             return Err(refusal::poll_in_progress());
         }
         let gap = state.replay.check_resume(after);
@@ -461,7 +485,7 @@ impl Hub {
         if gap == Err(Gap::TooOld) && chat.is_none() {
             // The buffer moved on between the two checks: try again with the chat lock.
             drop(state);
-            return self.attach(session_id, kind, after);
+            return self.attach_as(session_id, kind, after, id, one_poll);
         }
         // Closed before a reset is queued, so the reset and its history go to the new
         // transport only, never to the one it supersedes.
@@ -481,7 +505,6 @@ impl Hub {
             _ => after,
         };
         drop(chat);
-        let id = self.inner.next_attachment.fetch_add(1, Ordering::Relaxed);
         let (close_tx, close_rx) = watch::channel(None);
         state.attached = Some(AttachedSlot::new(
             id,
@@ -513,6 +536,9 @@ impl Hub {
     ) -> Vec<CommandResult> {
         let last_transport = session.lock().last_transport;
         self.inner.metrics.commands(last_transport, commands.len());
+        if let Some(link) = &self.inner.cluster {
+            return self.execute_clustered(link, session, commands).await;
+        }
         let mut results = Vec::with_capacity(commands.len());
         // Sends waiting for their writes, awaited together so a batch shares one write.
         let mut written = Vec::new();
@@ -906,14 +932,8 @@ impl Hub {
 
     /// Extends a session with a new token for the same user (`refresh`).
     fn refresh(&self, session: &Session, token: &str) -> Result<CommandResult, ErrorBody> {
-        let Some(verifier) = &self.inner.config.tokens else {
-            return Err(ErrorBody::new(
-                ErrorCode::BadCommand,
-                "this server does not authenticate users; there is nothing to refresh",
-            ));
-        };
         // Verified with no lock held: a signature check can take a while.
-        let fresh = verifier.verify(token)?;
+        let fresh = self.verify_refresh(token)?;
         let mut state = session.lock();
         let Some(identity) = &mut state.identity else {
             return Err(refusal::refresh_without_token());
@@ -924,6 +944,17 @@ impl Hub {
         identity.expires_at = fresh.expires_at;
         identity.rooms = fresh.rooms;
         Ok(CommandResult::done())
+    }
+
+    /// The identity in a `refresh`'s token.
+    fn verify_refresh(&self, token: &str) -> Result<Identity, ErrorBody> {
+        let Some(verifier) = &self.inner.config.tokens else {
+            return Err(ErrorBody::new(
+                ErrorCode::BadCommand,
+                "this server does not authenticate users; there is nothing to refresh",
+            ));
+        };
+        verifier.verify(token)
     }
 
     /// Waits until every event decided so far is in its sessions' replay buffers (events reach
@@ -947,6 +978,9 @@ impl Hub {
     /// Runs the hub's timers until [`Hub::shutdown`]: expires idle sessions and flushes
     /// coalesced presence.
     pub fn spawn_timers(&self) -> tokio::task::JoinHandle<()> {
+        if let Some(link) = &self.inner.cluster {
+            return self.spawn_cluster_timers(link.clone());
+        }
         let hub = self.clone();
         let config = &hub.inner.config;
         let reap_period =
@@ -977,6 +1011,11 @@ impl Hub {
     /// Writes what the history store holds and closes it, recording the last message id so
     /// the next start continues right after it. Call it last, once no command can arrive.
     pub fn close_store(&self) {
+        if self.inner.cluster.is_some() {
+            // The sequencer writes a cluster's history; the node stops applying the log.
+            self.unlink();
+            return;
+        }
         let mut chat = lock(&self.inner.chat);
         chat.fanout.settle();
         // From here every command is refused, so no id above this one is handed out.
@@ -1006,6 +1045,11 @@ impl Hub {
             session.lock().close_attached(CloseReason::Shutdown);
         }
     }
+}
+
+/// A new session's id: 128 random bits.
+fn new_session_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// Sends a room's pending presence and typing changes to its members.

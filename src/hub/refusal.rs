@@ -88,3 +88,11 @@ pub(crate) fn refresh_for_another_user() -> ErrorBody {
         "a refresh token must be for the session's own user",
     )
 }
+
+/// The server holds `max_sessions` sessions.
+pub(crate) fn server_full() -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::ServerFull,
+        "the server holds its maximum number of sessions; try again later",
+    )
+}

@@ -560,6 +560,8 @@ pub struct Attachment {
     close: watch::Receiver<Option<CloseReason>>,
     /// For the transport to count what it writes.
     metrics: Metrics,
+    /// On a cluster node: gives up the session's attach lease when the attachment ends.
+    pub(super) detach: Option<super::clustered::Detach>,
 }
 
 impl Attachment {
@@ -580,6 +582,7 @@ impl Attachment {
             wakeup,
             close,
             metrics,
+            detach: None,
         }
     }
 
@@ -728,6 +731,10 @@ impl Drop for Attachment {
         {
             state.attached = None;
             state.last_seen = Instant::now();
+        }
+        drop(state);
+        if let Some(detach) = self.detach.take() {
+            detach.spawn();
         }
         tracing::debug!(session = %self.session.id, transport = %self.kind, "detached");
     }

@@ -18,6 +18,16 @@ use crate::metrics::Metrics;
 /// Opens the history store `config` asks for. `Err` is a one-line message for the user,
 /// naming the path and the cause.
 pub fn open(config: &Config, metrics: &Metrics) -> Result<Arc<dyn HistoryStore>, String> {
+    if let Some(cluster) = &config.cluster {
+        return Ok(Arc::new(redis::RedisStore::shared(
+            &cluster.redis,
+            redis::Settings {
+                keep: config.history_keep,
+                max_age: config.history_max_age,
+            },
+            metrics.history().clone(),
+        )?));
+    }
     Ok(match &config.history_store {
         HistoryStoreKind::Memory => {
             Arc::new(MemoryStore::new(config.history_len, config.history_max_age))

@@ -53,7 +53,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 const META: &str = "switchyard:meta";
 const OWNER: &str = "switchyard:owner";
-const IDS: &str = "switchyard:ids";
+/// The highest message id reserved (one server) or handed out (a cluster's sequencer).
+pub(crate) const IDS: &str = "switchyard:ids";
 
 /// The error a write script returns when another server holds the lease.
 const NOT_OWNER: &str = "SWITCHYARD_NOT_OWNER";
@@ -145,6 +146,42 @@ impl RedisStore {
             rand::random::<u64>()
         );
         take_lease(&mut conn, &token, url).map_err(in_redis)?;
+        RedisStore::start(client, conn, settings, metrics, Some(token), url)
+    }
+
+    /// Opens the history of a cluster (`--redis`) to read: every node of the cluster reads it,
+    /// and the sequencer writes it (each message with the script that decides its `send`).
+    /// Refused while a single server holds the database.
+    pub fn shared(
+        url: &str,
+        settings: Settings,
+        metrics: HistoryMetrics,
+    ) -> Result<QueuedStore, String> {
+        let in_redis = |e: String| format!("{url}: {e}");
+        let client = Client::open(url).map_err(|e| in_redis(e.to_string()))?;
+        let mut conn = connect(&client).map_err(|e| in_redis(e.to_string()))?;
+        check_meta(&mut conn).map_err(in_redis)?;
+        let owner: Option<String> = redis::cmd("GET")
+            .arg(OWNER)
+            .query(&mut conn)
+            .map_err(|e| in_redis(e.to_string()))?;
+        if let Some(owner) = owner {
+            return Err(in_redis(format!(
+                "a single switchyard server ({owner}) holds this database; stop it, or give the cluster another database"
+            )));
+        }
+        RedisStore::start(client, conn, settings, metrics, None, url)
+    }
+
+    fn start(
+        client: Client,
+        mut conn: Connection,
+        settings: Settings,
+        metrics: HistoryMetrics,
+        token: Option<String>,
+        url: &str,
+    ) -> Result<QueuedStore, String> {
+        let in_redis = |e: String| format!("history store {url}: {e}");
         let last_id: u64 = redis::cmd("GET")
             .arg(IDS)
             .query::<Option<u64>>(&mut conn)
@@ -291,7 +328,8 @@ struct Writer {
     /// `None` after an error, until the next operation reconnects.
     conn: Option<Connection>,
     settings: Settings,
-    token: String,
+    /// The lease's token; `None` for a cluster's node, which only reads.
+    token: Option<String>,
     write: Script,
     /// Another server took the lease: writes are refused from then on.
     lost: bool,
@@ -339,10 +377,15 @@ impl Backend for Writer {
         if self.lost {
             return Err(lost());
         }
+        let Some(token) = &self.token else {
+            return Err(StoreError::Failed(
+                "a cluster node writes history through the sequencer, not the store".into(),
+            ));
+        };
         let mut invocation = self.write.key(OWNER);
         invocation
             .key(IDS)
-            .arg(&self.token)
+            .arg(token)
             .arg(LEASE.as_millis() as u64)
             .arg(self.settings.keep)
             .arg(self.settings.max_age.as_millis().clamp(1, i64::MAX as u128) as u64)
@@ -414,7 +457,9 @@ impl Backend for Writer {
     }
 
     fn close(&mut self, last_used: u64) {
-        let token = self.token.clone();
+        let Some(token) = self.token.clone() else {
+            return;
+        };
         let released = with_conn(&self.client, &mut self.conn, |conn| {
             Script::new(RELEASE)
                 .key(OWNER)
@@ -434,7 +479,13 @@ impl Backend for Writer {
         if self.lost {
             return Err(lost());
         }
-        let token = self.token.clone();
+        let Some(token) = self.token.clone() else {
+            // A cluster's node holds no lease: only check that Redis answers.
+            return with_conn(&self.client, &mut self.conn, |conn| {
+                redis::cmd("PING").query::<()>(conn)
+            })
+            .map_err(failed);
+        };
         let renewed = with_conn(&self.client, &mut self.conn, |conn| {
             Script::new(TAKE_LEASE)
                 .key(OWNER)

@@ -68,7 +68,7 @@ pub async fn post(
     session_id: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ErrorBody> {
-    let session = hub.session(session_id)?;
+    let session = hub.find_session(session_id).await?;
     let body = read_body(request, config.max_message_bytes, config.body_timeout).await?;
     let parsed = parse_commands(&body)?;
     let results = hub.execute(&session, parsed.commands).await;

@@ -20,12 +20,16 @@ pub async fn poll(
     wait: Duration,
     http: Http,
 ) -> Result<Response<Body>, ErrorBody> {
-    let mut attachment = hub.attach(session_id, TransportKind::LongPolling, after)?;
+    let mut attachment = hub
+        .attach_transport(session_id, TransportKind::LongPolling, after)
+        .await?;
     hub.metrics()
         .attached_over(TransportKind::LongPolling, http);
     let delivery = tokio::select! {
         delivery = attachment.next(WRITE_BATCH) => delivery,
         _ = tokio::time::sleep(wait) => Delivery::Events(Vec::new()),
     };
-    Ok(answer_poll(&attachment, delivery, http))
+    let answer = answer_poll(&attachment, delivery, http);
+    hub.release(attachment).await;
+    Ok(answer)
 }

@@ -11,15 +11,19 @@ use crate::protocol::{ErrorBody, TransportKind};
 use super::{answer_poll, Body, WRITE_BATCH};
 
 /// Answers a short poll.
-pub fn poll(
+pub async fn poll(
     hub: &Hub,
     session_id: &str,
     after: u64,
     http: Http,
 ) -> Result<Response<Body>, ErrorBody> {
-    let mut attachment = hub.attach(session_id, TransportKind::ShortPolling, after)?;
+    let mut attachment = hub
+        .attach_transport(session_id, TransportKind::ShortPolling, after)
+        .await?;
     hub.metrics()
         .attached_over(TransportKind::ShortPolling, http);
     let delivery = attachment.ready(WRITE_BATCH);
-    Ok(answer_poll(&attachment, delivery, http))
+    let answer = answer_poll(&attachment, delivery, http);
+    hub.release(attachment).await;
+    Ok(answer)
 }

@@ -145,7 +145,7 @@ fn check_connect(request: &Request<Incoming>) -> Result<(), ErrorBody> {
 /// A WebSocket on its own plain TCP connection is written through (the hub writes each
 /// event's frame to the socket); one inside TLS or an HTTP/2 stream is served by
 /// [`serve_pulled`], which fetches events from the session like SSE does.
-pub fn upgrade(
+pub async fn upgrade(
     app: &App,
     session_id: &str,
     after: u64,
@@ -171,7 +171,9 @@ pub fn upgrade(
         })?),
         Http::H2 => None,
     };
-    let mut attachment = hub.attach(session_id, TransportKind::WebSocket, after)?;
+    let mut attachment = hub
+        .attach_transport(session_id, TransportKind::WebSocket, after)
+        .await?;
     hub.metrics().attached_over(TransportKind::WebSocket, http);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let settings = SocketSettings {
@@ -538,22 +540,22 @@ impl Commands {
     async fn message(&self, message: Message) {
         match message {
             Message::Text(text) => self.handle_text(text.as_bytes()).await,
-            _ => self.report_error(
-                &ErrorBody::new(
+            _ => {
+                let binary = ErrorBody::new(
                     ErrorCode::BadCommand,
                     "binary frames are not supported; send commands as JSON text frames",
-                ),
-                None,
-            ),
+                );
+                self.report_error(&binary, None).await
+            }
         }
     }
 
     /// Counts an error answered on the WebSocket and sends it as an `error` event.
-    fn report_error(&self, error: &ErrorBody, client_id: Option<&str>) {
+    async fn report_error(&self, error: &ErrorBody, client_id: Option<&str>) {
         self.hub
             .metrics()
             .error(TransportKind::WebSocket.as_str(), error.code);
-        self.hub.push_error(&self.session, error, client_id);
+        self.hub.report_error(&self.session, error, client_id).await;
     }
 
     /// Applies the commands in one text frame; each failure becomes an `error` event.
@@ -567,20 +569,20 @@ impl Commands {
                     text.len()
                 ),
             );
-            self.report_error(&error, None);
+            self.report_error(&error, None).await;
             return;
         }
         let parsed = match parse_commands(text) {
             Ok(parsed) => parsed,
             Err(error) => {
-                self.report_error(&error, None);
+                self.report_error(&error, None).await;
                 return;
             }
         };
         let results = self.hub.execute(&self.session, parsed.commands).await;
         for (result, client_id) in results.iter().zip(&parsed.client_ids) {
             if let Some(error) = &result.error {
-                self.report_error(error, client_id.as_deref());
+                self.report_error(error, client_id.as_deref()).await;
             }
         }
     }

@@ -45,6 +45,9 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Every node requests go to, round robin (a cluster's), or just `addr`.
+    nodes: Vec<SocketAddr>,
+    next: std::sync::atomic::AtomicUsize,
     /// The server's session core, for tests that act on it directly.
     pub hub: Option<switchyard::hub::Hub>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -64,7 +67,9 @@ impl TestServer {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel();
-        let hub = switchyard::server::build_hub(&config).expect("open the history store");
+        let hub = switchyard::server::build_hub(&config)
+            .await
+            .expect("open the history store");
         let handle = tokio::spawn(switchyard::server::serve(
             listener,
             config,
@@ -75,6 +80,8 @@ impl TestServer {
         ));
         TestServer {
             addr,
+            nodes: vec![addr],
+            next: Default::default(),
             hub: Some(hub),
             shutdown: Some(tx),
             handle: Some(handle),
@@ -83,12 +90,31 @@ impl TestServer {
 
     /// A handle for making requests to a server started elsewhere (e.g. in another task).
     pub fn attached_to(addr: SocketAddr) -> Self {
+        Self::round_robin(&[addr])
+    }
+
+    /// A handle that sends each request, each transport and each poll to the next of
+    /// `nodes` (a cluster's), round robin.
+    pub fn round_robin(nodes: &[SocketAddr]) -> Self {
         TestServer {
-            addr,
+            addr: nodes[0],
+            nodes: nodes.to_vec(),
+            next: Default::default(),
             hub: None,
             shutdown: None,
             handle: None,
         }
+    }
+
+    /// Every node requests go to.
+    pub fn nodes(&self) -> &[SocketAddr] {
+        &self.nodes
+    }
+
+    /// The node for the next request.
+    pub fn pick(&self) -> SocketAddr {
+        let at = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.nodes[at % self.nodes.len()]
     }
 
     /// Signals shutdown and waits for `run` to return.
@@ -130,7 +156,8 @@ impl TestServer {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> hyper::Response<Incoming> {
-        let stream = within("a TCP connect", TcpStream::connect(self.addr))
+        let addr = self.pick();
+        let stream = within("a TCP connect", TcpStream::connect(addr))
             .await
             .expect("connect");
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -140,7 +167,7 @@ impl TestServer {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", self.addr.to_string());
+            .header("host", addr.to_string());
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -158,7 +185,8 @@ impl TestServer {
         path: &str,
         body: Value,
     ) -> Option<(StatusCode, Value)> {
-        let stream = TcpStream::connect(self.addr).await.ok()?;
+        let addr = self.pick();
+        let stream = TcpStream::connect(addr).await.ok()?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .ok()?;
@@ -166,7 +194,7 @@ impl TestServer {
         let request = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", self.addr.to_string())
+            .header("host", addr.to_string())
             .body(Full::new(Bytes::from(body.to_string())))
             .ok()?;
         let response = sender.send_request(request).await.ok()?;
@@ -232,7 +260,8 @@ impl TestServer {
             },
         };
         Client {
-            server: self.addr,
+            nodes: self.nodes.clone(),
+            polls: self.next.load(std::sync::atomic::Ordering::Relaxed),
             session: session.to_owned(),
             kind,
             last_seq: after,
@@ -242,7 +271,10 @@ impl TestServer {
 
     /// Opens a WebSocket to a session.
     pub async fn websocket(&self, session: &str, after: u64) -> Ws {
-        let url = format!("ws://{}/v1/sessions/{session}/ws?after={after}", self.addr);
+        let url = format!(
+            "ws://{}/v1/sessions/{session}/ws?after={after}",
+            self.pick()
+        );
         let (socket, _) = within(
             "a WebSocket handshake",
             tokio_tungstenite::connect_async(url),
@@ -462,7 +494,9 @@ enum Inner {
 
 /// A session observed over one transport: yields events one by one, tracking the last seq.
 pub struct Client {
-    server: SocketAddr,
+    /// Where polls go, round robin.
+    nodes: Vec<SocketAddr>,
+    polls: usize,
     /// Session id.
     pub session: String,
     /// The transport in use.
@@ -500,7 +534,9 @@ impl Client {
                         "/v1/sessions/{}/poll?after={}&wait={wait_ms}",
                         self.session, self.last_seq
                     );
-                    let (status, reply) = poll_json(self.server, &path).await;
+                    self.polls += 1;
+                    let node = self.nodes[self.polls % self.nodes.len()];
+                    let (status, reply) = poll_json(node, &path).await;
                     if status == StatusCode::CONFLICT {
                         // An abandoned poll the server has not noticed yet: retry shortly.
                         conflicts += 1;
@@ -590,7 +626,7 @@ pub fn without_ts(mut event: Value) -> Value {
     event
 }
 
-/// A `switchyard serve` child process on 127.0.0.1, port 0; killed when dropped.
+/// A `switchyard serve` child process on a loopback address, port 0; killed when dropped.
 pub struct ServerProcess {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -600,11 +636,17 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `switchyard serve ARGS --addr 127.0.0.1:0` and waits for it to listen.
     pub async fn start(args: &[&str]) -> Self {
+        Self::start_on("127.0.0.1", args).await
+    }
+
+    /// Starts `switchyard serve ARGS --addr IP:0` (a loopback address) and waits for it to
+    /// listen.
+    pub async fn start_on(ip: &str, args: &[&str]) -> Self {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .arg("serve")
             .args(args)
-            .args(["--addr", "127.0.0.1:0"])
+            .args(["--addr", &format!("{ip}:0")])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)

@@ -164,10 +164,11 @@ pub async fn hopping(server: &TestServer) {
     let mut last_seq = 0;
 
     let addr = server.addr;
+    let nodes = server.nodes().to_vec();
     let sending = tokio::spawn({
         let sender = sender.clone();
         async move {
-            let server = TestServer::attached_to(addr);
+            let server = TestServer::round_robin(&nodes);
             for i in 0..MESSAGES {
                 server
                     .ok(&sender, send("stream", &format!("m{i}"), &format!("c{i}")))

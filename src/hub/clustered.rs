@@ -1,0 +1,448 @@
+//! The hub of a cluster node (`--redis`): the same sessions, rooms and events as on one node,
+//! with every decision taken by the sequencer in Redis and applied by the node's replica of
+//! the log (docs/cluster.md). The server calls the methods here; on a single node (no
+//! [`Link`]) each is the hub's own method.
+//!
+//! - **Commands** go to the sequencer; a command's reply waits until this node has applied
+//!   the entry it appended, so a client reads its writes on the node it asked.
+//! - **Attaches** take the session's attach lease (one transport at a time across nodes; a
+//!   second poll gets `poll_in_progress` wherever the first is held), then apply the log up to
+//!   the newest entry, so a client that moves from another node finds its seqs here. A task
+//!   renews this node's leases; a detach gives one up.
+//! - **Timers**: the sequencer's expiry sweep and the ticker's `flush` entries replace the
+//!   hub's own, so every node ends the same sessions and flushes the same rooms at the same
+//!   point of the log.
+//! - **Redis unreachable**: what needs it answers `backend_unavailable`; attached transports
+//!   stay open and catch up when the replica does.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use super::{lock, refusal, Attachment, CommandResult, Hub, Identity, Session};
+use crate::cluster::log::LogId;
+use crate::cluster::node::{Health, Replica};
+use crate::cluster::sequencer::{Attach, Decision, Sequencer, Unavailable, ATTACH_LEASE};
+use crate::protocol::{validate_name, CloseReason, Command, ErrorBody, ErrorCode, TransportKind};
+
+/// How long a reply waits for this node's replica to apply the entry it depends on.
+pub const CATCH_UP: Duration = Duration::from_secs(5);
+/// How far behind the log's newest entry a node's replica may be and the node still be
+/// ready (`GET /readyz`).
+pub const READY_LAG: Duration = Duration::from_secs(1);
+
+/// What ties a hub to its cluster.
+#[derive(Debug)]
+pub(crate) struct Link {
+    sequencer: Sequencer,
+    /// This node's id (`--node-id`): it names the node's attachments, `NODE:ID`.
+    node: Arc<str>,
+    replica: OnceLock<Replica>,
+    /// This node's attachments that hold their session's lease: attachment id to session.
+    leases: Mutex<HashMap<u64, String>>,
+}
+
+/// Gives up an attachment's lease when it ends (held by the [`Attachment`]).
+#[derive(Debug)]
+pub(crate) struct Detach {
+    link: Arc<Link>,
+    session: String,
+    id: u64,
+}
+
+impl Detach {
+    /// Gives the lease up in a task of its own (the attachment was dropped).
+    pub(crate) fn spawn(self) {
+        lock(&self.link.leases).remove(&self.id);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.run());
+        }
+    }
+
+    async fn run(self) {
+        lock(&self.link.leases).remove(&self.id);
+        let name = super::attachment_name(&self.link.node, self.id);
+        if let Err(error) = self.link.sequencer.detach(&self.session, &name).await {
+            // The lease lapses by itself within ATTACH_LEASE.
+            tracing::warn!(session = %self.session, %error, "giving up an attach lease failed");
+        }
+    }
+}
+
+fn unavailable(error: Unavailable) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::BackendUnavailable,
+        format!("Redis cannot be reached: {}", error.0),
+    )
+}
+
+impl Link {
+    fn replica(&self) -> &Replica {
+        self.replica
+            .get()
+            .expect("a linked hub's replica starts with it")
+    }
+
+    /// Waits (at most [`CATCH_UP`]) until this node has applied entry `id`.
+    async fn caught_up(&self, id: LogId) -> Result<(), ErrorBody> {
+        match tokio::time::timeout(CATCH_UP, self.replica().caught_up(id)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(cause)) => Err(ErrorBody::new(
+                ErrorCode::BackendUnavailable,
+                format!("this node's copy of the log stopped: {cause}"),
+            )),
+            Err(_) => Err(ErrorBody::new(
+                ErrorCode::BackendUnavailable,
+                format!(
+                    "this node has not applied the log up to {id} within {} s",
+                    CATCH_UP.as_secs()
+                ),
+            )),
+        }
+    }
+
+    /// Waits until this node has applied everything the log holds now.
+    async fn caught_up_to_tip(&self) -> Result<(), ErrorBody> {
+        let tip = self.sequencer.tip().await.map_err(unavailable)?;
+        self.caught_up(tip).await
+    }
+}
+
+impl Hub {
+    /// A cluster node's hub: decisions by `sequencer`, and the log read from `client` and
+    /// applied by this hub, as node `node`. Reads the log from its start (a node joining a
+    /// cluster whose log was trimmed cannot catch up yet: docs/cluster.md, section 3).
+    pub fn clustered(
+        config: super::HubConfig,
+        store: Arc<dyn super::HistoryStore>,
+        metrics: crate::metrics::Metrics,
+        sequencer: Sequencer,
+        client: redis::Client,
+        node: &str,
+    ) -> std::io::Result<Hub> {
+        let link = Arc::new(Link {
+            sequencer,
+            node: Arc::from(node),
+            replica: OnceLock::new(),
+            leases: Mutex::new(HashMap::new()),
+        });
+        let hub = Hub::build(config, store, metrics, Some(link.clone()));
+        let replica = Replica::start(client, hub.clone(), node, LogId::ZERO)?;
+        link.replica
+            .set(replica)
+            .expect("the replica is set once, here");
+        Ok(hub)
+    }
+
+    fn link(&self) -> Option<&Arc<Link>> {
+        self.inner.cluster.as_ref()
+    }
+
+    /// Creates a session (for a verified user with `identity`).
+    pub async fn open_session(
+        &self,
+        name: &str,
+        identity: Option<Identity>,
+    ) -> Result<Arc<Session>, ErrorBody> {
+        let Some(link) = self.link() else {
+            return self.create(name, identity);
+        };
+        self.refuse_if_shutting_down()?;
+        validate_name(name)?;
+        if self.session_count() >= self.inner.config.max_sessions {
+            return Err(refusal::server_full());
+        }
+        let id = super::new_session_id();
+        let entry = link
+            .sequencer
+            .create(&id, name, identity.as_ref())
+            .await
+            .map_err(unavailable)?;
+        link.caught_up(entry).await?;
+        self.session(&id)
+    }
+
+    /// Looks a session up; on a cluster node, one this node has not heard of yet is looked
+    /// for again once it has applied the whole log (it may have been created on another
+    /// node a moment ago).
+    pub async fn find_session(&self, id: &str) -> Result<Arc<Session>, ErrorBody> {
+        match (self.session(id), self.link()) {
+            (Err(_), Some(link)) => {
+                link.caught_up_to_tip().await?;
+                self.session(id)
+            }
+            (found, _) => found,
+        }
+    }
+
+    /// Attaches a transport ([`Hub::attach`]); on a cluster node, through the session's
+    /// attach lease.
+    pub async fn attach_transport(
+        &self,
+        session_id: &str,
+        kind: TransportKind,
+        after: u64,
+    ) -> Result<Attachment, ErrorBody> {
+        let Some(link) = self.link() else {
+            return self.attach(session_id, kind, after);
+        };
+        self.refuse_if_shutting_down()?;
+        let id = self.inner.next_attachment.fetch_add(1, Ordering::Relaxed);
+        let name = super::attachment_name(&link.node, id);
+        let mut cleared = false;
+        let last = loop {
+            let attach = link.sequencer.attach(session_id, &link.node, &name, kind);
+            match attach.await.map_err(unavailable)? {
+                Attach::Attached { last } => break last,
+                Attach::UnknownSession => return Err(refusal::unknown_session(session_id)),
+                // A poll of this node that ended, its detach still on its way: give it up.
+                Attach::PollHeldBy(holder) if !cleared && self.ended_here(link, &holder) => {
+                    cleared = true;
+                    link.sequencer
+                        .detach(session_id, &holder)
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Attach::PollHeldBy(_) => return Err(refusal::poll_in_progress()),
+            }
+        };
+        let attached = match link.caught_up(last).await {
+            Ok(()) => self.attach_as(session_id, kind, after, id, false),
+            Err(error) => Err(error),
+        };
+        let detach = Detach {
+            link: link.clone(),
+            session: session_id.to_owned(),
+            id,
+        };
+        match attached {
+            Ok(mut attachment) => {
+                lock(&link.leases).insert(id, session_id.to_owned());
+                attachment.detach = Some(detach);
+                Ok(attachment)
+            }
+            Err(error) => {
+                detach.run().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Whether attachment `name` was this node's and has ended.
+    fn ended_here(&self, link: &Link, name: &str) -> bool {
+        let Some((node, id)) = name.rsplit_once(':') else {
+            return false;
+        };
+        let Ok(id) = id.parse() else {
+            return false;
+        };
+        node == &*link.node && !lock(&link.leases).contains_key(&id)
+    }
+
+    /// Ends an attachment and, on a cluster node, gives up its lease before returning (a
+    /// poll's client may poll another node as soon as it has the reply).
+    pub async fn release(&self, mut attachment: Attachment) {
+        let detach = attachment.detach.take();
+        drop(attachment);
+        if let Some(detach) = detach {
+            detach.run().await;
+        }
+    }
+
+    /// Applies the commands of a cluster node's session in order, each decided by the
+    /// sequencer; each reply waits until this node applied its entry.
+    pub(super) async fn execute_clustered(
+        &self,
+        link: &Link,
+        session: &Arc<Session>,
+        commands: Vec<Result<Command, ErrorBody>>,
+    ) -> Vec<CommandResult> {
+        let mut results = Vec::with_capacity(commands.len());
+        for command in commands {
+            let decided = match self.refuse_if_shutting_down().and(command) {
+                Err(error) => Err(error),
+                Ok(Command::Refresh { token }) => {
+                    self.refresh_clustered(link, session, &token).await
+                }
+                Ok(command) => link
+                    .sequencer
+                    .execute(&session.id, &command)
+                    .await
+                    .map_err(unavailable),
+            };
+            let result = match decided {
+                Err(error) => CommandResult::failed(error),
+                Ok(Decision { result, entry }) => match entry {
+                    Some(entry) => match link.caught_up(entry).await {
+                        Ok(()) => result,
+                        Err(error) => CommandResult::failed(error),
+                    },
+                    None => result,
+                },
+            };
+            results.push(result);
+        }
+        results
+    }
+
+    /// A `refresh` on a cluster node: the token verified here, the change decided by the
+    /// sequencer, and this node's copy of the identity updated.
+    async fn refresh_clustered(
+        &self,
+        link: &Link,
+        session: &Session,
+        token: &str,
+    ) -> Result<Decision, ErrorBody> {
+        let fresh = self.verify_refresh(token)?;
+        let decision = link
+            .sequencer
+            .refresh(&session.id, &fresh)
+            .await
+            .map_err(unavailable)?;
+        if decision.result.ok {
+            if let Some(identity) = &mut session.lock().identity {
+                identity.expires_at = fresh.expires_at;
+                identity.rooms = fresh.rooms;
+            }
+        }
+        Ok(decision)
+    }
+
+    /// Sends an `error` event to a session, for a command that came on its stream
+    /// ([`Hub::push_error`]); on a cluster node, as an entry of the log.
+    pub async fn report_error(
+        &self,
+        session: &Arc<Session>,
+        error: &ErrorBody,
+        client_id: Option<&str>,
+    ) {
+        let Some(link) = self.link() else {
+            return self.push_error(session, error, client_id);
+        };
+        if let Err(cause) = link
+            .sequencer
+            .push_error(&session.id, error, client_id)
+            .await
+        {
+            tracing::warn!(session = %session.id, code = error.code.as_str(), cause = %cause.0, "an error event could not be sent: Redis cannot be reached");
+        }
+    }
+
+    /// Ends a session now (`DELETE`, [`Hub::end_session`]).
+    pub async fn close_session(&self, session_id: &str) -> Result<(), ErrorBody> {
+        let Some(link) = self.link() else {
+            return self.end_session(session_id);
+        };
+        let Decision { result, entry } =
+            link.sequencer.end(session_id).await.map_err(unavailable)?;
+        if let Some(error) = result.error {
+            return Err(error);
+        }
+        if let Some(entry) = entry {
+            link.caught_up(entry).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the node can serve everything it offers (`GET /readyz`): its history store
+    /// answers and, on a cluster node, its replica is applying the log and applies what the
+    /// log holds now within [`READY_LAG`].
+    pub async fn readiness(&self) -> Result<(), ErrorBody> {
+        self.ready()?;
+        let Some(link) = self.link() else {
+            return Ok(());
+        };
+        let not_ready = |why: String| Err(ErrorBody::new(ErrorCode::BackendUnavailable, why));
+        match link.replica().health() {
+            Health::Applying => {}
+            Health::Unreachable(cause) => {
+                return not_ready(format!("Redis cannot be reached: {cause}"))
+            }
+            Health::Stopped(cause) => {
+                return not_ready(format!("this node's copy of the log stopped: {cause}"))
+            }
+        }
+        let tip = link.sequencer.tip().await.map_err(unavailable)?;
+        match tokio::time::timeout(READY_LAG, link.replica().caught_up(tip)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(cause)) => not_ready(format!("this node's copy of the log stopped: {cause}")),
+            Err(_) => not_ready(format!(
+                "this node's copy of the log lags its newest entry by more than {} ms",
+                READY_LAG.as_millis()
+            )),
+        }
+    }
+
+    /// A cluster node's timers, instead of the hub's own: the expiry sweep, the ticker's
+    /// flushes while presence changes are pending, and the renewal of this node's leases.
+    pub(super) fn spawn_cluster_timers(&self, link: Arc<Link>) -> tokio::task::JoinHandle<()> {
+        let hub = self.clone();
+        let config = &self.inner.config;
+        let sweep_period =
+            (config.session_ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let flush_period = (config.presence_interval / 4).max(Duration::from_millis(5));
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(sweep_period);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut flush = tokio::time::interval(flush_period);
+            flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut renew = tokio::time::interval(ATTACH_LEASE / 3);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !hub.inner.shutting_down.load(Ordering::Acquire) {
+                tokio::select! {
+                    _ = sweep.tick() => match link.sequencer.expire().await {
+                        Ok(ended) if !ended.is_empty() => tracing::info!(ended = ended.len(), "ended sessions (idle past their TTL or their token expired)"),
+                        Ok(_) => {}
+                        Err(error) => tracing::debug!(cause = %error.0, "expiry sweep: Redis cannot be reached"),
+                    },
+                    _ = flush.tick() => {
+                        let pending = !lock(&hub.inner.chat).pending_presence.is_empty();
+                        if pending {
+                            if let Err(error) = link.sequencer.tick(&link.node).await {
+                                tracing::debug!(cause = %error.0, "presence tick: Redis cannot be reached");
+                            }
+                        }
+                    }
+                    _ = renew.tick() => hub.renew_leases(&link).await,
+                }
+            }
+        })
+    }
+
+    /// Renews the lease of every transport attached here; one whose lease is gone (superseded
+    /// by an entry this node has not applied yet, or lapsed while Redis was away) is closed,
+    /// and its client resumes.
+    async fn renew_leases(&self, link: &Link) {
+        let leases: Vec<(u64, String)> = lock(&link.leases)
+            .iter()
+            .map(|(id, session)| (*id, session.clone()))
+            .collect();
+        for (id, session_id) in leases {
+            let name = super::attachment_name(&link.node, id);
+            match link.sequencer.renew(&session_id, &name).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    lock(&link.leases).remove(&id);
+                    if let Ok(session) = self.session(&session_id) {
+                        let mut state = session.lock();
+                        if state.attached.as_ref().is_some_and(|slot| slot.id == id) {
+                            state.close_attached(CloseReason::Superseded);
+                        }
+                    }
+                }
+                // Tried again at the next renewal; the lease outlives two missed ones.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Stops applying the log (at shutdown).
+    pub(super) fn unlink(&self) {
+        if let Some(link) = self.link() {
+            if let Some(replica) = link.replica.get() {
+                replica.stop();
+            }
+        }
+    }
+}
