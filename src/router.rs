@@ -287,10 +287,10 @@ async fn dispatch(request: Request<Incoming>, app: &App) -> Result<Response<Body
         // The branches that await are boxed: this future is as large as its largest branch,
         // and a held long poll keeps it alive (~11 KiB per idle long poll unboxed).
         Endpoint::Sessions => Box::pin(create_session(request, app)).await,
-        Endpoint::Session(id) if request.method() == Method::GET => {
-            hub.find_session(id).await?;
-            Ok(json_response(StatusCode::OK, &hub.describe(id)?))
-        }
+        Endpoint::Session(id) if request.method() == Method::GET => Ok(json_response(
+            StatusCode::OK,
+            &hub.describe_session(id).await?,
+        )),
         Endpoint::Session(id) => {
             hub.close_session(id).await?;
             Ok(json_response(

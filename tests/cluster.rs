@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use support::redis::RedisServer;
-use support::{join, scenarios, send, within, ServerProcess, TestServer};
+use support::{join, scenarios, send, within, ws_close, ServerProcess, TestServer};
 use switchyard::protocol::TransportKind;
 
 /// Where the nodes listen: one loopback address each.
 const NODES: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
 
 struct Cluster {
-    _redis: RedisServer,
+    redis: RedisServer,
     nodes: Vec<Option<ServerProcess>>,
 }
 
@@ -26,7 +26,11 @@ impl Cluster {
     /// Redis and three nodes, each with the same `args`: presence told at once (the
     /// scenarios' sequences must not depend on timing) and rate limits the scenarios fit in.
     async fn start(args: &[&str]) -> Cluster {
-        let redis = RedisServer::start().await;
+        Cluster::on(RedisServer::start().await, args).await
+    }
+
+    /// [`Cluster::start`] on `redis`.
+    async fn on(redis: RedisServer, args: &[&str]) -> Cluster {
         let url = redis.url();
         let mut nodes = Vec::new();
         for (i, ip) in NODES.iter().enumerate() {
@@ -46,10 +50,7 @@ impl Cluster {
             all.extend_from_slice(args);
             nodes.push(Some(ServerProcess::start_on(ip, &all).await));
         }
-        Cluster {
-            _redis: redis,
-            nodes,
-        }
+        Cluster { redis, nodes }
     }
 
     fn addrs(&self) -> Vec<SocketAddr> {
@@ -191,4 +192,95 @@ async fn sessions_of_killed_nodes_resume_on_a_survivor_and_the_others_leave_pres
         .json(Method::GET, &format!("/v1/sessions/{gone}"), None::<Value>)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{reply}");
+}
+
+/// Waits until every node answers `GET /readyz` with `status`.
+async fn all_ready(cluster: &Cluster, status: StatusCode) {
+    for i in 0..cluster.nodes.len() {
+        let node = cluster.node(i);
+        within(&format!("node {i}'s /readyz to answer {status}"), async {
+            loop {
+                let (got, body) = node.json(Method::GET, "/readyz", None).await;
+                if got == status {
+                    if status != StatusCode::OK {
+                        assert_eq!(body["error"]["code"], "backend_unavailable", "{body}");
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// Asserts a reply is `503 backend_unavailable`.
+fn unavailable((status, body): (StatusCode, Value)) {
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "backend_unavailable", "{body}");
+}
+
+#[tokio::test]
+async fn while_redis_is_down_requests_get_503_streams_stay_open_and_nothing_is_lost_after() {
+    let mut cluster = Cluster::on(RedisServer::persistent().await, &[]).await;
+    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let ann = a.session("ann").await;
+    let bob = b.session("bob").await;
+    c.ok(&ann, join("r")).await;
+    c.ok(&bob, join("r")).await;
+    let mut stream = b.attach(TransportKind::Sse, &ann, 0).await;
+    c.ok(&bob, send("r", "before", "b1")).await;
+    assert_eq!(stream.next_of("message").await["text"], "before");
+
+    cluster.redis.kill().await;
+    all_ready(&cluster, StatusCode::SERVICE_UNAVAILABLE).await;
+    unavailable(c.commands(&bob, send("r", "lost?", "b2")).await);
+    unavailable(
+        a.json(Method::POST, "/v1/sessions", Some(json!({"name": "cy"})))
+            .await,
+    );
+    unavailable(a.poll(&bob, 0, 0).await);
+
+    cluster.redis.restart().await;
+    all_ready(&cluster, StatusCode::OK).await;
+    // The send refused while Redis was down was not applied: sent again, it is new.
+    let reply = c.ok(&bob, send("r", "after", "b2")).await;
+    assert_eq!(reply["results"][0]["duplicate"], false, "{reply}");
+    // The stream stayed open all along: the next event follows the last one it had.
+    assert_eq!(stream.next_of("message").await["text"], "after");
+    let (status, info) = c
+        .json(Method::GET, &format!("/v1/sessions/{ann}"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert_eq!(info["attached"], "sse");
+}
+
+#[tokio::test]
+async fn when_redis_comes_back_empty_every_session_ends_and_clients_start_again() {
+    let mut cluster = Cluster::start(&[]).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let ann = a.session("ann").await;
+    b.ok(&ann, join("r")).await;
+    let mut ws = a.websocket(&ann, 0).await;
+
+    cluster.redis.kill().await;
+    all_ready(&cluster, StatusCode::SERVICE_UNAVAILABLE).await;
+    cluster.redis.restart().await;
+    all_ready(&cluster, StatusCode::OK).await;
+    // The session was in what Redis lost.
+    let (status, body) = b.commands(&ann, send("r", "anyone?", "a1")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_session");
+    // A new session starts the new log: every node then ends the sessions Redis lost, and
+    // their transports are told (never a silent gap).
+    let fresh = b.session("ann").await;
+    assert_eq!(ws_close(&mut ws).await, (4003, "expired".to_owned()));
+    // The new session works on every node.
+    let cluster_client = cluster.client();
+    let mut client = cluster_client
+        .attach(TransportKind::WebSocket, &fresh, 0)
+        .await;
+    cluster_client.ok(&fresh, join("r")).await;
+    cluster_client.ok(&fresh, send("r", "again", "f1")).await;
+    assert_eq!(client.next_of("message").await["text"], "again");
 }

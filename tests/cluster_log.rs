@@ -137,9 +137,10 @@ async fn a_reader_reports_lost_when_redis_lost_entries_it_had_not_read() {
     loop {
         match next(&mut reports).await {
             Read::Unreachable(_) => continue,
-            Read::Lost { after, found } => {
+            Read::Lost { after, found, prev } => {
                 assert_eq!(after, read, "what the reader had");
                 assert_eq!(found.body, b"new");
+                assert_eq!(prev, LogId::ZERO, "a new log");
                 break;
             }
             other => panic!("expected Lost, got {other:?}"),
@@ -156,7 +157,10 @@ async fn a_reader_reports_lost_when_redis_lost_entries_it_had_not_read() {
     let _: () = redis::cmd("FLUSHALL").query(&mut conn).expect("FLUSHALL");
     append(&mut conn, "after flush");
     match next(&mut reports).await {
-        Read::Lost { found, .. } => assert_eq!(found.body, b"after flush"),
+        Read::Lost { found, prev, .. } => {
+            assert_eq!(found.body, b"after flush");
+            assert_eq!(prev, LogId::ZERO, "a new log");
+        }
         other => panic!("expected Lost, got {other:?}"),
     }
 }
@@ -173,9 +177,10 @@ async fn a_reader_that_lags_past_the_retention_reports_lost() {
     log::append(&mut conn, b"young", Duration::from_millis(10)).expect("append");
     let (_reader, mut reports) = reader(&redis, LogId::ZERO);
     match next(&mut reports).await {
-        Read::Lost { after, found } => {
+        Read::Lost { after, found, prev } => {
             assert_eq!(after, LogId::ZERO);
             assert_eq!(found.body, b"young");
+            assert_ne!(prev, LogId::ZERO, "trimmed, not a new log");
         }
         other => panic!("expected Lost, got {other:?}"),
     }

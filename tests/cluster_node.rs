@@ -1,6 +1,7 @@
 //! A cluster node's replica (src/cluster/node.rs) on a real `redis-server`: it applies the
 //! log as the sequencer writes it, a reply can wait for its own entry, it goes on across a
-//! Redis restart that kept the data, and it stops (never a silent gap) when Redis lost it.
+//! Redis restart that kept the data, and when Redis lost it every session ends (never a
+//! silent gap) and it goes on with the new log.
 
 mod support;
 
@@ -12,7 +13,7 @@ use switchyard::cluster::log::LogId;
 use switchyard::cluster::node::{Health, Replica};
 use switchyard::cluster::sequencer::Sequencer;
 use switchyard::hub::{BatchLimit, Delivery, Hub, HubConfig};
-use switchyard::protocol::{Command, TransportKind};
+use switchyard::protocol::{CloseReason, Command, TransportKind};
 
 fn replica(redis: &RedisServer, hub: &Hub, node: &str) -> Replica {
     let client = redis::Client::open(redis.url()).expect("a Redis URL");
@@ -119,7 +120,7 @@ async fn replicas_apply_the_log_as_it_comes_and_a_reply_can_wait_for_its_entry()
 }
 
 #[tokio::test]
-async fn a_replica_goes_on_across_a_redis_restart_and_stops_when_redis_lost_the_log() {
+async fn a_replica_goes_on_across_a_redis_restart_and_ends_every_session_when_redis_lost_the_log() {
     let mut redis = RedisServer::persistent().await;
     let sequencer = sequencer(&redis).await;
     let hub = Hub::new(HubConfig::default());
@@ -154,22 +155,31 @@ async fn a_replica_goes_on_across_a_redis_restart_and_stops_when_redis_lost_the_
     assert_eq!(on_hub.health(), Health::Applying);
     assert_eq!(messages(&hub, "s0").0, ["before", "after"]);
 
-    // Redis loses everything: the next entry starts a new log, and the replica stops
-    // rather than go on past what it missed.
+    // Redis loses everything: the next entry starts a new log. The sessions went with the
+    // data: each ends, as after a server's restart (never a silent gap), and the replica
+    // goes on with the new log.
+    let attachment = hub.attach("s0", TransportKind::Sse, 0).expect("attach");
     redis::cmd("FLUSHALL")
         .query::<()>(&mut redis.connection())
         .unwrap();
-    let applied = on_hub.applied();
     let created = sequencer.create("s9", "new", None).await.unwrap();
-    let stopped = within("the replica to stop at the gap", on_hub.caught_up(created)).await;
-    assert!(stopped.is_err(), "{stopped:?}");
+    within(
+        "the replica to go on with the new log",
+        on_hub.caught_up(created),
+    )
+    .await
+    .unwrap();
+    assert_eq!(on_hub.health(), Health::Applying);
     assert!(
-        matches!(on_hub.health(), Health::Stopped(cause) if cause.contains("lost")),
-        "{:?}",
-        on_hub.health()
+        hub.session("s0").is_err(),
+        "the sessions Redis lost have ended, as after a restart"
     );
-    assert_eq!(on_hub.applied(), applied, "nothing applied past the gap");
-    assert!(hub.session("s9").is_err());
+    assert_eq!(
+        *attachment.close_signal().borrow(),
+        Some(CloseReason::Expired),
+        "its transport is told"
+    );
+    assert!(hub.session("s9").is_ok(), "the new log's session");
 }
 
 /// A history store whose reads fail, as one whose backend is down.

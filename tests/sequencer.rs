@@ -489,10 +489,16 @@ async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
         })
     );
     assert!(
-        !sequencer.renew("s1", "A:1").await.unwrap(),
+        !sequencer
+            .renew("s1", "A", "A:1", TransportKind::LongPolling)
+            .await
+            .unwrap(),
         "A:1 was superseded"
     );
-    assert!(sequencer.renew("s1", "B:2").await.unwrap());
+    assert!(sequencer
+        .renew("s1", "B", "B:2", TransportKind::WebSocket)
+        .await
+        .unwrap());
     // A poll supersedes a stream, as on one node.
     assert!(matches!(
         attach("C", "C:1", TransportKind::Sse).await,
@@ -569,7 +575,12 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
         while ended.len() < 3 {
             for session in ["live", "token", "refreshed"] {
                 sequencer
-                    .renew(session, &format!("A:{session}"))
+                    .renew(
+                        session,
+                        "A",
+                        &format!("A:{session}"),
+                        TransportKind::WebSocket,
+                    )
                     .await
                     .unwrap();
             }
@@ -593,7 +604,10 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
         ended[2].1 + slack >= lease + Duration::from_secs(1),
         "{ended:?}"
     );
-    assert!(sequencer.renew("refreshed", "A:refreshed").await.unwrap());
+    assert!(sequencer
+        .renew("refreshed", "A", "A:refreshed", TransportKind::WebSocket)
+        .await
+        .unwrap());
     let ends: Vec<(String, Ending, Vec<String>)> = log_records(&redis)
         .into_iter()
         .filter_map(|r| match r {
@@ -616,7 +630,10 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
         ]
     );
     // Once ended, gone: a renewal fails, and commands are refused.
-    assert!(!sequencer.renew("token", "A:token").await.unwrap());
+    assert!(!sequencer
+        .renew("token", "A", "A:token", TransportKind::WebSocket)
+        .await
+        .unwrap());
     let gone = sequencer.execute("dead", &join("a1")).await.unwrap();
     assert_eq!(
         gone.result.error.map(|e| e.code),

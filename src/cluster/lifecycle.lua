@@ -12,8 +12,9 @@
 -- prefix of sessions, 7 the most sessions one sweep ends, then by kind:
 --   create:         8 name, 9 user ('' without a token), 10 rules ('' for any room),
 --                   11 token expiry (ms, '' for none)
---   attach:         8 node, 9 attachment, 10 'poll' or 'stream'
---   renew, detach:  8 attachment
+--   attach:         8 node, 9 attachment, 10 the transport's kind (its wire name)
+--   renew:          8 attachment, 9 node, 10 the transport's kind
+--   detach:         8 attachment
 --   tick:           8 node; KEYS[1] is then the ticker's lease
 -- Returns {'ok', entry id or ''} (attach: the log's newest entry id), {'err', code} (for
 -- poll_in_progress, and the attachment holding the lease), or (expire) the sessions ended.
@@ -61,16 +62,16 @@ if kind == 'tick' then
 end
 
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'err', 'unknown_session'} end
-local lease = redis.call('HMGET', KEYS[2], 'node', 'attachment', 'poll')
+local lease = redis.call('HMGET', KEYS[2], 'node', 'attachment', 'kind')
 local held = lease[1] ~= false
+local function is_poll(kind) return kind == 'long-polling' or kind == 'short-polling' end
 
 if kind == 'attach' then
-  if held and lease[3] == '1' and ARGV[10] == 'poll' then
+  if held and is_poll(lease[3]) and is_poll(ARGV[10]) then
     return {'err', 'poll_in_progress', lease[2]}
   end
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[2], 'node', ARGV[8], 'attachment', ARGV[9], 'poll',
-    ARGV[10] == 'poll' and '1' or '0')
+  redis.call('HSET', KEYS[2], 'node', ARGV[8], 'attachment', ARGV[9], 'kind', ARGV[10])
   redis.call('PEXPIRE', KEYS[2], int(lease_ms))
   schedule(KEYS[3], KEYS[1], session, ms + lease_ms + ttl)
   if held then
@@ -84,8 +85,15 @@ if kind == 'attach' then
   return {'ok', redis.call('GET', KEYS[5]) or ''}
 end
 
+-- A lease that lapsed (its node could not renew it while Redis was away) was taken by no
+-- other transport since: renewing takes it again.
+if kind == 'renew' and not held then
+  redis.call('HSET', KEYS[2], 'node', ARGV[9], 'attachment', ARGV[8], 'kind', ARGV[10])
+end
 -- renew and detach: only by the attachment that holds the lease.
-if not held or lease[2] ~= ARGV[8] then return {'err', 'superseded'} end
+if (held and lease[2] ~= ARGV[8]) or (kind == 'detach' and not held) then
+  return {'err', 'superseded'}
+end
 if kind == 'renew' then
   redis.call('PEXPIRE', KEYS[2], int(lease_ms))
   schedule(KEYS[3], KEYS[1], session, ms + lease_ms + ttl)

@@ -109,7 +109,7 @@ pub struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Read {
     /// The next entries, each the successor of the one before (the first, of the last entry
-    /// reported before).
+    /// reported before); none when Redis is back after an outage with nothing new.
     Entries(Vec<Entry>),
     /// Entries after `after` are gone before the reader saw them: the next entry it found,
     /// `found`, follows `expected_prev`, not the last one it read. It goes on from `found`
@@ -120,6 +120,9 @@ pub enum Read {
         after: LogId,
         /// The entry it found next, reported in this `Lost` and not again.
         found: Entry,
+        /// The entry `found` follows: [`LogId::ZERO`] when it starts a new log (Redis lost
+        /// its data), an entry the reader never saw when it was trimmed first.
+        prev: LogId,
     },
     /// Redis cannot be reached or answered an error; the reader keeps trying. Reported once
     /// per outage; the next `Entries` or `Lost` means it is back.
@@ -248,11 +251,15 @@ fn read_loop(client: &Client, mut after: LogId, reports: &mpsc::Sender<Read>, st
             }
         };
         backoff = Duration::from_millis(50);
-        unreachable = false;
+        let back = std::mem::replace(&mut unreachable, false);
         let ids = reply
             .and_then(|r| r.keys.into_iter().next())
             .map(|k| k.ids)
             .unwrap_or_default();
+        if back && ids.is_empty() && reports.blocking_send(Read::Entries(Vec::new())).is_err() {
+            // Back, with nothing new: said with an empty `Entries`.
+            return;
+        }
         if ids.is_empty() {
             // Nothing new. A log that lost its data and started again may hand out ids at or
             // below `after` (they come from Redis's clock, in a new stream), which XREAD from
@@ -298,6 +305,7 @@ fn read_loop(client: &Client, mut after: LogId, reports: &mpsc::Sender<Read>, st
                     .blocking_send(Read::Lost {
                         after,
                         found: entry,
+                        prev,
                     })
                     .is_err()
                 {

@@ -3,10 +3,13 @@
 //! command's reply can wait until its own entry is applied (a client then reads its writes
 //! on the node it asked). Not yet run by the server (docs/cluster.md, section 7).
 //!
-//! **A gap stops it.** If the reader reports entries lost (Redis lost data, or trimmed
-//! entries the node had not read), an entry is not a record, or a room's history cannot be
-//! read, the replica stops applying and says so ([`Health::Stopped`]): serving on past a gap
-//! would give clients a silent one. Resetting the sessions and going on is the next step.
+//! **Redis lost its data** (the next entry starts a new log): the sessions went with it, so
+//! every session of the node ends (its transport closed `expired`; its client starts a new
+//! session, as after a single server's restart) and the replica goes on with the new log.
+//!
+//! **Any other gap stops it.** If entries were trimmed before the node read them, an entry is
+//! not a record, or a room's history cannot be read, the replica stops applying and says so
+//! ([`Health::Stopped`]): serving on past a gap would give clients a silent one.
 
 use std::sync::Arc;
 
@@ -62,10 +65,18 @@ impl Replica {
                         health_tx.send_if_modified(|h| replace(h, Health::Applying));
                         apply(&hub, &node, entries, &applied_tx).await
                     }
-                    Read::Lost { after, found } => Err(format!(
-                        "entries after {after} were lost before this node read them (the \
-                         next one found is {}): Redis lost data, or trimmed them while the \
-                         node lagged",
+                    Read::Lost { after, found, prev } if prev == LogId::ZERO => {
+                        // Redis lost its data, and the sessions it held with it: as after a
+                        // single server's restart, every session ends and its client starts
+                        // a new one. The new log goes on from its first entry.
+                        let ended = hub.forget_all();
+                        tracing::error!(%after, ended, "Redis lost the log: every session ended");
+                        apply(&hub, &node, vec![found], &applied_tx).await
+                    }
+                    Read::Lost { after, found, .. } => Err(format!(
+                        "entries after {after} were trimmed from the log before this node \
+                         read them (the next one found is {}): the node lagged more than the \
+                         log keeps",
                         found.id
                     )),
                     Read::Unreachable(cause) => {

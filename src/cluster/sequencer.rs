@@ -363,9 +363,8 @@ impl Sequencer {
         attachment: &str,
         kind: TransportKind,
     ) -> Result<Attach, Unavailable> {
-        let kind = if kind.is_poll() { "poll" } else { "stream" };
         let reply = self
-            .lifecycle_call("attach", session, &[node, attachment, kind])
+            .lifecycle_call("attach", session, &[node, attachment, kind.as_str()])
             .await?;
         match reply.as_slice() {
             [status, last] if status == "ok" && last.is_empty() => {
@@ -384,10 +383,19 @@ impl Sequencer {
         }
     }
 
-    /// Renews the attach lease of `attachment`; `false` if it no longer holds it (another
-    /// transport superseded it, or the session ended).
-    pub async fn renew(&self, session: &str, attachment: &str) -> Result<bool, Unavailable> {
-        let reply = self.lifecycle_call("renew", session, &[attachment]).await?;
+    /// Renews the attach lease of `attachment` (of `kind`, served by `node`), or takes it
+    /// again if it lapsed; `false` if another transport holds it (superseded) or the session
+    /// ended.
+    pub async fn renew(
+        &self,
+        session: &str,
+        node: &str,
+        attachment: &str,
+        kind: TransportKind,
+    ) -> Result<bool, Unavailable> {
+        let reply = self
+            .lifecycle_call("renew", session, &[attachment, node, kind.as_str()])
+            .await?;
         Ok(reply.first().is_some_and(|status| status == "ok"))
     }
 
@@ -417,6 +425,17 @@ impl Sequencer {
             [status, _] if status == "err" => Ok(None),
             _ => Err(Unavailable(format!("the tick script answered {reply:?}"))),
         }
+    }
+
+    /// The kind of the transport holding `session`'s attach lease, on whichever node.
+    pub async fn attached(&self, session: &str) -> Result<Option<TransportKind>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let kind: Option<String> = redis::cmd("HGET")
+            .arg(session_key(session, ":attach"))
+            .arg("kind")
+            .query_async(&mut conn)
+            .await?;
+        Ok(kind.and_then(|kind| TransportKind::ALL.into_iter().find(|k| k.as_str() == kind)))
     }
 
     /// The log's newest entry ([`LogId::ZERO`] if none).

@@ -39,8 +39,9 @@ pub(crate) struct Link {
     /// This node's id (`--node-id`): it names the node's attachments, `NODE:ID`.
     node: Arc<str>,
     replica: OnceLock<Replica>,
-    /// This node's attachments that hold their session's lease: attachment id to session.
-    leases: Mutex<HashMap<u64, String>>,
+    /// This node's attachments that hold their session's lease: attachment id to session and
+    /// kind.
+    leases: Mutex<HashMap<u64, (String, TransportKind)>>,
 }
 
 /// Gives up an attachment's lease when it ends (held by the [`Attachment`]).
@@ -176,6 +177,18 @@ impl Hub {
         }
     }
 
+    /// Describes a session ([`Hub::describe`]); on a cluster node, with the transport attached
+    /// on whichever node.
+    pub async fn describe_session(&self, id: &str) -> Result<super::SessionInfo, ErrorBody> {
+        self.find_session(id).await?;
+        let mut info = self.describe(id)?;
+        if let Some(link) = self.link() {
+            let kind = link.sequencer.attached(id).await.map_err(unavailable)?;
+            info.attached = kind.map(TransportKind::as_str);
+        }
+        Ok(info)
+    }
+
     /// Attaches a transport ([`Hub::attach`]); on a cluster node, through the session's
     /// attach lease.
     pub async fn attach_transport(
@@ -218,7 +231,7 @@ impl Hub {
         };
         match attached {
             Ok(mut attachment) => {
-                lock(&link.leases).insert(id, session_id.to_owned());
+                lock(&link.leases).insert(id, (session_id.to_owned(), kind));
                 attachment.detach = Some(detach);
                 Ok(attachment)
             }
@@ -414,13 +427,24 @@ impl Hub {
     /// by an entry this node has not applied yet, or lapsed while Redis was away) is closed,
     /// and its client resumes.
     async fn renew_leases(&self, link: &Link) {
-        let leases: Vec<(u64, String)> = lock(&link.leases)
+        let leases: Vec<(u64, (String, TransportKind))> = lock(&link.leases)
             .iter()
-            .map(|(id, session)| (*id, session.clone()))
+            .map(|(id, lease)| (*id, lease.clone()))
             .collect();
-        for (id, session_id) in leases {
+        for (id, (session_id, kind)) in leases {
             let name = super::attachment_name(&link.node, id);
-            match link.sequencer.renew(&session_id, &name).await {
+            if !lock(&link.leases).contains_key(&id) {
+                continue;
+            }
+            match link
+                .sequencer
+                .renew(&session_id, &link.node, &name, kind)
+                .await
+            {
+                // Detached while it was renewed (a lapsed lease is taken again): give it up.
+                Ok(true) if !lock(&link.leases).contains_key(&id) => {
+                    let _ = link.sequencer.detach(&session_id, &name).await;
+                }
                 Ok(true) => {}
                 Ok(false) => {
                     lock(&link.leases).remove(&id);

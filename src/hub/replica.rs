@@ -207,6 +207,26 @@ impl Hub {
         Ok(())
     }
 
+    /// Redis lost its data, and with it every session and room the log had built: every
+    /// session ends (its transport is closed `expired`) and every room is dropped. Returns
+    /// how many sessions ended.
+    pub(crate) fn forget_all(&self) -> usize {
+        let mut chat = lock(&self.inner.chat);
+        chat.fanout.settle();
+        let sessions: Vec<Arc<Session>> = lock(&self.inner.sessions)
+            .drain()
+            .map(|(_, session)| session)
+            .collect();
+        for session in &sessions {
+            let mut state = session.lock();
+            state.ended = true;
+            state.close_attached(CloseReason::Expired);
+        }
+        chat.rooms.clear();
+        chat.pending_presence.clear();
+        sessions.len()
+    }
+
     /// A session ended: its transport is told why, it leaves its rooms, and it is gone.
     fn replicate_end(&self, session: &Arc<Session>, why: Ending, at: u64) {
         let config = &self.inner.config;
