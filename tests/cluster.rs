@@ -284,3 +284,30 @@ async fn when_redis_comes_back_empty_every_session_ends_and_clients_start_again(
     cluster_client.ok(&fresh, send("r", "again", "f1")).await;
     assert_eq!(client.next_of("message").await["text"], "again");
 }
+
+#[tokio::test]
+async fn a_node_stopped_with_sigterm_tells_its_clients_and_they_resume_on_another() {
+    let mut cluster = Cluster::start(&[]).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let ann = a.session("ann").await;
+    let bob = b.session("bob").await;
+    b.ok(&ann, join("r")).await;
+    b.ok(&bob, join("r")).await;
+    let mut ws = a.websocket(&ann, 0).await;
+    b.ok(&bob, send("r", "one", "b1")).await;
+    let last_seq = loop {
+        let event = support::ws_event(&mut ws).await;
+        if event["type"] == "message" {
+            assert_eq!(event["text"], "one");
+            break event["seq"].as_u64().expect("a seq");
+        }
+    };
+    // A rolling restart: node A stops; its client is told, and resumes on node B.
+    let stopping = tokio::spawn(cluster.nodes[0].take().expect("node A").stop());
+    assert_eq!(ws_close(&mut ws).await, (4002, "shutdown".to_owned()));
+    let mut resumed = b.attach(TransportKind::WebSocket, &ann, last_seq).await;
+    b.ok(&bob, send("r", "two", "b2")).await;
+    let next = resumed.next_of("message").await;
+    assert_eq!(next["text"], "two", "nothing lost, nothing repeated");
+    within("node A to exit", stopping).await.unwrap();
+}

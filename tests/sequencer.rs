@@ -15,7 +15,9 @@ use redis::streams::StreamRangeReply;
 use support::redis::RedisServer;
 use support::within;
 use switchyard::cluster::log::LOG;
-use switchyard::cluster::sequencer::{Attach, Decision, Ending, Record, Sequencer, Unavailable};
+use switchyard::cluster::sequencer::{
+    Attach, Decision, Ending, Record, Renewal, Sequencer, Unavailable,
+};
 use switchyard::hub::{BatchLimit, CommandResult, Delivery, Hub, HubConfig, Identity, Session};
 use switchyard::protocol::{Command, ErrorCode, TransportKind};
 
@@ -488,17 +490,24 @@ async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
             superseded: "A:1".into(),
         })
     );
-    assert!(
-        !sequencer
-            .renew("s1", "A", "A:1", TransportKind::LongPolling)
-            .await
-            .unwrap(),
+    let renew = |node: &'static str, attachment: &'static str, kind, retake| {
+        let sequencer = sequencer.clone();
+        async move {
+            sequencer
+                .renew("s1", node, attachment, kind, retake)
+                .await
+                .expect("redis answers")
+        }
+    };
+    assert_eq!(
+        renew("A", "A:1", TransportKind::LongPolling, false).await,
+        Renewal::Lost,
         "A:1 was superseded"
     );
-    assert!(sequencer
-        .renew("s1", "B", "B:2", TransportKind::WebSocket)
-        .await
-        .unwrap());
+    assert_eq!(
+        renew("B", "B:2", TransportKind::WebSocket, false).await,
+        Renewal::Renewed
+    );
     // A poll supersedes a stream, as on one node.
     assert!(matches!(
         attach("C", "C:1", TransportKind::Sse).await,
@@ -506,6 +515,17 @@ async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
     ));
     assert_eq!(log_records(&redis).len(), create + 2, "C:1 superseded B:2");
     assert!(!sequencer.detach("s1", "B:2").await.unwrap());
+    assert!(sequencer.detach("s1", "C:1").await.unwrap());
+    // A lease that is gone (detached here; lapsed while Redis was away) is taken again only
+    // when its node asks to, having checked its transport is still attached.
+    assert_eq!(
+        renew("C", "C:1", TransportKind::Sse, false).await,
+        Renewal::Lapsed
+    );
+    assert_eq!(
+        renew("C", "C:1", TransportKind::Sse, true).await,
+        Renewal::Renewed
+    );
     assert!(sequencer.detach("s1", "C:1").await.unwrap());
     assert!(matches!(
         attach("A", "A:2", TransportKind::LongPolling).await,
@@ -580,6 +600,7 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
                         "A",
                         &format!("A:{session}"),
                         TransportKind::WebSocket,
+                        false,
                     )
                     .await
                     .unwrap();
@@ -604,10 +625,19 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
         ended[2].1 + slack >= lease + Duration::from_secs(1),
         "{ended:?}"
     );
-    assert!(sequencer
-        .renew("refreshed", "A", "A:refreshed", TransportKind::WebSocket)
-        .await
-        .unwrap());
+    assert_eq!(
+        sequencer
+            .renew(
+                "refreshed",
+                "A",
+                "A:refreshed",
+                TransportKind::WebSocket,
+                false
+            )
+            .await
+            .unwrap(),
+        Renewal::Renewed
+    );
     let ends: Vec<(String, Ending, Vec<String>)> = log_records(&redis)
         .into_iter()
         .filter_map(|r| match r {
@@ -630,10 +660,13 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
         ]
     );
     // Once ended, gone: a renewal fails, and commands are refused.
-    assert!(!sequencer
-        .renew("token", "A", "A:token", TransportKind::WebSocket)
-        .await
-        .unwrap());
+    assert_eq!(
+        sequencer
+            .renew("token", "A", "A:token", TransportKind::WebSocket, false)
+            .await
+            .unwrap(),
+        Renewal::Lost
+    );
     let gone = sequencer.execute("dead", &join("a1")).await.unwrap();
     assert_eq!(
         gone.result.error.map(|e| e.code),

@@ -51,7 +51,10 @@ pub const PUBLISH_PER_SESSION: f64 = 15.0;
 /// Flags of `switchyard bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// A running server to measure, e.g. http://127.0.0.1:8080 (loopback only).
+    /// A running server to measure, e.g. http://127.0.0.1:8080 (loopback only); or the nodes
+    /// of a cluster, comma-separated (http://127.0.0.2:8080,http://127.0.0.3:8080,...): each
+    /// socket goes to the next node, and each client's requests (polls, commands) to the next
+    /// node in turn.
     #[arg(long, conflicts_with = "spawn")]
     pub url: Option<String>,
     /// Start `switchyard serve` as a child process on a free port (fresh for each
@@ -271,7 +274,7 @@ fn server_exe(args: &BenchArgs) -> Result<PathBuf, String> {
 /// The server under test: spawned (and stopped when done) or given by `--url`.
 enum Target {
     Spawned(Spawned),
-    Url(SocketAddr),
+    Url(Vec<SocketAddr>),
 }
 
 impl Target {
@@ -303,32 +306,36 @@ impl Target {
             }
             Spawned::start(&exe, &command, args.pin.then_some(0)).map(Target::Spawned)
         } else {
-            let url = args.url.as_deref().unwrap_or_default();
             let scheme = if args.tls_cert.is_some() {
                 "https://"
             } else {
                 "http://"
             };
-            let hostport = url
-                .strip_prefix(scheme)
-                .ok_or_else(|| {
-                    format!("--url must start with {scheme} (got {url:?}; https:// goes with --tls-cert)")
-                })?
-                .trim_end_matches('/');
-            let addr: SocketAddr = hostport
-                .parse()
-                .map_err(|e| format!("--url {url:?}: {e} (give HOST:PORT as an IP)"))?;
-            if !addr.ip().is_loopback() {
-                return Err("the bench only targets loopback addresses (127.0.0.x)".into());
+            let mut addrs = Vec::new();
+            for url in args.url.as_deref().unwrap_or_default().split(',') {
+                let hostport = url
+                    .strip_prefix(scheme)
+                    .ok_or_else(|| {
+                        format!("--url must start with {scheme} (got {url:?}; https:// goes with --tls-cert)")
+                    })?
+                    .trim_end_matches('/');
+                let addr: SocketAddr = hostport
+                    .parse()
+                    .map_err(|e| format!("--url {url:?}: {e} (give HOST:PORT as an IP)"))?;
+                if !addr.ip().is_loopback() {
+                    return Err("the bench only targets loopback addresses (127.0.0.x)".into());
+                }
+                addrs.push(addr);
             }
-            Ok(Target::Url(addr))
+            Ok(Target::Url(addrs))
         }
     }
 
-    fn addr(&self) -> SocketAddr {
+    /// Where the server listens: every node of a cluster.
+    fn addrs(&self) -> Vec<SocketAddr> {
         match self {
-            Target::Spawned(s) => s.addr,
-            Target::Url(addr) => *addr,
+            Target::Spawned(s) => vec![s.addr],
+            Target::Url(addrs) => addrs.clone(),
         }
     }
 
@@ -489,7 +496,7 @@ async fn measure_on(
 ) -> Result<Vec<Row>, String> {
     let names: Vec<&str> = subjects.iter().map(|s| s.name()).collect();
     let connector =
-        Arc::new(Connector::new(target.addr(), args.source_addrs).with_protocol(protocol(args)?));
+        Arc::new(Connector::new(&target.addrs(), args.source_addrs).with_protocol(protocol(args)?));
     let schedule = new_schedule(args);
     eprintln!(
         "{}: {} subscribers each, {} msg/s over {} publisher(s), warm-up {:?}, measuring {:?}",
@@ -505,7 +512,7 @@ async fn measure_on(
     let mut control = connector
         .http(&control_wire)
         .await
-        .map_err(|e| format!("cannot reach the server at {}: {e}", target.addr()))?;
+        .map_err(|e| format!("cannot reach the server at {:?}: {e}", target.addrs()))?;
     let setup = join_room(args, subjects, &connector, &mut control, &schedule).await?;
     let (mut tasks, lane_senders) = attach_subscribers(&setup.groups, &connector, &schedule);
     wait_attached(args, &setup.groups, &schedule).await?;
@@ -973,7 +980,7 @@ async fn idle_on(
 ) -> Result<IdleRow, String> {
     let server = target.spawned().ok_or("--idle needs --spawn")?;
     let connector =
-        Arc::new(Connector::new(target.addr(), args.source_addrs).with_protocol(protocol(args)?));
+        Arc::new(Connector::new(&target.addrs(), args.source_addrs).with_protocol(protocol(args)?));
     let wire = Arc::new(WireCounters::default());
     eprintln!("{kind}: opening {sessions} idle sessions");
     // Warm the server up (allocator arenas, runtime) with one session before the first reading.

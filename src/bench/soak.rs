@@ -2067,7 +2067,7 @@ async fn soak_on(
         args: args.clone(),
         transports: bench.transports.clone(),
         short_poll: Duration::from_millis(bench.short_poll_ms.max(1)),
-        connector: Arc::new(Connector::new(target.addr(), bench.source_addrs)),
+        connector: Arc::new(Connector::new(&target.addrs(), bench.source_addrs)),
         wire: Arc::new(WireCounters::default()),
         totals: Totals::default(),
         population: Mutex::new(Vec::new()),

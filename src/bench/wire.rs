@@ -253,22 +253,27 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
 /// Connects to 127.0.0.x targets from a rotating set of loopback source addresses, so that
 /// tens of thousands of connections do not run out of ephemeral ports on one address pair.
+/// With several targets (a cluster's nodes), each new socket goes to the next target, and
+/// each [`Http`] holds a connection to every target and sends each request to the next.
 #[derive(Debug)]
 pub struct Connector {
-    target: SocketAddr,
+    targets: Vec<SocketAddr>,
     sources: u8,
     next: AtomicUsize,
+    next_target: AtomicUsize,
     protocol: Protocol,
 }
 
 impl Connector {
-    /// Plain HTTP/1.1 connections to `target`, spread over source addresses 127.0.0.1 ..=
-    /// 127.0.0.`sources`.
-    pub fn new(target: SocketAddr, sources: u8) -> Self {
+    /// Plain HTTP/1.1 connections to `targets` (at least one), spread over source addresses
+    /// 127.0.0.1 ..= 127.0.0.`sources`.
+    pub fn new(targets: &[SocketAddr], sources: u8) -> Self {
+        assert!(!targets.is_empty(), "a connector needs a target");
         Connector {
-            target,
+            targets: targets.to_vec(),
             sources: sources.max(1),
             next: AtomicUsize::new(0),
+            next_target: AtomicUsize::new(0),
             protocol: Protocol::default(),
         }
     }
@@ -279,15 +284,30 @@ impl Connector {
         self
     }
 
-    /// The server's address.
+    /// The (first) server's address.
     pub fn target(&self) -> SocketAddr {
-        self.target
+        self.targets[0]
     }
 
-    /// A new TCP connection with TCP_NODELAY, counted into `counters` (never TLS).
+    /// The target for the next socket, round robin.
+    fn next_target(&self) -> SocketAddr {
+        let at = self.next_target.fetch_add(1, Ordering::Relaxed);
+        self.targets[at % self.targets.len()]
+    }
+
+    /// A new TCP connection to the next target with TCP_NODELAY, counted into `counters`
+    /// (never TLS).
     pub async fn connect(&self, counters: &Arc<WireCounters>) -> io::Result<Counted<TcpStream>> {
+        self.connect_to(self.next_target(), counters).await
+    }
+
+    async fn connect_to(
+        &self,
+        target: SocketAddr,
+        counters: &Arc<WireCounters>,
+    ) -> io::Result<Counted<TcpStream>> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let stream = match self.target {
+        let stream = match target {
             SocketAddr::V4(target) if target.ip().is_loopback() => {
                 let source = Ipv4Addr::new(127, 0, 0, 1 + (n % self.sources as usize) as u8);
                 let socket = TcpSocket::new_v4()?;
@@ -300,21 +320,36 @@ impl Connector {
         Ok(Counted::new(stream, counters.clone()))
     }
 
-    /// A new connection in the protocol's TLS, if any.
-    async fn wire(&self, counters: &Arc<WireCounters>) -> io::Result<Wire> {
-        let tcp = self.connect(counters).await?;
+    /// A new connection to `target` in the protocol's TLS, if any.
+    async fn wire(&self, target: SocketAddr, counters: &Arc<WireCounters>) -> io::Result<Wire> {
+        let tcp = self.connect_to(target, counters).await?;
         match &self.protocol.tls {
             None => Ok(Wire::Plain(tcp)),
             Some(tls) => {
-                let name = ServerName::IpAddress(self.target.ip().into());
+                let name = ServerName::IpAddress(target.ip().into());
                 Ok(Wire::Tls(Box::new(tls.connect(name, tcp).await?)))
             }
         }
     }
 
-    /// A keep-alive connection in the protocol's HTTP version.
+    /// Keep-alive connections in the protocol's HTTP version, one to each target.
     pub async fn http(&self, counters: &Arc<WireCounters>) -> io::Result<Http> {
-        let wire = TokioIo::new(self.wire(counters).await?);
+        let mut conns = Vec::with_capacity(self.targets.len());
+        // Starting at the next target, so one-shot requests spread too.
+        let first = self.next_target.fetch_add(1, Ordering::Relaxed);
+        for i in 0..self.targets.len() {
+            let target = self.targets[(first + i) % self.targets.len()];
+            conns.push(self.conn(target, counters).await?);
+        }
+        Ok(Http {
+            conns,
+            next: 0,
+            scheme: self.protocol.scheme(false),
+        })
+    }
+
+    async fn conn(&self, target: SocketAddr, counters: &Arc<WireCounters>) -> io::Result<Conn> {
+        let wire = TokioIo::new(self.wire(target, counters).await?);
         let sender = if self.protocol.http2 {
             let (sender, connection) = http2::handshake(TokioExecutor::new(), wire)
                 .await
@@ -328,10 +363,9 @@ impl Connector {
             });
             Sender::H1(sender)
         };
-        Ok(Http {
+        Ok(Conn {
             sender,
-            host: self.target.to_string(),
-            scheme: self.protocol.scheme(false),
+            host: target.to_string(),
         })
     }
 
@@ -343,21 +377,26 @@ impl Connector {
         counters: &Arc<WireCounters>,
     ) -> Result<(Socket, Option<Http>), Box<dyn std::error::Error + Send + Sync>> {
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+        let target = self.next_target();
         if !self.protocol.http2 {
-            let wire: Box<dyn Io> = Box::new(self.wire(counters).await?);
-            let url = format!("{}://{}{path}", self.protocol.scheme(true), self.target);
+            let wire: Box<dyn Io> = Box::new(self.wire(target, counters).await?);
+            let url = format!("{}://{}{path}", self.protocol.scheme(true), target);
             let (socket, _) =
                 tokio_tungstenite::client_async_with_config(url, wire, Some(config)).await?;
             return Ok((socket, None));
         }
-        let mut http = self.http(counters).await?;
+        let mut conn = self.conn(target, counters).await?;
         let request = Request::builder()
             .method(Method::CONNECT)
-            .uri(http.uri(path))
+            .uri(format!(
+                "{}://{}{path}",
+                self.protocol.scheme(false),
+                conn.host
+            ))
             .header("sec-websocket-version", "13")
             .extension(hyper::ext::Protocol::from_static("websocket"))
             .body(Full::new(Bytes::new()))?;
-        let Sender::H2(sender) = &mut http.sender else {
+        let Sender::H2(sender) = &mut conn.sender else {
             unreachable!("an HTTP/2 connection")
         };
         sender.ready().await?;
@@ -367,6 +406,11 @@ impl Connector {
         }
         let upgraded: Box<dyn Io> = Box::new(TokioIo::new(hyper::upgrade::on(response).await?));
         let socket = WebSocketStream::from_raw_socket(upgraded, Role::Client, Some(config)).await;
+        let http = Http {
+            conns: vec![conn],
+            next: 0,
+            scheme: self.protocol.scheme(false),
+        };
         Ok((socket, Some(http)))
     }
 }
@@ -377,24 +421,23 @@ enum Sender {
     H2(http2::SendRequest<Full<Bytes>>),
 }
 
-/// One keep-alive connection: over HTTP/1.1 requests go one at a time.
+/// One keep-alive connection to each target; each request goes to the next. Over HTTP/1.1
+/// requests go one at a time.
 #[derive(Debug)]
 pub struct Http {
-    sender: Sender,
-    host: String,
+    conns: Vec<Conn>,
+    next: usize,
     scheme: &'static str,
 }
 
-impl Http {
-    /// The request target: the path over HTTP/1.1 (with a `Host` header), the absolute URI
-    /// over HTTP/2.
-    fn uri(&self, path: &str) -> String {
-        match self.sender {
-            Sender::H1(_) => path.to_owned(),
-            Sender::H2(_) => format!("{}://{}{path}", self.scheme, self.host),
-        }
-    }
+/// A keep-alive connection to one target.
+#[derive(Debug)]
+struct Conn {
+    sender: Sender,
+    host: String,
+}
 
+impl Http {
     /// Sends a request and returns the response with its body unread.
     pub async fn send(
         &mut self,
@@ -402,17 +445,20 @@ impl Http {
         path: &str,
         body: impl Into<Bytes>,
     ) -> io::Result<Response<Incoming>> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(self.uri(path))
-            .header("content-type", "application/json");
-        if let Sender::H1(_) = self.sender {
-            request = request.header("host", &self.host);
-        }
+        let at = self.next % self.conns.len();
+        self.next += 1;
+        let conn = &mut self.conns[at];
+        // The path over HTTP/1.1 (with a `Host` header), the absolute URI over HTTP/2.
+        let mut request = Request::builder().header("content-type", "application/json");
+        request = match conn.sender {
+            Sender::H1(_) => request.uri(path).header("host", &conn.host),
+            Sender::H2(_) => request.uri(format!("{}://{}{path}", self.scheme, conn.host)),
+        };
         let request = request
+            .method(method)
             .body(Full::new(body.into()))
             .map_err(io::Error::other)?;
-        let response = match &mut self.sender {
+        let response = match &mut conn.sender {
             Sender::H1(sender) => {
                 sender.ready().await.map_err(io::Error::other)?;
                 sender.send_request(request).await

@@ -13,7 +13,8 @@
 --   create:         8 name, 9 user ('' without a token), 10 rules ('' for any room),
 --                   11 token expiry (ms, '' for none)
 --   attach:         8 node, 9 attachment, 10 the transport's kind (its wire name)
---   renew:          8 attachment, 9 node, 10 the transport's kind
+--   renew:          8 attachment, 9 node, 10 the transport's kind, 11 'retake' to take a
+--                   lapsed lease again (else a lapsed lease answers {'err', 'lapsed'})
 --   detach:         8 attachment
 --   tick:           8 node; KEYS[1] is then the ticker's lease
 -- Returns {'ok', entry id or ''} (attach: the log's newest entry id), {'err', code} (for
@@ -86,8 +87,10 @@ if kind == 'attach' then
 end
 
 -- A lease that lapsed (its node could not renew it while Redis was away) was taken by no
--- other transport since: renewing takes it again.
+-- other transport since: its node takes it again if the transport is still attached (a lease
+-- given up by a detach is gone too: the node checks the transport before it retakes).
 if kind == 'renew' and not held then
+  if ARGV[11] ~= 'retake' then return {'err', 'lapsed'} end
   redis.call('HSET', KEYS[2], 'node', ARGV[9], 'attachment', ARGV[8], 'kind', ARGV[10])
 end
 -- renew and detach: only by the attachment that holds the lease.

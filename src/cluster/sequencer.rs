@@ -220,6 +220,18 @@ impl Record {
     }
 }
 
+/// What became of a lease its node renews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Renewed (or taken again).
+    Renewed,
+    /// It lapsed (Redis was away longer than a lease) and nobody holds it: the node may take
+    /// it again if its transport is still attached.
+    Lapsed,
+    /// Another transport holds it, or the session ended.
+    Lost,
+}
+
 /// What the sequencer decided on an attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attach {
@@ -383,20 +395,25 @@ impl Sequencer {
         }
     }
 
-    /// Renews the attach lease of `attachment` (of `kind`, served by `node`), or takes it
-    /// again if it lapsed; `false` if another transport holds it (superseded) or the session
-    /// ended.
+    /// Renews the attach lease of `attachment` (of `kind`, served by `node`); with `retake`,
+    /// takes it again if it lapsed.
     pub async fn renew(
         &self,
         session: &str,
         node: &str,
         attachment: &str,
         kind: TransportKind,
-    ) -> Result<bool, Unavailable> {
+        retake: bool,
+    ) -> Result<Renewal, Unavailable> {
+        let retake = if retake { "retake" } else { "" };
         let reply = self
-            .lifecycle_call("renew", session, &[attachment, node, kind.as_str()])
+            .lifecycle_call("renew", session, &[attachment, node, kind.as_str(), retake])
             .await?;
-        Ok(reply.first().is_some_and(|status| status == "ok"))
+        Ok(match reply.as_slice() {
+            [status, ..] if status == "ok" => Renewal::Renewed,
+            [status, code] if status == "err" && code == "lapsed" => Renewal::Lapsed,
+            _ => Renewal::Lost,
+        })
     }
 
     /// Gives up the attach lease of `attachment`: the session falls idle a TTL from now.

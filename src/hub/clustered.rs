@@ -23,7 +23,7 @@ use std::time::Duration;
 use super::{lock, refusal, Attachment, CommandResult, Hub, Identity, Session};
 use crate::cluster::log::LogId;
 use crate::cluster::node::{Health, Replica};
-use crate::cluster::sequencer::{Attach, Decision, Sequencer, Unavailable, ATTACH_LEASE};
+use crate::cluster::sequencer::{Attach, Decision, Renewal, Sequencer, Unavailable, ATTACH_LEASE};
 use crate::protocol::{validate_name, CloseReason, Command, ErrorBody, ErrorCode, TransportKind};
 
 /// How long a reply waits for this node's replica to apply the entry it depends on.
@@ -436,17 +436,19 @@ impl Hub {
             if !lock(&link.leases).contains_key(&id) {
                 continue;
             }
-            match link
-                .sequencer
-                .renew(&session_id, &link.node, &name, kind)
-                .await
-            {
-                // Detached while it was renewed (a lapsed lease is taken again): give it up.
-                Ok(true) if !lock(&link.leases).contains_key(&id) => {
-                    let _ = link.sequencer.detach(&session_id, &name).await;
-                }
-                Ok(true) => {}
-                Ok(false) => {
+            let sequencer = &link.sequencer;
+            let mut renewed = sequencer
+                .renew(&session_id, &link.node, &name, kind, false)
+                .await;
+            if renewed == Ok(Renewal::Lapsed) && lock(&link.leases).contains_key(&id) {
+                // Still attached here, and nobody took the lease meanwhile: it is ours again.
+                renewed = sequencer
+                    .renew(&session_id, &link.node, &name, kind, true)
+                    .await;
+            }
+            match renewed {
+                Ok(Renewal::Renewed | Renewal::Lapsed) => {}
+                Ok(Renewal::Lost) => {
                     lock(&link.leases).remove(&id);
                     if let Ok(session) = self.session(&session_id) {
                         let mut state = session.lock();
