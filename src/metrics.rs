@@ -56,6 +56,21 @@ pub struct HistoryMetrics {
     pub written_id: Gauge,
 }
 
+/// A cluster node's figures (`--redis`); zero on a single node.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterMetrics {
+    /// Log entries this node's replica applied.
+    pub entries_applied: Counter,
+    /// Milliseconds between the append of the last entry applied (Redis's clock) and its
+    /// apply (this node's clock): how far the replica lags the log.
+    pub replica_lag_ms: Gauge,
+    /// Round trips to Redis for decisions (scripts) and reads of the lease or log tip; the
+    /// log reader's own reads are not counted.
+    pub redis_calls: Counter,
+    /// Sessions ended because Redis lost the log they were built on.
+    pub sessions_lost: Counter,
+}
+
 /// The HTTP version a transport's requests travelled on: the label `http` of
 /// `switchyard_attaches_by_http` and `switchyard_events_delivered_by_http`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +111,7 @@ struct ByHttp {
 struct Inner {
     registry: Registry,
     history: HistoryMetrics,
+    cluster: ClusterMetrics,
     transports: [TransportMetrics; 4],
     /// Indexed by transport, then [`Http`] (H1, H2).
     by_http: [[ByHttp; 2]; 4],
@@ -232,10 +248,32 @@ impl Metrics {
             "The highest message id written to the history store",
             history.written_id.clone(),
         );
+        let cluster = ClusterMetrics::default();
+        registry.register(
+            "cluster_entries_applied",
+            "Log entries this cluster node applied",
+            cluster.entries_applied.clone(),
+        );
+        registry.register(
+            "cluster_replica_lag_ms",
+            "Milliseconds from the append of the last log entry applied to its apply on this node",
+            cluster.replica_lag_ms.clone(),
+        );
+        registry.register(
+            "cluster_redis_calls",
+            "Round trips to Redis for decisions and reads of leases or the log's tip (not the log reader's)",
+            cluster.redis_calls.clone(),
+        );
+        registry.register(
+            "cluster_sessions_lost",
+            "Sessions ended because Redis lost the log they were built on",
+            cluster.sessions_lost.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
                 history,
+                cluster,
                 transports,
                 by_http,
                 commands_without_transport,
@@ -243,6 +281,11 @@ impl Metrics {
                 closes,
             }),
         }
+    }
+
+    /// A cluster node's counters.
+    pub fn cluster(&self) -> &ClusterMetrics {
+        &self.inner.cluster
     }
 
     /// The history store's counters.

@@ -86,7 +86,8 @@ pub async fn build_hub(config: &Config) -> Result<Hub, String> {
         redis::Client::open(cluster.redis.as_str()).map_err(|e| in_redis(e.to_string()))?;
     let sequencer = crate::cluster::sequencer::Sequencer::connect(&cluster.redis, &hub_config)
         .await
-        .map_err(|e| in_redis(e.0))?;
+        .map_err(|e| in_redis(e.0))?
+        .counting(metrics.cluster().redis_calls.clone());
     Hub::clustered(hub_config, store, metrics, sequencer, client, &cluster.node)
         .map_err(|e| format!("cannot start the log reader: {e}"))
 }

@@ -101,6 +101,14 @@ async fn two_polls_of_one_session_on_two_nodes_one_gets_409() {
     // Its reply given, the poll holds nothing: the next one, on B, is served.
     let (status, reply) = b.poll(&session, 0, 0).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
+    // Node B counts its round trips to Redis (two polls: two attaches, a detach) and the log
+    // entries it applied (the session's creation, on A).
+    assert!(support::metric(&b, "switchyard_cluster_redis_calls_total").await >= 3.0);
+    assert!(support::metric(&b, "switchyard_cluster_entries_applied_total").await >= 1.0);
+    assert_eq!(
+        support::metric(&b, "switchyard_cluster_sessions_lost_total").await,
+        0.0
+    );
 }
 
 /// Reads a subscriber's messages until `count` have arrived; the client checks every seq
@@ -275,6 +283,11 @@ async fn when_redis_comes_back_empty_every_session_ends_and_clients_start_again(
     // their transports are told (never a silent gap).
     let fresh = b.session("ann").await;
     assert_eq!(ws_close(&mut ws).await, (4003, "expired".to_owned()));
+    assert_eq!(
+        support::metric(&a, "switchyard_cluster_sessions_lost_total").await,
+        1.0,
+        "node A ended the session Redis lost"
+    );
     // The new session works on every node.
     let cluster_client = cluster.client();
     let mut client = cluster_client

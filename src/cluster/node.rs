@@ -70,6 +70,7 @@ impl Replica {
                         // single server's restart, every session ends and its client starts
                         // a new one. The new log goes on from its first entry.
                         let ended = hub.forget_all();
+                        hub.metrics().cluster().sessions_lost.inc_by(ended as u64);
                         tracing::error!(%after, ended, "Redis lost the log: every session ended");
                         apply(&hub, &node, vec![found], &applied_tx).await
                     }
@@ -153,6 +154,13 @@ async fn apply(
         let record = Record::parse(body)?;
         hub.replicate(record, node).await?;
         applied.send_replace(entry.id);
+        let metrics = hub.metrics().cluster();
+        metrics.entries_applied.inc();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let lag = now_ms.saturating_sub(entry.id.ms);
+        metrics.replica_lag_ms.set(lag.min(i64::MAX as u64) as i64);
     }
     Ok(())
 }

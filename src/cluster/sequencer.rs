@@ -272,6 +272,8 @@ impl From<redis::RedisError> for Unavailable {
 #[derive(Clone)]
 pub struct Sequencer {
     conn: ConnectionManager,
+    /// Counts round trips.
+    calls: prometheus_client::metrics::counter::Counter,
     config: HubConfig,
     lease: Duration,
     decide: Script,
@@ -333,12 +335,25 @@ impl Sequencer {
         let conn = ConnectionManager::new_with_config(client, manager).await?;
         Ok(Sequencer {
             conn,
+            calls: Default::default(),
             config: config.clone(),
             lease: ATTACH_LEASE,
             decide: Script::new(DECIDE),
             lifecycle: Script::new(LIFECYCLE),
             append: Script::new(APPEND),
         })
+    }
+
+    /// The same sequencer, counting its round trips to Redis into `calls`.
+    pub fn counting(mut self, calls: prometheus_client::metrics::counter::Counter) -> Sequencer {
+        self.calls = calls;
+        self
+    }
+
+    /// The connection for one round trip, counted.
+    fn conn(&self) -> ConnectionManager {
+        self.calls.inc();
+        self.conn.clone()
     }
 
     /// The same sequencer with attach leases of `lease` (tests shorten it).
@@ -446,7 +461,7 @@ impl Sequencer {
 
     /// The kind of the transport holding `session`'s attach lease, on whichever node.
     pub async fn attached(&self, session: &str) -> Result<Option<TransportKind>, Unavailable> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let kind: Option<String> = redis::cmd("HGET")
             .arg(session_key(session, ":attach"))
             .arg("kind")
@@ -457,7 +472,7 @@ impl Sequencer {
 
     /// The log's newest entry ([`LogId::ZERO`] if none).
     pub async fn tip(&self) -> Result<LogId, Unavailable> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let last: Option<String> = redis::cmd("GET").arg(LAST).query_async(&mut conn).await?;
         match last {
             Some(last) => parse_entry(&last),
@@ -472,7 +487,7 @@ impl Sequencer {
         session: &str,
         args: &[&str],
     ) -> Result<Vec<String>, Unavailable> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         // The script's first key is the session, or for a tick the ticker's lease.
         let first = match kind {
             "tick" => TICKER.to_owned(),
@@ -556,7 +571,7 @@ impl Sequencer {
         if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), fields) {
             body.extend(fields);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let id: String = self
             .append
             .key(LOG)
@@ -585,7 +600,7 @@ impl Sequencer {
             Some((per_sec, burst)) => (rate(per_sec), burst.to_string()),
             None => (String::new(), String::new()),
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Vec<String> = self
             .decide
             .key(session_key(session, ""))
