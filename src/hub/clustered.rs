@@ -278,11 +278,14 @@ impl Hub {
                 Ok(Command::Refresh { token }) => {
                     self.refresh_clustered(link, session, &token).await
                 }
-                Ok(command) => link
-                    .sequencer
-                    .execute(&session.id, &command)
-                    .await
-                    .map_err(unavailable),
+                Ok(command) => match self.room_for(&command) {
+                    Ok(()) => link
+                        .sequencer
+                        .execute(&session.id, &command)
+                        .await
+                        .map_err(unavailable),
+                    Err(error) => Err(error),
+                },
             };
             let result = match decided {
                 Err(error) => CommandResult::failed(error),
@@ -297,6 +300,17 @@ impl Hub {
             results.push(result);
         }
         results
+    }
+
+    /// For a `join`: whether this node has room for the room (`max_rooms`; every node
+    /// holds every room, and drops the same empty ones when it applies the join).
+    fn room_for(&self, command: &Command) -> Result<(), ErrorBody> {
+        match command {
+            Command::Join { room } => {
+                lock(&self.inner.chat).room_for(room, self.inner.config.max_rooms)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A `refresh` on a cluster node: the token verified here, the change decided by the

@@ -1101,6 +1101,20 @@ fn reset_events(chat: &mut Chat, rooms: &[String], max_age: Duration) -> Vec<Enc
 }
 
 impl Chat {
+    /// Whether a join of `room` would find room for it: the room is held, or fewer than
+    /// `max_rooms` are, or an empty one can be dropped (a cluster node asks before it hands a
+    /// join to the sequencer; its replica drops the empty room when it applies the join).
+    fn room_for(&self, room: &str, max_rooms: usize) -> Result<(), ErrorBody> {
+        if self.rooms.len() < max_rooms
+            || self.rooms.contains_key(room)
+            || self.rooms.values().any(Room::is_empty)
+        {
+            Ok(())
+        } else {
+            Err(rooms_full(max_rooms))
+        }
+    }
+
     /// Drops the least recently used empty room when the server holds `max_rooms`.
     fn make_room_for_one_more(
         &mut self,
@@ -1123,12 +1137,17 @@ impl Chat {
                 store.forget(&name);
                 Ok(())
             }
-            None => Err(ErrorBody::new(
-                ErrorCode::ServerFull,
-                format!("the server holds its maximum of {max_rooms} rooms"),
-            )),
+            None => Err(rooms_full(max_rooms)),
         }
     }
+}
+
+/// The server holds `max_rooms` rooms, none of them empty.
+fn rooms_full(max_rooms: usize) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::ServerFull,
+        format!("the server holds its maximum of {max_rooms} rooms"),
+    )
 }
 
 #[cfg(test)]

@@ -200,6 +200,10 @@ impl Hub {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         };
         let mut chat = lock(&self.inner.chat);
+        // The least recently used empty room (by log position, so every node drops the same)
+        // makes way; with none, the node holds one more than `max_rooms` (the node that let
+        // the join in found room: another node's join was decided first).
+        let _ = chat.make_room_for_one_more(config.max_rooms, &*self.inner.store);
         let shards = chat.fanout.shards();
         chat.rooms
             .entry(room.to_owned())

@@ -50,6 +50,8 @@ pub struct TestServer {
     next: std::sync::atomic::AtomicUsize,
     /// The server's session core, for tests that act on it directly.
     pub hub: Option<switchyard::hub::Hub>,
+    /// With `SWITCHYARD_TEST_CLUSTER=1`: the Redis of the one-node cluster the server is.
+    redis: Option<redis::RedisServer>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -60,8 +62,22 @@ impl TestServer {
         Self::with_config(Config::default()).await
     }
 
-    /// Starts a server with `config` on 127.0.0.1, port 0.
-    pub async fn with_config(config: Config) -> Self {
+    /// Starts a server with `config` on 127.0.0.1, port 0. With the environment variable
+    /// `SWITCHYARD_TEST_CLUSTER=1` (and a config with the in-memory history store), the
+    /// server is a node of a cluster of its own, on a `redis-server` the test starts: the
+    /// suite then checks cluster mode against what one node does.
+    pub async fn with_config(mut config: Config) -> Self {
+        let redis = match std::env::var("SWITCHYARD_TEST_CLUSTER").as_deref() {
+            Ok("1") if config.history_store == switchyard::config::HistoryStoreKind::Memory => {
+                let redis = redis::RedisServer::start().await;
+                config.cluster = Some(switchyard::config::Cluster {
+                    redis: redis.url(),
+                    node: "test".into(),
+                });
+                Some(redis)
+            }
+            _ => None,
+        };
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -83,6 +99,7 @@ impl TestServer {
             nodes: vec![addr],
             next: Default::default(),
             hub: Some(hub),
+            redis,
             shutdown: Some(tx),
             handle: Some(handle),
         }
@@ -101,6 +118,7 @@ impl TestServer {
             nodes: nodes.to_vec(),
             next: Default::default(),
             hub: None,
+            redis: None,
             shutdown: None,
             handle: None,
         }
