@@ -1,6 +1,7 @@
-//! Cluster mode on Redis, being built (issue 10; the design and the order of the work are in
-//! docs/cluster.md). Nothing here is wired into the server yet: so far, the log that every
-//! node will read and the sequencer that decides commands and writes it.
+//! Cluster mode on Redis (`switchyard serve --redis URL --node-id NAME`; the design is in
+//! docs/cluster.md): the log every node reads ([`log`]), the sequencer that decides every
+//! command and writes it ([`sequencer`]), and the replica that applies it to a node's hub
+//! ([`node`]). The hub's side is `hub/clustered.rs` and `hub/replica.rs`.
 
 pub mod log;
 pub mod node;

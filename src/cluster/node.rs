@@ -1,7 +1,7 @@
 //! A cluster node's copy of the log: a [`Replica`] runs the log [`Reader`] and hands each
 //! record, in order, to the hub ([`Hub::replicate`]), and says how far it has applied, so a
 //! command's reply can wait until its own entry is applied (a client then reads its writes
-//! on the node it asked). Not yet run by the server (docs/cluster.md, section 7).
+//! on the node it asked). A cluster node runs one (`Hub::clustered`).
 //!
 //! **Redis lost its data** (the next entry starts a new log): the sessions went with it, so
 //! every session of the node ends (its transport closed `expired`; its client starts a new

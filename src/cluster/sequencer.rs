@@ -1,6 +1,6 @@
 //! The cluster's sequencer: every command decided by one Lua script in Redis, exactly as the
 //! hub decides it on one node, and recorded as one entry of the log (docs/cluster.md,
-//! section 1). Nothing here is wired into the server yet.
+//! section 1). A cluster node's hub calls it (`hub/clustered.rs`).
 //!
 //! **What a script decides.** The checks and the state the hub keeps for them: whether the
 //! session exists, its command rate (a token bucket), the rooms it is in (in join order, at
@@ -26,11 +26,12 @@
 //! node may sweep the due sessions; each ends once, with an `end` entry. So a dead node's
 //! sessions leave their rooms within a lease, a TTL and one sweep period.
 //!
-//! **Keys**, all under `switchyard:c:` but for the room's history: `session:ID` (a hash: name,
+//! **Keys**, all under `switchyard:c:` but for the room's history and the message ids (the
+//! history store's `switchyard:room:NAME` and `switchyard:ids`): `session:ID` (a hash: name,
 //! user, rules, token expiry, when it falls idle), `session:ID:rooms` (a list),
 //! `session:ID:bucket`, `session:ID:sent` (`client_id` to the message's JSON),
-//! `session:ID:sent:order` (a list), `session:ID:attach` (the lease: node, attachment, whether
-//! a poll), `deadlines` (a sorted set), `room:NAME:bucket` and `ids`. The scripts name some
+//! `session:ID:sent:order` (a list), `session:ID:attach` (the lease: node, attachment, the
+//! transport's kind), `deadlines` (a sorted set), `room:NAME:bucket`. The scripts name some
 //! keys they did not declare (a sweep ends sessions it finds), so the sequencer needs one
 //! Redis, not a Redis Cluster.
 

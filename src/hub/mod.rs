@@ -5,6 +5,11 @@
 //! are handed them as they are pushed) and hand it commands. It knows nothing of HTTP, sockets
 //! or framing.
 //!
+//! On a cluster node (`--redis`, `clustered.rs`) the same hub applies the cluster's log: the
+//! sequencer in Redis decides each command and every node's replica applies its entry
+//! (`replica.rs`), so the methods the server calls there (`open_session`, `attach_transport`,
+//! `execute`, ...) go through Redis first and then on as here.
+//!
 //! Locking: one chat mutex orders every command: it validates it, updates the rooms and
 //! hands the resulting events to the fan-out threads (`fanout.rs`), which push them into the
 //! sessions, on every core, in that order. So every member sees a room's events in the same
