@@ -324,3 +324,64 @@ async fn a_node_stopped_with_sigterm_tells_its_clients_and_they_resume_on_anothe
     assert_eq!(next["text"], "two", "nothing lost, nothing repeated");
     within("node A to exit", stopping).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_spreads_its_clients_over_the_nodes_and_counts_every_delivery() {
+    let cluster = Cluster::start(&[]).await;
+    let urls: Vec<String> = cluster
+        .addrs()
+        .iter()
+        .map(|addr| format!("http://{addr}"))
+        .collect();
+    let args = switchyard::bench::BenchArgs {
+        url: Some(urls.join(",")),
+        spawn: false,
+        clients: 6,
+        rate: 20.0,
+        duration: Duration::from_millis(800),
+        warmup: Duration::from_millis(200),
+        payload_bytes: 40,
+        short_poll_ms: 100,
+        transports: TransportKind::ALL.to_vec(),
+        concurrent: true,
+        baseline: false,
+        idle: None,
+        pin: false,
+        source_addrs: 4,
+        json: None,
+        svg: None,
+        quiet: true,
+        server_args: Vec::new(),
+        server_exe: None,
+        tls_cert: None,
+        tls_key: None,
+        http: "1.1".into(),
+    };
+    let report = within("the bench run", switchyard::bench::run(args))
+        .await
+        .expect("bench ran");
+    for row in &report.transports {
+        assert_eq!(
+            row.delivered,
+            row.published * 6,
+            "{}: {row:?}",
+            row.transport
+        );
+        assert!(!row.unhealthy(), "{}: {row:?}", row.transport);
+        assert_eq!(
+            row.server_events_delivered,
+            Some(row.delivered),
+            "{}: the nodes' /metrics, summed, agree",
+            row.transport
+        );
+    }
+    // Every node delivered some of it.
+    for i in 0..NODES.len() {
+        let mut delivered = 0.0;
+        for transport in TransportKind::ALL {
+            let sample = format!("switchyard_events_delivered_total{{transport=\"{transport}\"}}");
+            delivered += support::metric(&cluster.node(i), &sample).await;
+        }
+        assert!(delivered > 0.0, "node {i} delivered nothing");
+    }
+}

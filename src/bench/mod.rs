@@ -438,24 +438,35 @@ async fn last_seq(http: &mut Http, session: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("GET {path} answered {status} without last_seq: {info}"))
 }
 
-/// Reads `switchyard_events_delivered_total` per transport from `/metrics`.
+/// Reads `switchyard_events_delivered_total` per transport from `/metrics`, summed over a
+/// cluster's nodes.
 async fn scrape_delivered(connector: &Connector) -> Option<Vec<(String, u64)>> {
     let wire = Arc::new(WireCounters::default());
+    // One connection to each node; each request goes to the next.
     let mut http = connector.http(&wire).await.ok()?;
-    let (status, body) = http.call(Method::GET, "/metrics", "").await.ok()?;
-    if !status.is_success() {
-        return None;
+    let mut delivered: Vec<(String, u64)> = Vec::new();
+    for _ in 0..connector.targets() {
+        let (status, body) = http.call(Method::GET, "/metrics", "").await.ok()?;
+        if !status.is_success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&body);
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("switchyard_events_delivered_total{transport=\"")
+            else {
+                continue;
+            };
+            let Some((name, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let value: u64 = value.trim().parse().ok()?;
+            match delivered.iter_mut().find(|(n, _)| n == name) {
+                Some((_, sum)) => *sum += value,
+                None => delivered.push((name.to_owned(), value)),
+            }
+        }
     }
-    let text = String::from_utf8_lossy(&body);
-    Some(
-        text.lines()
-            .filter_map(|line| {
-                let rest = line.strip_prefix("switchyard_events_delivered_total{transport=\"")?;
-                let (name, value) = rest.split_once("\"} ")?;
-                Some((name.to_owned(), value.trim().parse().ok()?))
-            })
-            .collect(),
-    )
+    Some(delivered)
 }
 
 /// A reading of the clocks at one instant of the run.

@@ -284,6 +284,11 @@ impl Connector {
         self
     }
 
+    /// How many servers (a cluster's nodes) it connects to.
+    pub fn targets(&self) -> usize {
+        self.targets.len()
+    }
+
     /// The (first) server's address.
     pub fn target(&self) -> SocketAddr {
         self.targets[0]
