@@ -239,7 +239,9 @@ export class Client {
       await this._command({ type: 'join', room });
     } catch (error) {
       // history_unavailable: the server could not read the room's history, so did not join it.
-      if (FINAL_CODES.has(error.code) || error.code === 'server_full' || error.code === 'history_unavailable') {
+      // backend_unavailable: a cluster node could not reach Redis (or lagged); join again later.
+      if (FINAL_CODES.has(error.code) || error.code === 'server_full' || error.code === 'history_unavailable'
+        || error.code === 'backend_unavailable') {
         this.rooms.delete(room);
         this._failPages(room, error);
       }
@@ -988,10 +990,10 @@ export class Client {
           this._retryRateLimitedSend(this._pending.get(event.client_id), event.retry_after_ms, refused);
         } else if (event.client_id) {
           this._failWebSocketSend(event);
-        } else if (event.code === 'history_unavailable') {
-          // Error events name no command but a send; this code without a client_id is a
-          // `history` (or a join) the store could not answer. A page that comes after all is
-          // still applied and reaches `history_page` handlers.
+        } else if (event.code === 'history_unavailable' || event.code === 'backend_unavailable') {
+          // Error events name no command but a send; these codes without a client_id are a
+          // `history` (or a join) the store, or a cluster node, could not answer in time. A
+          // page that comes after all is still applied and reaches `history_page` handlers.
           this._failPages(null, new SwitchyardError(event.code, event.message), 'websocket');
         }
         break;
@@ -1100,9 +1102,11 @@ export class Client {
       .catch((error) => {
         if (error.code === 'rate_limited') {
           this._retryRateLimitedSend(entry, error.retryAfterMs, error);
-        } else if (error.code !== 'network' && error.code !== 'request_timeout') {
-          // Network trouble and a body that arrived too late (408: nothing was applied) are
-          // retried by the timer, with the same client_id; anything else will not get better.
+        } else if (error.code !== 'network' && error.code !== 'request_timeout' && error.code !== 'backend_unavailable') {
+          // Network trouble, a body that arrived too late (408: nothing was applied) and a
+          // cluster node that cannot reach Redis (503 backend_unavailable: the send may or may
+          // not have been applied) are retried by the timer, with the same client_id; anything
+          // else will not get better.
           this._finishSend(entry, error);
         }
       });
