@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::AddressLimiter;
+use crate::cluster::sequencer::{Sequencer, Start};
 use crate::config::Config;
 use crate::connection::{ConnectionWatch, DeadlineIo, ReportsProgress};
 use crate::hub::Hub;
@@ -84,10 +85,28 @@ pub async fn build_hub(config: &Config) -> Result<Hub, String> {
     let in_redis = |e: String| format!("{}: {e}", cluster.redis);
     let client =
         redis::Client::open(cluster.redis.as_str()).map_err(|e| in_redis(e.to_string()))?;
-    let sequencer = crate::cluster::sequencer::Sequencer::connect(&cluster.redis, &hub_config)
+    let sequencer = Sequencer::connect(&cluster.redis, &hub_config)
         .await
         .map_err(|e| in_redis(e.0))?
         .counting(metrics.cluster().redis_calls.clone());
+    match sequencer
+        .start(&cluster.node)
+        .await
+        .map_err(|e| in_redis(e.0))?
+    {
+        Ok(Start::Whole) => {}
+        Ok(Start::Reset) => tracing::warn!(
+            "no node was running and the log's start had been trimmed: a new cluster log \
+             starts (the sessions of the previous run are gone; room history is kept)"
+        ),
+        Err(running) => {
+            return Err(format!(
+                "node {running} is running and the cluster's log no longer holds its start (it \
+                 keeps the session TTL + 60 s): a node cannot join a running cluster that long \
+                 after its first entry yet (docs/cluster.md, section 3)"
+            ))
+        }
+    }
     Hub::clustered(hub_config, store, metrics, sequencer, client, &cluster.node)
         .map_err(|e| format!("cannot start the log reader: {e}"))
 }
@@ -159,6 +178,7 @@ pub async fn serve(
         );
     }
     timers.abort();
+    app.hub.leave_cluster().await;
     // Everything queued is written and the last message id recorded before `run` returns.
     let hub = app.hub.clone();
     let _ = tokio::task::spawn_blocking(move || hub.close_store()).await;

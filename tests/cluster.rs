@@ -31,8 +31,18 @@ impl Cluster {
 
     /// [`Cluster::start`] on `redis`.
     async fn on(redis: RedisServer, args: &[&str]) -> Cluster {
-        let url = redis.url();
-        let mut nodes = Vec::new();
+        let mut cluster = Cluster {
+            redis,
+            nodes: Vec::new(),
+        };
+        cluster.start_nodes(args).await;
+        cluster
+    }
+
+    /// Starts the three nodes (again).
+    async fn start_nodes(&mut self, args: &[&str]) {
+        let url = self.redis.url();
+        self.nodes.clear();
         for (i, ip) in NODES.iter().enumerate() {
             let node = format!("node{}", i + 1);
             let mut all = vec![
@@ -48,9 +58,9 @@ impl Cluster {
                 "off",
             ];
             all.extend_from_slice(args);
-            nodes.push(Some(ServerProcess::start_on(ip, &all).await));
+            self.nodes
+                .push(Some(ServerProcess::start_on(ip, &all).await));
         }
-        Cluster { redis, nodes }
     }
 
     fn addrs(&self) -> Vec<SocketAddr> {
@@ -384,4 +394,39 @@ async fn bench_spreads_its_clients_over_the_nodes_and_counts_every_delivery() {
         }
         assert!(delivered > 0.0, "node {i} delivered nothing");
     }
+}
+
+#[tokio::test]
+async fn a_cluster_restarted_after_its_log_was_trimmed_starts_anew_and_a_late_node_is_refused() {
+    let mut cluster = Cluster::start(&[]).await;
+    let a = cluster.node(0);
+    let ann = a.session("ann").await;
+    a.ok(&ann, join("r")).await;
+    a.ok(&ann, send("r", "kept", "a1")).await;
+    // The log's start is trimmed, as its retention (the session TTL + 60 s) trims it.
+    let _: u64 = ::redis::cmd("XTRIM")
+        .arg("switchyard:log")
+        .arg("MAXLEN")
+        .arg(1)
+        .query(&mut cluster.redis.connection())
+        .unwrap();
+    // A node cannot join the running nodes: it could not rebuild what they hold.
+    let url = cluster.redis.url();
+    let refused = support::failing_start(&["--redis", &url, "--node-id", "late"]).await;
+    assert!(refused.contains("is running"), "{refused}");
+
+    // Stopped, then started again: nobody holds the previous run's sessions, so a new log
+    // starts; room history is kept.
+    for node in &mut cluster.nodes {
+        node.take().expect("a live node").stop().await;
+    }
+    cluster.start_nodes(&[]).await;
+    let client = cluster.client();
+    let (status, reply) = client.commands(&ann, send("r", "again?", "a2")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{reply}");
+    let bob = client.session("bob").await;
+    let mut events = client.attach(TransportKind::Sse, &bob, 0).await;
+    client.ok(&bob, join("r")).await;
+    let history = events.next_of("history").await;
+    assert_eq!(history["messages"][0]["text"], "kept", "{history}");
 }

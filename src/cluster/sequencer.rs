@@ -221,6 +221,16 @@ impl Record {
     }
 }
 
+/// How a node starts ([`Sequencer::start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The log holds its first entry: the node reads it all.
+    Whole,
+    /// The log's start was trimmed and no other node was running: the previous run's sessions
+    /// ended and a new log starts.
+    Reset,
+}
+
 /// What became of a lease its node renews.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Renewal {
@@ -292,6 +302,12 @@ impl std::fmt::Debug for Sequencer {
 const DEADLINES: &str = "switchyard:c:deadlines";
 /// The node that appends `flush` entries (a lease).
 const TICKER: &str = "switchyard:c:ticker";
+/// The running nodes, each with its last beat.
+const NODES: &str = "switchyard:c:nodes";
+/// Beats, starts and leaves of nodes.
+const MEMBERSHIP: &str = include_str!("membership.lua");
+/// How long a node's beat counts: a node that beat more recently is running.
+pub const BEAT_LIFE: Duration = Duration::from_secs(6);
 
 /// A log entry's id, as a script returned it.
 fn parse_entry(id: &str) -> Result<LogId, Unavailable> {
@@ -469,6 +485,45 @@ impl Sequencer {
             .query_async(&mut conn)
             .await?;
         Ok(kind.and_then(|kind| TransportKind::ALL.into_iter().find(|k| k.as_str() == kind)))
+    }
+
+    /// Checks that node `node` can start: `Start::Whole` when it can read the whole log,
+    /// `Start::Reset` when the log's start was trimmed and no other node runs (the previous
+    /// run's sessions are ended and a new log starts), `Err` naming a running node when the
+    /// log's start was trimmed (a node cannot rebuild what the others hold from a trimmed
+    /// log yet: docs/cluster.md, section 3).
+    pub async fn start(&self, node: &str) -> Result<Result<Start, String>, Unavailable> {
+        let reply = self.membership("start", node).await?;
+        Ok(match reply.as_slice() {
+            [kind] if kind == "whole" => Ok(Start::Whole),
+            [kind] if kind == "reset" => Ok(Start::Reset),
+            [kind, other] if kind == "live" => Err(other.clone()),
+            _ => return Err(Unavailable(format!("the start script answered {reply:?}"))),
+        })
+    }
+
+    /// Says node `node` is running (every [`BEAT_LIFE`] / 3).
+    pub async fn beat(&self, node: &str) -> Result<(), Unavailable> {
+        self.membership("beat", node).await.map(drop)
+    }
+
+    /// Says node `node` stopped.
+    pub async fn leave(&self, node: &str) -> Result<(), Unavailable> {
+        self.membership("leave", node).await.map(drop)
+    }
+
+    async fn membership(&self, kind: &str, node: &str) -> Result<Vec<String>, Unavailable> {
+        let mut conn = self.conn();
+        Ok(Script::new(MEMBERSHIP)
+            .key(LOG)
+            .key(LAST)
+            .key(NODES)
+            .arg(kind)
+            .arg(node)
+            .arg(millis(BEAT_LIFE))
+            .arg(PREFIX)
+            .invoke_async(&mut conn)
+            .await?)
     }
 
     /// The log's newest entry ([`LogId::ZERO`] if none).

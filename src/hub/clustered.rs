@@ -431,7 +431,14 @@ impl Hub {
                             }
                         }
                     }
-                    _ = renew.tick() => hub.renew_leases(&link).await,
+                    _ = renew.tick() => {
+                        // This node runs (a node starting checks none does before it resets a
+                        // cluster whose log was trimmed).
+                        if let Err(error) = link.sequencer.beat(&link.node).await {
+                            tracing::debug!(cause = %error.0, "beat: Redis cannot be reached");
+                        }
+                        hub.renew_leases(&link).await;
+                    }
                 }
             }
         })
@@ -473,6 +480,16 @@ impl Hub {
                 }
                 // Tried again at the next renewal; the lease outlives two missed ones.
                 Err(_) => return,
+            }
+        }
+    }
+
+    /// Tells the cluster this node stopped (at a clean stop), so a node starting next need
+    /// not wait for its beat to lapse.
+    pub async fn leave_cluster(&self) {
+        if let Some(link) = self.link() {
+            if let Err(error) = link.sequencer.leave(&link.node).await {
+                tracing::warn!(cause = %error.0, "could not tell the cluster this node stopped");
             }
         }
     }
