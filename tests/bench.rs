@@ -16,28 +16,9 @@ use switchyard::protocol::TransportKind;
 /// the server's `/metrics` agrees.
 async fn bench_counts_every_delivery(url: String, tls_cert: Option<PathBuf>, http: &str) {
     let args = BenchArgs {
-        url: Some(url),
-        spawn: false,
-        clients: 4,
-        rate: 20.0,
-        duration: Duration::from_millis(800),
-        warmup: Duration::from_millis(200),
-        payload_bytes: 40,
-        short_poll_ms: 100,
-        transports: TransportKind::ALL.to_vec(),
-        concurrent: true,
-        baseline: false,
-        idle: None,
-        pin: false,
-        source_addrs: 4,
-        json: None,
-        svg: None,
-        quiet: true,
-        server_args: Vec::new(),
-        server_exe: None,
         tls_cert,
-        tls_key: None,
         http: http.into(),
+        ..support::short_bench(url, 4)
     };
     let report = support::within("the bench run", run(args))
         .await

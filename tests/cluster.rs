@@ -343,30 +343,7 @@ async fn bench_spreads_its_clients_over_the_nodes_and_counts_every_delivery() {
         .iter()
         .map(|addr| format!("http://{addr}"))
         .collect();
-    let args = switchyard::bench::BenchArgs {
-        url: Some(urls.join(",")),
-        spawn: false,
-        clients: 6,
-        rate: 20.0,
-        duration: Duration::from_millis(800),
-        warmup: Duration::from_millis(200),
-        payload_bytes: 40,
-        short_poll_ms: 100,
-        transports: TransportKind::ALL.to_vec(),
-        concurrent: true,
-        baseline: false,
-        idle: None,
-        pin: false,
-        source_addrs: 4,
-        json: None,
-        svg: None,
-        quiet: true,
-        server_args: Vec::new(),
-        server_exe: None,
-        tls_cert: None,
-        tls_key: None,
-        http: "1.1".into(),
-    };
+    let args = support::short_bench(urls.join(","), 6);
     let report = within("the bench run", switchyard::bench::run(args))
         .await
         .expect("bench ran");

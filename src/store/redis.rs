@@ -136,9 +136,7 @@ impl RedisStore {
         metrics: HistoryMetrics,
     ) -> Result<QueuedStore, String> {
         let in_redis = |e: String| format!("history store {url}: {e}");
-        let client = Client::open(url).map_err(|e| in_redis(e.to_string()))?;
-        let mut conn = connect(&client).map_err(|e| in_redis(e.to_string()))?;
-        check_meta(&mut conn).map_err(in_redis)?;
+        let (client, mut conn) = connect_checked(url).map_err(in_redis)?;
         let token = format!(
             "{}:{}:{:016x}",
             hostname(),
@@ -158,9 +156,7 @@ impl RedisStore {
         metrics: HistoryMetrics,
     ) -> Result<QueuedStore, String> {
         let in_redis = |e: String| format!("{url}: {e}");
-        let client = Client::open(url).map_err(|e| in_redis(e.to_string()))?;
-        let mut conn = connect(&client).map_err(|e| in_redis(e.to_string()))?;
-        check_meta(&mut conn).map_err(in_redis)?;
+        let (client, mut conn) = connect_checked(url).map_err(in_redis)?;
         let owner: Option<String> = redis::cmd("GET")
             .arg(OWNER)
             .query(&mut conn)
@@ -199,6 +195,15 @@ impl RedisStore {
         tracing::info!(url, last_id, "history store open (Redis)");
         Ok(store)
     }
+}
+
+/// A client of the Redis at `url` and a connection to a database that is switchyard's (or
+/// holds none of its keys yet).
+fn connect_checked(url: &str) -> Result<(Client, Connection), String> {
+    let client = Client::open(url).map_err(|e| e.to_string())?;
+    let mut conn = connect(&client).map_err(|e| e.to_string())?;
+    check_meta(&mut conn)?;
+    Ok((client, conn))
 }
 
 /// A connection with the store's timeouts.

@@ -717,6 +717,35 @@ impl ServerProcess {
     }
 }
 
+/// A short `switchyard bench` of every transport at once against `url` (one server, or a
+/// cluster's nodes comma-separated), `clients` subscribers each, 20 msg/s for a second.
+pub fn short_bench(url: String, clients: usize) -> switchyard::bench::BenchArgs {
+    switchyard::bench::BenchArgs {
+        url: Some(url),
+        spawn: false,
+        clients,
+        rate: 20.0,
+        duration: Duration::from_millis(800),
+        warmup: Duration::from_millis(200),
+        payload_bytes: 40,
+        short_poll_ms: 100,
+        transports: TransportKind::ALL.to_vec(),
+        concurrent: true,
+        baseline: false,
+        idle: None,
+        pin: false,
+        source_addrs: 4,
+        json: None,
+        svg: None,
+        quiet: true,
+        server_args: Vec::new(),
+        server_exe: None,
+        tls_cert: None,
+        tls_key: None,
+        http: "1.1".into(),
+    }
+}
+
 /// Polls `ready` every 20 ms until it says yes (`true`) or `child` exits first (`false`): for
 /// a server of the tests' own (Redis, a proxy, chromedriver) to start listening.
 pub async fn until_ready<F: Future<Output = bool>>(
