@@ -69,6 +69,12 @@ pub struct ClusterMetrics {
     pub redis_calls: Counter,
     /// Sessions ended because Redis lost the log they were built on.
     pub sessions_lost: Counter,
+    /// Snapshots this node took for starting nodes.
+    pub snapshots_sent: Counter,
+    /// Sessions this node took from a running node's snapshot when it started.
+    pub sessions_restored: Counter,
+    /// Bytes of the last snapshot this node took or loaded.
+    pub snapshot_bytes: Gauge,
 }
 
 /// The HTTP version a transport's requests travelled on: the label `http` of
@@ -268,6 +274,21 @@ impl Metrics {
             "cluster_sessions_lost",
             "Sessions ended because Redis lost the log they were built on",
             cluster.sessions_lost.clone(),
+        );
+        registry.register(
+            "cluster_snapshots_sent",
+            "Snapshots this cluster node took for nodes that started while it ran",
+            cluster.snapshots_sent.clone(),
+        );
+        registry.register(
+            "cluster_sessions_restored",
+            "Sessions this cluster node took from a running node's snapshot when it started",
+            cluster.sessions_restored.clone(),
+        );
+        registry.register(
+            "cluster_snapshot_bytes",
+            "Bytes of the last snapshot this cluster node took or loaded",
+            cluster.snapshot_bytes.clone(),
         );
         Metrics {
             inner: Arc::new(Inner {

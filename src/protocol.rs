@@ -696,6 +696,31 @@ impl EncodedEvent {
         }))
     }
 
+    /// An event encoded on another node (a snapshot's): `body` as [`Encoded::body`] holds it,
+    /// `"type":"NAME",...}`. `None` unless it starts with an event type this server knows.
+    pub fn from_body(body: Bytes) -> Option<EncodedEvent> {
+        const TYPES: [&str; 8] = [
+            "message",
+            "presence",
+            "presence_diff",
+            "typing",
+            "history",
+            "history_page",
+            "error",
+            "reset",
+        ];
+        let rest = body.strip_prefix(b"\"type\":\"")?;
+        let type_name = TYPES.into_iter().find(|name| {
+            rest.strip_prefix(name.as_bytes())
+                .is_some_and(|after| after.first() == Some(&b'"'))
+        })?;
+        Some(EncodedEvent(Arc::new(Encoded {
+            type_name,
+            body,
+            created: std::time::Instant::now(),
+        })))
+    }
+
     /// The complete JSON object for one recipient, as a string.
     pub fn to_json(&self, seq: u64) -> String {
         let mut out = Vec::with_capacity(self.body.len() + 24);
@@ -707,6 +732,33 @@ impl EncodedEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_encoded_body_reads_back_with_its_type_and_anything_else_is_refused() {
+        let typing = Event::Typing {
+            room: "lobby",
+            users: vec!["ann"],
+        };
+        let diff = Event::PresenceDiff {
+            room: "lobby",
+            count: 1,
+            joined: vec!["ann"],
+            left: vec![],
+            complete: true,
+        };
+        for event in [typing, diff] {
+            let encoded = event.encode();
+            let back = EncodedEvent::from_body(encoded.body.clone()).expect("a known type");
+            assert_eq!(back, encoded);
+            assert_eq!(back.type_name, event.type_name());
+        }
+        for body in ["\"type\":\"presences\"}", "\"type\":\"nope\"}", "{}", ""] {
+            assert!(
+                EncodedEvent::from_body(Bytes::from(body)).is_none(),
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn encode_splices_seq_in_front() {

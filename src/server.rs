@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::AddressLimiter;
-use crate::cluster::sequencer::{Sequencer, Start};
+use crate::cluster::sequencer::Sequencer;
 use crate::config::Config;
 use crate::connection::{ConnectionWatch, DeadlineIo, ReportsProgress};
 use crate::hub::Hub;
@@ -89,26 +89,7 @@ pub async fn build_hub(config: &Config) -> Result<Hub, String> {
         .await
         .map_err(|e| in_redis(e.0))?
         .counting(metrics.cluster().redis_calls.clone());
-    match sequencer
-        .start(&cluster.node)
-        .await
-        .map_err(|e| in_redis(e.0))?
-    {
-        Ok(Start::Whole) => {}
-        Ok(Start::Reset) => tracing::warn!(
-            "no node was running and the log's start had been trimmed: a new cluster log \
-             starts (the sessions of the previous run are gone; room history is kept)"
-        ),
-        Err(running) => {
-            return Err(format!(
-                "node {running} is running and the cluster's log no longer holds its start (it \
-                 keeps the session TTL + 60 s): a node cannot join a running cluster that long \
-                 after its first entry yet (docs/cluster.md, section 3)"
-            ))
-        }
-    }
-    Hub::clustered(hub_config, store, metrics, sequencer, client, &cluster.node)
-        .map_err(|e| format!("cannot start the log reader: {e}"))
+    Hub::clustered(hub_config, store, metrics, sequencer, client, &cluster.node).await
 }
 
 /// Like [`run`], with a hub (from [`build_hub`], or `Hub::new(config.hub_config())`) the

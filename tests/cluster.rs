@@ -41,26 +41,31 @@ impl Cluster {
 
     /// Starts the three nodes (again).
     async fn start_nodes(&mut self, args: &[&str]) {
-        let url = self.redis.url();
         self.nodes.clear();
-        for (i, ip) in NODES.iter().enumerate() {
-            let node = format!("node{}", i + 1);
-            let mut all = vec![
-                "--redis",
-                &url,
-                "--node-id",
-                &node,
-                "--presence-interval",
-                "0s",
-                "--rate-limit",
-                "10000",
-                "--session-rate-limit",
-                "off",
-            ];
-            all.extend_from_slice(args);
-            self.nodes
-                .push(Some(ServerProcess::start_on(ip, &all).await));
+        for i in 0..NODES.len() {
+            let node = self.start_node(i, args).await;
+            self.nodes.push(Some(node));
         }
+    }
+
+    /// Starts node `i` on its address, as `node{i + 1}`.
+    async fn start_node(&self, i: usize, args: &[&str]) -> ServerProcess {
+        let url = self.redis.url();
+        let node = format!("node{}", i + 1);
+        let mut all = vec![
+            "--redis",
+            &url,
+            "--node-id",
+            &node,
+            "--presence-interval",
+            "0s",
+            "--rate-limit",
+            "10000",
+            "--session-rate-limit",
+            "off",
+        ];
+        all.extend_from_slice(args);
+        ServerProcess::start_on(NODES[i], &all).await
     }
 
     fn addrs(&self) -> Vec<SocketAddr> {
@@ -373,37 +378,77 @@ async fn bench_spreads_its_clients_over_the_nodes_and_counts_every_delivery() {
     }
 }
 
+/// Events from `client` until a `message` whose text is `text`, that one included.
+async fn events_through(client: &mut support::Client, text: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let event = client.next().await;
+        let last = event["type"] == "message" && event["text"] == text;
+        events.push(event);
+        if last {
+            return events;
+        }
+    }
+}
+
 #[tokio::test]
-async fn a_cluster_restarted_after_its_log_was_trimmed_starts_anew_and_a_late_node_is_refused() {
+async fn a_node_restarted_after_the_log_was_trimmed_joins_with_a_snapshot_and_a_whole_cluster_starts_anew(
+) {
     let mut cluster = Cluster::start(&[]).await;
     let a = cluster.node(0);
     let ann = a.session("ann").await;
-    a.ok(&ann, join("r")).await;
+    let bob = a.session("bob").await;
+    for session in [&ann, &bob] {
+        a.ok(session, join("r")).await;
+    }
     a.ok(&ann, send("r", "kept", "a1")).await;
-    // The log's start is trimmed, as its retention (the session TTL + 60 s) trims it.
+    let mut on_b = cluster.node(1).attach(TransportKind::Sse, &bob, 0).await;
+    let before = events_through(&mut on_b, "kept").await;
+    // The log's start is trimmed, as its retention (the session TTL + 60 s) trims it: a node
+    // starting now cannot read what the others hold from the log.
     let _: u64 = ::redis::cmd("XTRIM")
         .arg("switchyard:log")
         .arg("MAXLEN")
         .arg(1)
         .query(&mut cluster.redis.connection())
         .unwrap();
-    // A node cannot join the running nodes: it could not rebuild what they hold.
-    let url = cluster.redis.url();
-    let refused = support::failing_start(&["--redis", &url, "--node-id", "late"]).await;
-    assert!(refused.contains("is running"), "{refused}");
+    // Node 1 dies and starts again: it takes a snapshot of a running node.
+    cluster.kill(0).await;
+    let restarted = cluster.start_node(0, &[]).await;
+    let again = restarted.client();
+    assert_eq!(
+        support::metric(&again, "switchyard_cluster_sessions_restored_total").await,
+        2.0,
+        "ann and bob came with the snapshot"
+    );
+    // It serves bob's stream from its first event, as node 2 did, seq for seq.
+    drop(on_b);
+    let mut resumed = again.attach(TransportKind::Sse, &bob, 0).await;
+    let mut replayed = Vec::new();
+    for _ in 0..before.len() {
+        replayed.push(resumed.next().await);
+    }
+    assert_eq!(replayed, before, "bob's events on the restarted node");
+    // And what comes after, on every node alike.
+    again.ok(&ann, send("r", "after", "a2")).await;
+    let next = resumed.next_of("message").await;
+    assert_eq!(next["text"], "after", "{next}");
+    assert_eq!(next["seq"], before.len() as u64 + 1, "{next}");
+    cluster.nodes[0] = Some(restarted);
 
-    // Stopped, then started again: nobody holds the previous run's sessions, so a new log
-    // starts; room history is kept.
+    // The whole cluster stopped, then started again: nobody holds the previous run's
+    // sessions, so a new log starts; room history is kept.
     for node in &mut cluster.nodes {
         node.take().expect("a live node").stop().await;
     }
     cluster.start_nodes(&[]).await;
     let client = cluster.client();
-    let (status, reply) = client.commands(&ann, send("r", "again?", "a2")).await;
+    let (status, reply) = client.commands(&ann, send("r", "again?", "a3")).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{reply}");
     let bob = client.session("bob").await;
     let mut events = client.attach(TransportKind::Sse, &bob, 0).await;
     client.ok(&bob, join("r")).await;
     let history = events.next_of("history").await;
     assert_eq!(history["messages"][0]["text"], "kept", "{history}");
+    assert_eq!(history["messages"][1]["text"], "after", "{history}");
 }

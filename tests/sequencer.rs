@@ -899,15 +899,20 @@ enum Timed {
     Wait(u64),
 }
 
-/// With coalesced presence (a 20 ms interval), two nodes give every session the same events,
-/// byte for byte: quiet rooms are judged on the log's clock and pending changes go out at the
-/// ticker's `flush` entries.
+/// With coalesced presence (a 20 ms interval) and rooms past the presence list limit at
+/// three members, two nodes give every session the same events, byte for byte: quiet rooms
+/// are judged on the log's clock and pending changes go out at the ticker's `flush` entries.
+/// Halfway through, a third node starts from a snapshot of the first (as a node starting in a
+/// running cluster does): it holds every event the first kept, and from then on gives every
+/// session the same events too.
 async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), TestCaseError> {
     let config = HubConfig {
         presence_interval: Duration::from_millis(20),
+        presence_list_limit: 2,
         ..config()
     };
     let (nodes, sequencer) = fresh_cluster(redis, &config).await;
+    let mut nodes = nodes.to_vec();
     let mut readers = Vec::new();
     for (i, name) in ["ann", "bob", "cat"].into_iter().enumerate() {
         let identity = (i == 2).then(|| identity(name));
@@ -921,12 +926,16 @@ async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), Test
     for i in 0..3 {
         readers.push(
             nodes
-                .each_ref()
-                .map(|(_, node)| Reader::new(node, &format!("s{i}"))),
+                .iter()
+                .map(|(_, node)| Reader::new(node, &format!("s{i}")))
+                .collect::<Vec<_>>(),
         );
     }
+    // Every event each session got on the first node, for the node started from a snapshot.
+    let mut seen: Vec<Vec<serde_json::Value>> = vec![Vec::new(); 3];
     let mut flushes = 0;
     let final_wait = [Timed::Wait(25)];
+    let halfway = steps.len() / 2;
     for (at, step) in steps.iter().chain(&final_wait).enumerate() {
         match step {
             Timed::Step(Step::Command(who, command)) => {
@@ -947,15 +956,43 @@ async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), Test
             }
         }
         replay.catch_up(redis, &nodes).await;
-        for (i, [a, b]) in readers.iter_mut().enumerate() {
-            prop_assert_eq!(
-                a.read(),
-                b.read(),
-                "session {} after step {}: {:?}",
-                i,
-                at,
-                step
-            );
+        for (i, on_nodes) in readers.iter_mut().enumerate() {
+            let mut reads = on_nodes.iter_mut().map(Reader::read);
+            let first = reads.next().expect("node A's read");
+            for (node, got) in reads.enumerate() {
+                prop_assert_eq!(
+                    &got,
+                    &first,
+                    "session {} on node {} after step {}: {:?}",
+                    i,
+                    node + 1,
+                    at,
+                    step
+                );
+            }
+            seen[i].extend(first);
+        }
+        if at == halfway {
+            let late = Hub::new(config.clone());
+            late.restore(&nodes[0].1.snapshot())
+                .expect("a snapshot restores");
+            for (i, on_nodes) in readers.iter_mut().enumerate() {
+                let id = format!("s{i}");
+                if late.session(&id).is_err() {
+                    prop_assert!(on_nodes[0].attachment.is_none(), "{} ended on A", id);
+                    continue;
+                }
+                let mut reader = Reader::new(&late, &id);
+                prop_assert_eq!(
+                    reader.read(),
+                    seen[i].clone(),
+                    "session {} from the snapshot after step {}",
+                    i,
+                    at
+                );
+                on_nodes.push(reader);
+            }
+            nodes.push(("C", late));
         }
     }
     prop_assert!(flushes > 0, "the ticker appended flushes");

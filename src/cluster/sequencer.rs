@@ -189,6 +189,15 @@ pub enum Record {
         /// The attachment it supersedes.
         superseded: String,
     },
+    /// A starting node asks `node` for a snapshot of what it holds at this entry
+    /// ([`Sequencer::request_snapshot`]): `node` writes it to `key`, and the starting node
+    /// applies the log after this entry.
+    Snapshot {
+        /// The node asked.
+        node: String,
+        /// Where it writes the snapshot.
+        key: String,
+    },
     /// A command that came on a stream was refused: its session gets an `error` event.
     Error {
         /// The session.
@@ -222,13 +231,16 @@ impl Record {
 }
 
 /// How a node starts ([`Sequencer::start`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
     /// The log holds its first entry: the node reads it all.
     Whole,
     /// The log's start was trimmed and no other node was running: the previous run's sessions
     /// ended and a new log starts.
     Reset,
+    /// Other nodes run (these, the most recent beat first): the node asks one of them for a
+    /// snapshot ([`Sequencer::request_snapshot`]).
+    Join(Vec<String>),
 }
 
 /// What became of a lease its node renews.
@@ -308,6 +320,8 @@ const NODES: &str = "switchyard:c:nodes";
 const MEMBERSHIP: &str = include_str!("membership.lua");
 /// How long a node's beat counts: a node that beat more recently is running.
 pub const BEAT_LIFE: Duration = Duration::from_secs(6);
+/// How long a snapshot written for a starting node is kept for it.
+pub const SNAPSHOT_LIFE: Duration = Duration::from_secs(60);
 
 /// A log entry's id, as a script returned it.
 fn parse_entry(id: &str) -> Result<LogId, Unavailable> {
@@ -487,19 +501,48 @@ impl Sequencer {
         Ok(kind.and_then(|kind| TransportKind::ALL.into_iter().find(|k| k.as_str() == kind)))
     }
 
-    /// Checks that node `node` can start: `Start::Whole` when it can read the whole log,
-    /// `Start::Reset` when the log's start was trimmed and no other node runs (the previous
-    /// run's sessions are ended and a new log starts), `Err` naming a running node when the
-    /// log's start was trimmed (a node cannot rebuild what the others hold from a trimmed
-    /// log yet: docs/cluster.md, section 3).
-    pub async fn start(&self, node: &str) -> Result<Result<Start, String>, Unavailable> {
+    /// Says how node `node` starts, and counts it as running from now on: `Start::Join`
+    /// when other nodes run (it loads a snapshot of one), else `Start::Whole` when it can
+    /// read the whole log, else `Start::Reset` (the log's start was trimmed: the previous
+    /// run's sessions are ended and a new log starts).
+    pub async fn start(&self, node: &str) -> Result<Start, Unavailable> {
         let reply = self.membership("start", node).await?;
-        Ok(match reply.as_slice() {
+        match reply.as_slice() {
             [kind] if kind == "whole" => Ok(Start::Whole),
             [kind] if kind == "reset" => Ok(Start::Reset),
-            [kind, other] if kind == "live" => Err(other.clone()),
-            _ => return Err(Unavailable(format!("the start script answered {reply:?}"))),
-        })
+            [kind, others @ ..] if kind == "join" && !others.is_empty() => {
+                Ok(Start::Join(others.to_vec()))
+            }
+            _ => Err(Unavailable(format!("the start script answered {reply:?}"))),
+        }
+    }
+
+    /// Asks node `node`, through the log, for a snapshot at a new `snapshot` entry: returns
+    /// the entry, after which the asking node applies the log, and the key the snapshot will
+    /// be written to ([`Sequencer::take_snapshot`]).
+    pub async fn request_snapshot(&self, node: &str) -> Result<(LogId, String), Unavailable> {
+        let key = format!("{PREFIX}snapshot:{:032x}", rand::random::<u128>());
+        let body = serde_json::json!({ "k": "snapshot", "node": node, "key": key });
+        Ok((self.append_record(&body).await?, key))
+    }
+
+    /// Writes a snapshot asked for at `key`; it is kept for [`SNAPSHOT_LIFE`].
+    pub async fn put_snapshot(&self, key: &str, snapshot: Vec<u8>) -> Result<(), Unavailable> {
+        let mut conn = self.conn();
+        redis::cmd("SET")
+            .arg(key)
+            .arg(snapshot)
+            .arg("PX")
+            .arg(millis(SNAPSHOT_LIFE))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the snapshot written at `key`, if it is there yet.
+    pub async fn take_snapshot(&self, key: &str) -> Result<Option<Vec<u8>>, Unavailable> {
+        let mut conn = self.conn();
+        Ok(redis::cmd("GETDEL").arg(key).query_async(&mut conn).await?)
     }
 
     /// Says node `node` is running (every [`BEAT_LIFE`] / 3).
@@ -627,6 +670,11 @@ impl Sequencer {
         if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), fields) {
             body.extend(fields);
         }
+        self.append_record(&body).await
+    }
+
+    /// Appends a record no script decides.
+    async fn append_record(&self, body: &serde_json::Value) -> Result<LogId, Unavailable> {
         let mut conn = self.conn();
         let id: String = self
             .append

@@ -23,7 +23,9 @@ use std::time::Duration;
 use super::{lock, refusal, Attachment, CommandResult, Hub, Identity, Session};
 use crate::cluster::log::LogId;
 use crate::cluster::node::{Health, Replica};
-use crate::cluster::sequencer::{Attach, Decision, Renewal, Sequencer, Unavailable, ATTACH_LEASE};
+use crate::cluster::sequencer::{
+    Attach, Decision, Renewal, Sequencer, Start, Unavailable, ATTACH_LEASE,
+};
 use crate::protocol::{validate_name, CloseReason, Command, ErrorBody, ErrorCode, TransportKind};
 
 /// How long a reply waits for this node's replica to apply the entry it depends on.
@@ -31,6 +33,8 @@ pub const CATCH_UP: Duration = Duration::from_secs(5);
 /// How far behind the log's newest entry a node's replica may be and the node still be
 /// ready (`GET /readyz`).
 pub const READY_LAG: Duration = Duration::from_secs(1);
+/// How long a starting node waits for the snapshot it asked a running node for.
+pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
 
 /// What ties a hub to its cluster.
 #[derive(Debug)]
@@ -112,16 +116,16 @@ impl Link {
 
 impl Hub {
     /// A cluster node's hub: decisions by `sequencer`, and the log read from `client` and
-    /// applied by this hub, as node `node`. Reads the log from its start (a node joining a
-    /// cluster whose log was trimmed cannot catch up yet: docs/cluster.md, section 3).
-    pub fn clustered(
+    /// applied by this hub, as node `node`. Where it starts reading is [`Hub::join_cluster`]'s
+    /// to say. `Err` is a one-line message.
+    pub async fn clustered(
         config: super::HubConfig,
         store: Arc<dyn super::HistoryStore>,
         metrics: crate::metrics::Metrics,
         sequencer: Sequencer,
         client: redis::Client,
         node: &str,
-    ) -> std::io::Result<Hub> {
+    ) -> Result<Hub, String> {
         let link = Arc::new(Link {
             sequencer,
             node: Arc::from(node),
@@ -129,11 +133,106 @@ impl Hub {
             leases: Mutex::new(HashMap::new()),
         });
         let hub = Hub::build(config, store, metrics, Some(link.clone()));
-        let replica = Replica::start(client, hub.clone(), node, LogId::ZERO)?;
+        let after = hub.join_cluster(&link).await?;
+        let replica = Replica::start(client, hub.clone(), node, after)
+            .map_err(|e| format!("cannot start the log reader: {e}"))?;
         link.replica
             .set(replica)
             .expect("the replica is set once, here");
         Ok(hub)
+    }
+
+    /// Gets what the running nodes hold, and returns the log entry after which this node
+    /// applies the log: with other nodes running, a snapshot one of them takes at a
+    /// `snapshot` entry (docs/cluster.md, section 3); with none, the whole log, or a new log
+    /// if its start was trimmed (the previous run's sessions end). A node asked that does not
+    /// answer within [`SNAPSHOT_WAIT`] (it died, or lags) is passed over; when none answers,
+    /// the nodes are asked again, up to three times.
+    async fn join_cluster(&self, link: &Link) -> Result<LogId, String> {
+        let unreachable = |e: Unavailable| format!("Redis cannot be reached: {}", e.0);
+        let mut silent = Vec::new();
+        for _ in 0..3 {
+            let others = match link
+                .sequencer
+                .start(&link.node)
+                .await
+                .map_err(unreachable)?
+            {
+                Start::Whole => return Ok(LogId::ZERO),
+                Start::Reset => {
+                    tracing::warn!(
+                        "no node was running and the log's start had been trimmed: a new \
+                         cluster log starts (the sessions of the previous run are gone; room \
+                         history is kept)"
+                    );
+                    return Ok(LogId::ZERO);
+                }
+                Start::Join(others) => others,
+            };
+            for other in others {
+                let (entry, key) = link
+                    .sequencer
+                    .request_snapshot(&other)
+                    .await
+                    .map_err(unreachable)?;
+                let wait = async {
+                    loop {
+                        if let Some(snapshot) = link.sequencer.take_snapshot(&key).await? {
+                            return Ok::<_, Unavailable>(snapshot);
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                match tokio::time::timeout(SNAPSHOT_WAIT, wait).await {
+                    Ok(snapshot) => {
+                        let snapshot = snapshot.map_err(unreachable)?;
+                        self.restore(&snapshot)
+                            .map_err(|e| format!("the snapshot of node {other}: {e}"))?;
+                        let metrics = self.metrics().cluster();
+                        metrics.snapshot_bytes.set(snapshot.len() as i64);
+                        metrics
+                            .sessions_restored
+                            .inc_by(self.session_count() as u64);
+                        tracing::info!(
+                            from = %other,
+                            at = %entry,
+                            bytes = snapshot.len(),
+                            sessions = self.session_count(),
+                            "joined the running nodes with a snapshot"
+                        );
+                        return Ok(entry);
+                    }
+                    Err(_) => {
+                        tracing::warn!(node = %other, "a running node sent no snapshot in time");
+                        silent.push(other);
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "no running node sent this node a snapshot within {} s (asked: {})",
+            SNAPSHOT_WAIT.as_secs(),
+            silent.join(", ")
+        ))
+    }
+
+    /// Takes a snapshot for a starting node that asked this one (a `snapshot` entry), and
+    /// writes it where the node waits for it.
+    pub(super) fn serve_snapshot(&self, key: String) {
+        let Some(link) = self.link().cloned() else {
+            return;
+        };
+        let snapshot = self.snapshot();
+        let metrics = self.metrics().cluster();
+        metrics.snapshots_sent.inc();
+        metrics.snapshot_bytes.set(snapshot.len() as i64);
+        tokio::spawn(async move {
+            let bytes = snapshot.len();
+            match link.sequencer.put_snapshot(&key, snapshot).await {
+                Ok(()) => tracing::info!(bytes, "sent a snapshot to a starting node"),
+                Err(error) => tracing::warn!(%error, "a snapshot for a starting node was lost"),
+            }
+        });
     }
 
     fn link(&self) -> Option<&Arc<Link>> {

@@ -28,6 +28,7 @@ pub(crate) mod refusal;
 mod replica;
 mod room;
 mod session;
+mod snapshot;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -155,6 +155,12 @@ impl Hub {
                 }
                 return Ok(());
             }
+            Record::Snapshot { node: asked, key } => {
+                if asked == node {
+                    self.serve_snapshot(key);
+                }
+                return Ok(());
+            }
             Record::End {
                 session, why, ts, ..
             } => {

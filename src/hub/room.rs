@@ -20,6 +20,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::protocol::{EncodedEvent, Event, Message};
 
 use super::fanout::Shards;
@@ -87,6 +89,45 @@ pub(crate) struct Room {
     /// When presence was last flushed (µs on the hub's timeline; `None`: never), to coalesce
     /// within an interval.
     pub(crate) last_flush: Option<u64>,
+}
+
+/// A room as a snapshot holds it: every field the events after the snapshot depend on. The
+/// `history` event is not kept: it is encoded from the history alone.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct RoomImage {
+    /// Members' session ids with their join numbers, in join order.
+    members: Vec<(String, u64)>,
+    /// Each user's session count and announced name.
+    users: Vec<(String, usize, String)>,
+    present: usize,
+    joins: u64,
+    history: Vec<Message>,
+    exact: bool,
+    published: Vec<String>,
+    published_count: usize,
+    joined: Vec<String>,
+    left: Vec<String>,
+    changed: bool,
+    typers: Vec<String>,
+    /// The cached presence snapshot's body: when the room is past its list limit, it names
+    /// a sample of the members as they were when it was first asked for, which the members
+    /// now may no longer give.
+    snapshot: Option<String>,
+    last_used: u64,
+    last_flush: Option<u64>,
+}
+
+fn names(names: &[Arc<str>]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+fn shared(names: Vec<String>) -> Vec<Arc<str>> {
+    names.into_iter().map(Arc::from).collect()
+}
+
+/// An encoded event's body as text (serde_json wrote it: UTF-8).
+pub(crate) fn body(event: &EncodedEvent) -> String {
+    String::from_utf8_lossy(&event.body).into_owned()
 }
 
 fn key(session: &Arc<Session>) -> usize {
@@ -382,6 +423,91 @@ impl Room {
             );
         }
         events
+    }
+
+    /// The room as a snapshot holds it, its members named by `id` (docs/cluster.md,
+    /// section 3).
+    pub fn image(&self, id: impl Fn(&Session) -> String) -> RoomImage {
+        let mut members: Vec<(String, u64)> = self
+            .each_member()
+            .map(|m| (id(m), self.index[&key(m)].joined_at))
+            .collect();
+        members.sort_unstable_by_key(|(_, joined_at)| *joined_at);
+        let presence = &self.presence;
+        RoomImage {
+            members,
+            users: self
+                .users
+                .iter()
+                .map(|(user, (sessions, name))| (user.to_string(), *sessions, name.to_string()))
+                .collect(),
+            present: self.present,
+            joins: self.joins,
+            history: self.history.iter().map(|m| Message::clone(m)).collect(),
+            exact: presence.exact,
+            published: names(&presence.published),
+            published_count: presence.published_count,
+            joined: names(&presence.joined),
+            left: names(&presence.left),
+            changed: presence.changed,
+            typers: names(&presence.typers),
+            snapshot: presence.snapshot.as_ref().map(body),
+            last_used: self.last_used,
+            last_flush: self.last_flush,
+        }
+    }
+
+    /// A room from its image, for `shards` fan-out shards; `member` finds a member's session
+    /// by id. `Err` names what does not fit.
+    pub fn from_image(
+        image: RoomImage,
+        shards: usize,
+        member: impl Fn(&str) -> Option<Arc<Session>>,
+    ) -> Result<Room, String> {
+        let snapshot = image
+            .snapshot
+            .map(|body| {
+                EncodedEvent::from_body(body.into()).ok_or("a presence snapshot that is no event")
+            })
+            .transpose()?;
+        let mut room = Room::new(
+            shards,
+            None,
+            image.history.into_iter().map(Arc::new).collect(),
+        );
+        for (id, joined_at) in image.members {
+            let session = member(&id).ok_or_else(|| format!("member {id} is no session"))?;
+            let list = room.shard_of(&session);
+            let at = list.len();
+            list.push(session.clone());
+            if room
+                .index
+                .insert(key(&session), Place { at, joined_at })
+                .is_some()
+            {
+                return Err(format!("member {id} is listed twice"));
+            }
+        }
+        room.users = image
+            .users
+            .into_iter()
+            .map(|(user, sessions, name)| (Arc::from(user), (sessions, Arc::from(name))))
+            .collect();
+        room.present = image.present;
+        room.joins = image.joins;
+        room.presence = Presence {
+            exact: image.exact,
+            published: shared(image.published),
+            published_count: image.published_count,
+            joined: shared(image.joined),
+            left: shared(image.left),
+            changed: image.changed,
+            typers: shared(image.typers),
+            snapshot,
+        };
+        room.last_used = image.last_used;
+        room.last_flush = image.last_flush;
+        Ok(room)
     }
 
     /// Names online as members were last told, in join order (everyone while the room is

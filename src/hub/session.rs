@@ -129,6 +129,27 @@ impl ReplayBuffer {
         }
     }
 
+    /// Seq of the oldest event kept (of the next one when empty), and the events, oldest
+    /// first: what a snapshot keeps.
+    pub fn image(&self) -> (u64, impl Iterator<Item = &EncodedEvent>) {
+        (self.first_seq, self.events.iter().map(|(event, _)| event))
+    }
+
+    /// Holds `events` from seq `first_seq` (at least 1) on instead of what it held, whatever
+    /// the budgets: a snapshot's buffer, which its node kept within the same ones.
+    pub fn restore(&mut self, first_seq: u64, events: impl IntoIterator<Item = EncodedEvent>) {
+        self.first_seq = first_seq.max(1);
+        self.events.clear();
+        self.bytes = 0;
+        self.pushed = 0;
+        for event in events {
+            let cost = event_cost(&event);
+            self.pushed += cost;
+            self.bytes += cost;
+            self.events.push_back((event, self.pushed));
+        }
+    }
+
     /// Checks that every event after `after` is still here.
     pub fn check_resume(&self, after: u64) -> Result<(), Gap> {
         if after > self.last_seq() {
