@@ -88,6 +88,7 @@ pub async fn build_hub(config: &Config) -> Result<Hub, String> {
     let sequencer = Sequencer::connect(&cluster.redis, &hub_config)
         .await
         .map_err(|e| in_redis(e.0))?
+        .keeping(config.history_keep)
         .counting(metrics.cluster().redis_calls.clone());
     Hub::clustered(hub_config, store, metrics, sequencer, client, &cluster.node).await
 }

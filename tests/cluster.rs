@@ -452,3 +452,43 @@ async fn a_node_restarted_after_the_log_was_trimmed_joins_with_a_snapshot_and_a_
     assert_eq!(history["messages"][0]["text"], "kept", "{history}");
     assert_eq!(history["messages"][1]["text"], "after", "{history}");
 }
+
+#[tokio::test]
+async fn a_starting_node_passes_over_a_running_node_that_sends_no_snapshot() {
+    let cluster = Cluster::start(&[]).await;
+    let a = cluster.node(0);
+    let ann = a.session("ann").await;
+    a.ok(&ann, join("r")).await;
+    // A node that beat a moment ago and died since: it is asked first, and never answers.
+    let _: u64 = ::redis::cmd("ZADD")
+        .arg("switchyard:c:nodes")
+        .arg(u64::MAX >> 12)
+        .arg("ghost")
+        .query(&mut cluster.redis.connection())
+        .unwrap();
+    let url = cluster.redis.url();
+    let started = Instant::now();
+    let late = ServerProcess::start_within(
+        "127.0.0.5",
+        &["--redis", &url, "--node-id", "late"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let wait = switchyard::hub::SNAPSHOT_WAIT;
+    assert!(
+        started.elapsed() >= wait,
+        "it waited for the ghost first ({:?})",
+        started.elapsed()
+    );
+    let late = late.client();
+    assert_eq!(
+        support::metric(&late, "switchyard_cluster_sessions_restored_total").await,
+        1.0,
+        "ann came with a running node's snapshot"
+    );
+    late.ok(&ann, send("r", "hello", "c1")).await;
+    let described = late
+        .json(Method::GET, &format!("/v1/sessions/{ann}"), None::<Value>)
+        .await;
+    assert_eq!(described.1["rooms"], json!(["r"]), "{described:?}");
+}

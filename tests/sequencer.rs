@@ -379,6 +379,35 @@ async fn entries_carry_what_replicas_need_and_history_is_where_the_store_reads_i
 }
 
 #[tokio::test]
+async fn a_rooms_history_in_redis_keeps_what_scrollback_reaches_not_only_what_joins_show() {
+    let redis = RedisServer::start().await;
+    // Joins show the last 4 (`history_len`); Redis keeps the last 7.
+    let sequencer = sequencer(&redis).await.keeping(7);
+    sequencer.create("s1", "ann", None).await.unwrap();
+    ok(&sequencer, "s1", join("lobby")).await;
+    for n in 0..10 {
+        ok(
+            &sequencer,
+            "s1",
+            send("lobby", &format!("m{n}"), &format!("c{n}")),
+        )
+        .await;
+    }
+    let kept: Vec<String> = redis::cmd("ZRANGE")
+        .arg("switchyard:room:lobby")
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis.connection())
+        .unwrap();
+    let texts: Vec<String> = kept
+        .iter()
+        .map(|m| serde_json::from_str::<serde_json::Value>(m).unwrap()["text"].to_string())
+        .collect();
+    let expected: Vec<String> = (3..10).map(|n| format!("\"m{n}\"")).collect();
+    assert_eq!(texts, expected, "the last 7 messages");
+}
+
+#[tokio::test]
 async fn a_refresh_takes_the_verified_identity_of_the_same_user_only() {
     let redis = RedisServer::start().await;
     let sequencer = sequencer(&redis).await;

@@ -7,8 +7,8 @@
 //! most `max_rooms_per_session`), the rooms its identity lets it join, its retry table (the
 //! last `dedup_window` sends by `client_id`), each room's message rate, and message ids. A
 //! `send` takes its id with `INCR` and adds the message to the room's history (the sorted set
-//! the Redis history store reads, trimmed to `history_len` and expiring `history_max_age`
-//! after its newest message) in the same script that appends its entry, so history and log
+//! the Redis history store reads, trimmed to `--history-keep` messages
+//! ([`Sequencer::keeping`]) and expiring `history_max_age` after its newest message) in the same script that appends its entry, so history and log
 //! never disagree. The time is Redis's (`TIME`), so every node gives a message the same `ts`.
 //!
 //! **What stays on the node.** What only one node's memory decides (`server_full`,
@@ -298,6 +298,8 @@ pub struct Sequencer {
     /// Counts round trips.
     calls: prometheus_client::metrics::counter::Counter,
     config: HubConfig,
+    /// Messages a room's history keeps in Redis (`--history-keep`).
+    history_keep: usize,
     lease: Duration,
     decide: Script,
     lifecycle: Script,
@@ -368,11 +370,19 @@ impl Sequencer {
             conn,
             calls: Default::default(),
             config: config.clone(),
+            history_keep: config.history_len,
             lease: ATTACH_LEASE,
             decide: Script::new(DECIDE),
             lifecycle: Script::new(LIFECYCLE),
             append: Script::new(APPEND),
         })
+    }
+
+    /// The same sequencer, keeping `messages` of each room's history in Redis (by default
+    /// the `history_len` its joins show), for scrollback.
+    pub fn keeping(mut self, messages: usize) -> Sequencer {
+        self.history_keep = messages.max(self.config.history_len);
+        self
     }
 
     /// The same sequencer, counting its round trips to Redis into `calls`.
@@ -729,7 +739,7 @@ impl Sequencer {
             .arg(room_rate)
             .arg(room_burst)
             .arg(config.max_rooms_per_session)
-            .arg(config.history_len)
+            .arg(self.history_keep)
             .arg(millis(config.history_max_age))
             .arg(config.dedup_window)
             .arg(millis(self.retention()))

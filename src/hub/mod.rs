@@ -54,7 +54,7 @@ use crate::protocol::{
     validate_name, CloseReason, Command, EncodedEvent, ErrorBody, ErrorCode, Event, Message,
     TransportKind, DEFAULT_PAGE,
 };
-pub use clustered::{CATCH_UP, READY_LAG};
+pub use clustered::{CATCH_UP, READY_LAG, SNAPSHOT_WAIT};
 pub use config::HubConfig;
 use entry::Entry;
 use fanout::Fanout;

@@ -660,6 +660,11 @@ impl ServerProcess {
     /// Starts `switchyard serve ARGS --addr IP:0` (a loopback address) and waits for it to
     /// listen.
     pub async fn start_on(ip: &str, args: &[&str]) -> Self {
+        ServerProcess::start_within(ip, args, WAIT).await
+    }
+
+    /// [`ServerProcess::start_on`], waiting up to `wait` for it to listen.
+    pub async fn start_within(ip: &str, args: &[&str], wait: Duration) -> Self {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .arg("serve")
@@ -672,8 +677,9 @@ impl ServerProcess {
             .expect("spawn switchyard");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = within("the server to print its address", lines.next_line())
+        let line = tokio::time::timeout(wait, lines.next_line())
             .await
+            .unwrap_or_else(|_| panic!("timeout after {wait:?}: the server to print its address"))
             .expect("read stdout")
             .expect("the server exited before listening");
         let addr = line
