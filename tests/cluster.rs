@@ -378,6 +378,48 @@ async fn bench_spreads_its_clients_over_the_nodes_and_counts_every_delivery() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_resume_storm_kills_a_node_and_every_subscriber_resumes_with_nothing_lost() {
+    let cluster = Cluster::start(&[]).await;
+    let urls: Vec<String> = cluster
+        .addrs()
+        .iter()
+        .map(|addr| format!("http://{addr}"))
+        .collect();
+    let victim = cluster.nodes[0].as_ref().expect("a live node").pid();
+    let args = switchyard::bench::BenchArgs {
+        transports: vec![TransportKind::WebSocket, TransportKind::Sse],
+        duration: Duration::from_millis(1500),
+        resume: true,
+        kill_pid: Some(victim as i32),
+        kill_after: Duration::from_millis(300),
+        ..support::short_bench(urls.join(","), 6)
+    };
+    let report = within("the bench run", switchyard::bench::run(args))
+        .await
+        .expect("bench ran");
+    for row in &report.transports {
+        assert!(!row.unhealthy(), "{}: {row:?}", row.transport);
+        assert_eq!(
+            row.delivered,
+            row.published * 6,
+            "{}: {row:?}",
+            row.transport
+        );
+        let resume = row.resume.as_ref().expect("--resume reports resumes");
+        assert!(
+            resume.cut_subscribers > 0,
+            "{}: the killed node served some: {resume:?}",
+            row.transport
+        );
+        assert!(
+            resume.resumed >= resume.cut_subscribers,
+            "{}: every one resumed: {resume:?}",
+            row.transport
+        );
+    }
+}
+
 /// Events from `client` until a `message` whose text is `text`, that one included.
 async fn events_through(client: &mut support::Client, text: &str) -> Vec<Value> {
     let mut events = Vec::new();

@@ -137,17 +137,78 @@ pub struct Tally {
     pub disconnects: AtomicU64,
     /// Subscribers attached and ready.
     pub ready: AtomicUsize,
+    /// With `--resume`: the resumes, and latency second by second.
+    pub storm: Option<Mutex<Storm>>,
+}
+
+/// What `--resume` measures: how long cut-off subscribers took to attach again, and each
+/// second's latency, of the subscribers never cut off apart from those that were.
+#[derive(Debug)]
+pub struct Storm {
+    /// From a subscriber's transport ending to its next transport attached, in µs.
+    pub resume_us: Histogram<u64>,
+    /// By second of arrival since message 0 was due: latency of the subscribers never cut
+    /// off ...
+    pub survivors: Vec<Histogram<u64>>,
+    /// ... and of those cut off at least once.
+    pub resumed: Vec<Histogram<u64>>,
+    /// Transports ended (cut) and attached again (resumed), by second.
+    pub cuts: Vec<u64>,
+    /// See `cuts`.
+    pub resumes: Vec<u64>,
+}
+
+impl Storm {
+    fn new() -> Self {
+        Storm {
+            resume_us: latency_histogram(),
+            survivors: Vec::new(),
+            resumed: Vec::new(),
+            cuts: Vec::new(),
+            resumes: Vec::new(),
+        }
+    }
+
+    /// The slot of second `at` in `list`, grown as needed.
+    fn second<T>(list: &mut Vec<T>, at: usize, empty: impl FnMut() -> T) -> &mut T {
+        if list.len() <= at {
+            list.resize_with(at + 1, empty);
+        }
+        &mut list[at]
+    }
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Whole seconds from message 0's due time to `at` (0 before it).
+fn second_of(schedule: &Schedule, at: Instant) -> usize {
+    schedule
+        .t0
+        .get()
+        .map_or(0, |t0| at.saturating_duration_since(*t0).as_secs() as usize)
 }
 
 impl Tally {
+    /// The same tally, also measuring resumes (`--resume`).
+    pub fn resuming(mut self) -> Self {
+        self.storm = Some(Mutex::new(Storm::new()));
+        self
+    }
+
+    fn storm(&self) -> Option<std::sync::MutexGuard<'_, Storm>> {
+        self.storm
+            .as_ref()
+            .map(|storm| storm.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// An empty tally.
     pub fn new(subject: Subject) -> Self {
         Tally {
             subject,
             wire: Arc::new(WireCounters::default()),
-            latency: Mutex::new(
-                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
-            ),
+            latency: Mutex::new(latency_histogram()),
             delivered: AtomicU64::new(0),
             in_window: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
@@ -156,6 +217,7 @@ impl Tally {
             errors: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             ready: AtomicUsize::new(0),
+            storm: None,
         }
     }
 }
@@ -166,6 +228,12 @@ pub struct Receipts {
     seen: Vec<u64>,
     lane_last: Vec<Option<u64>>,
     last_seq: Option<u64>,
+    /// Whether its transport was ever cut off (`--resume`).
+    cut: bool,
+    /// When its transport ended, until it attaches again.
+    cut_at: Option<Instant>,
+    /// Transports attached so far.
+    attaches: u64,
 }
 
 impl Receipts {
@@ -174,7 +242,47 @@ impl Receipts {
             seen: vec![0; (schedule.total as usize).div_ceil(64)],
             lane_last: vec![None; schedule.lanes],
             last_seq: None,
+            cut: false,
+            cut_at: None,
+            attaches: 0,
         }
+    }
+
+    /// Whether its transport was ever cut off.
+    pub fn was_cut(&self) -> bool {
+        self.cut
+    }
+
+    /// Its transport is attached: the first time, one more subscriber is ready; after a cut,
+    /// it resumed.
+    fn attached(&mut self, schedule: &Schedule, tally: &Tally) {
+        self.attaches += 1;
+        match self.cut_at.take() {
+            None => {
+                tally.ready.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(cut_at) => {
+                let now = Instant::now();
+                if let Some(mut storm) = tally.storm() {
+                    let took = now.saturating_duration_since(cut_at).as_micros() as u64;
+                    storm.resume_us.saturating_record(took.max(1));
+                    *Storm::second(&mut storm.resumes, second_of(schedule, now), || 0) += 1;
+                }
+            }
+        }
+    }
+
+    /// Its transport ended before the bench stopped it.
+    fn cut_off(&mut self, schedule: &Schedule, tally: &Tally) {
+        tally.disconnects.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if self.cut_at.is_none() {
+            self.cut_at = Some(now);
+            if let Some(mut storm) = tally.storm() {
+                *Storm::second(&mut storm.cuts, second_of(schedule, now), || 0) += 1;
+            }
+        }
+        self.cut = true;
     }
 
     /// Messages the server accepted that this subscriber never got.
@@ -210,6 +318,15 @@ impl Receipts {
                 let micros = arrival.saturating_duration_since(due).as_micros() as u64;
                 let mut histogram = tally.latency.lock().unwrap_or_else(|e| e.into_inner());
                 histogram.saturating_record(micros.max(1));
+                drop(histogram);
+                if let Some(mut storm) = tally.storm() {
+                    let list = match self.cut {
+                        true => &mut storm.resumed,
+                        false => &mut storm.survivors,
+                    };
+                    let at = second_of(schedule, arrival);
+                    Storm::second(list, at, latency_histogram).saturating_record(micros.max(1));
+                }
             }
         }
     }
@@ -301,27 +418,112 @@ pub struct Shared {
 }
 
 /// Runs one subscriber until the schedule's stop; `lane` is set when this subscriber's
-/// WebSocket also publishes.
+/// WebSocket also publishes. With `--resume`, a transport that ends is attached again, on the
+/// next node, from the last seq received, after the client library's backoff
+/// ([`reconnect_delay`]).
 pub async fn subscribe(
-    sub: Subscription,
+    mut sub: Subscription,
     shared: Shared,
-    lane: Option<mpsc::Receiver<u64>>,
+    mut lane: Option<mpsc::Receiver<u64>>,
 ) -> Receipts {
-    let mut receipts = Receipts::new(&shared.schedule);
-    let result = match sub.subject {
-        Subject::Transport(TransportKind::WebSocket) | Subject::Baseline => {
-            websocket(&sub, &shared, lane, &mut receipts).await
+    let (schedule, tally) = (&shared.schedule, &shared.tally);
+    let mut receipts = Receipts::new(schedule);
+    let mut attempt = 0;
+    loop {
+        let attaches = receipts.attaches;
+        let result = match sub.subject {
+            Subject::Transport(TransportKind::WebSocket) | Subject::Baseline => {
+                websocket(&sub, &shared, lane.take(), &mut receipts).await
+            }
+            Subject::Transport(TransportKind::Sse) => sse(&sub, &shared, &mut receipts).await,
+            Subject::Transport(kind) => poll(&sub, &shared, kind, &mut receipts).await,
+        };
+        let Err(e) = result else {
+            return receipts;
+        };
+        if schedule.stop.is_cancelled() {
+            return receipts;
         }
-        Subject::Transport(TransportKind::Sse) => sse(&sub, &shared, &mut receipts).await,
-        Subject::Transport(kind) => poll(&sub, &shared, kind, &mut receipts).await,
-    };
-    if let Err(e) = result {
-        if !shared.schedule.stop.is_cancelled() {
-            shared.tally.disconnects.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(subject = sub.subject.name(), error = %e, "subscriber ended");
+        receipts.cut_off(schedule, tally);
+        tracing::warn!(subject = sub.subject.name(), error = %e, "subscriber cut off");
+        if tally.storm.is_none() {
+            return receipts;
+        }
+        attempt = if receipts.attaches > attaches {
+            0
+        } else {
+            attempt + 1
+        };
+        sub.after = receipts.last_seq.unwrap_or(sub.after);
+        tokio::select! {
+            _ = schedule.stop.cancelled() => return receipts,
+            _ = tokio::time::sleep(reconnect_delay(attempt)) => {}
         }
     }
-    receipts
+}
+
+/// Keeps a publisher session attached (a session without a transport ends after its TTL) with
+/// a WebSocket whose events are read and dropped, attached again from its last seq, on the
+/// next node, whenever it ends, until the run stops.
+pub async fn hold(
+    connector: Arc<Connector>,
+    wire: Arc<WireCounters>,
+    schedule: Arc<Schedule>,
+    session: String,
+) {
+    let mut after = 0;
+    let mut attempt = 0;
+    loop {
+        let path = format!("/v1/sessions/{session}/ws?after={after}");
+        if let Ok((socket, _connection)) = connector.websocket(&path, &wire).await {
+            attempt = 0;
+            let (_sink, mut stream) = socket.split();
+            loop {
+                let frame = tokio::select! {
+                    _ = schedule.stop.cancelled() => return,
+                    frame = stream.next() => frame,
+                };
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Ok(WireEvent { seq: Some(seq), .. }) =
+                            serde_json::from_str(text.as_str())
+                        {
+                            after = seq;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                }
+            }
+        }
+        tokio::select! {
+            _ = schedule.stop.cancelled() => return,
+            _ = tokio::time::sleep(reconnect_delay(attempt)) => {}
+        }
+        attempt += 1;
+    }
+}
+
+/// Whether a `/commands` reply says its one command was taken (a `200` lists each command's
+/// result: a refused one carries its error there).
+fn command_ok(reply: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Reply {
+        results: Vec<Result1>,
+    }
+    #[derive(Deserialize)]
+    struct Result1 {
+        ok: bool,
+    }
+    serde_json::from_slice::<Reply>(reply).is_ok_and(|r| r.results.iter().all(|c| c.ok))
+}
+
+/// The client library's reconnect delay (demo/switchyard.js): 250 ms doubling per failed
+/// attempt up to 10 s, each taken at 50-100 % at random, so the clients of a dead node do not
+/// all come back at once.
+pub fn reconnect_delay(attempt: u32) -> Duration {
+    let ms = (250u64 << attempt.min(6)).min(10_000) as f64;
+    Duration::from_millis((ms * (0.5 + rand::random::<f64>() * 0.5)) as u64)
 }
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -341,7 +543,7 @@ async fn websocket(
     // Over HTTP/2 the socket is a stream of `_connection`, which must live as long.
     let (socket, _connection) = shared.connector.websocket(&path, &tally.wire).await?;
     drop(permit);
-    tally.ready.fetch_add(1, Ordering::Relaxed);
+    receipts.attached(schedule, tally);
     let (mut sink, mut stream) = socket.split();
     loop {
         tokio::select! {
@@ -393,7 +595,7 @@ async fn sse(sub: &Subscription, shared: &Shared, receipts: &mut Receipts) -> Re
     if !response.status().is_success() {
         return Err(format!("SSE answered {}", response.status()).into());
     }
-    tally.ready.fetch_add(1, Ordering::Relaxed);
+    receipts.attached(schedule, tally);
     let mut body = response.into_body();
     let mut pending: Vec<u8> = Vec::with_capacity(4096);
     loop {
@@ -473,8 +675,10 @@ async fn poll(
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;
-    if kind == TransportKind::LongPolling {
-        tally.ready.fetch_add(1, Ordering::Relaxed);
+    // A long poll may wait for events until the run starts: it counts as attached at once.
+    // A resume counts once a poll is answered.
+    if kind == TransportKind::LongPolling && receipts.cut_at.is_none() {
+        receipts.attached(schedule, tally);
     }
     loop {
         if kind == TransportKind::ShortPolling && !first {
@@ -494,17 +698,28 @@ async fn poll(
             reply = http.call(Method::GET, &path, "") => reply?,
         };
         let arrival = Instant::now();
-        if first && kind == TransportKind::ShortPolling {
-            tally.ready.fetch_add(1, Ordering::Relaxed);
-        }
-        first = false;
         let (status, body) = reply;
+        if status == hyper::StatusCode::CONFLICT {
+            // poll_in_progress: an earlier poll of the session is still held (on a node that
+            // died, until its lease lapses); the client library asks again after 150-300 ms.
+            tally.errors.fetch_add(1, Ordering::Relaxed);
+            let pause = Duration::from_millis(150 + rand::random::<u64>() % 150);
+            tokio::select! {
+                biased;
+                _ = schedule.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause) => continue,
+            }
+        }
         if !status.is_success() {
             tally.errors.fetch_add(1, Ordering::Relaxed);
             return Err(
                 format!("poll answered {status}: {}", String::from_utf8_lossy(&body)).into(),
             );
         }
+        if receipts.cut_at.is_some() || (first && kind == TransportKind::ShortPolling) {
+            receipts.attached(schedule, tally);
+        }
+        first = false;
         let reply: PollReply = serde_json::from_slice(&body)?;
         for event in &reply.events {
             receipts.event(event, arrival, schedule, tally);
@@ -518,7 +733,10 @@ async fn poll(
     }
 }
 
-/// Publishes the messages of one lane with `POST /commands`, in order, one at a time.
+/// Publishes the messages of one lane with `POST /commands`, in order, one at a time. With
+/// `retry` (`--resume`), a send that fails is sent again (the same `client_id`, so the server
+/// answers a retry of a send it took with the original) on the next node, after the client
+/// library's backoff, until it is taken or the run stops.
 pub async fn publish_http(
     connector: Arc<Connector>,
     wire: Arc<WireCounters>,
@@ -526,6 +744,7 @@ pub async fn publish_http(
     session: String,
     room: String,
     mut lane: mpsc::Receiver<u64>,
+    retry: bool,
 ) {
     let mut http = match connector.http(&wire).await {
         Ok(http) => http,
@@ -537,21 +756,36 @@ pub async fn publish_http(
     let path = format!("/v1/sessions/{session}/commands");
     while let Some(k) = lane.recv().await {
         let body = send_command(&room, &schedule, k);
-        match http.call(Method::POST, &path, body).await {
-            Ok((status, _)) if status.is_success() => {
-                schedule.published[k as usize].store(true, Ordering::Relaxed);
-            }
-            Ok((status, body)) => schedule.publish_failed(format!(
-                "POST /commands answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            )),
-            Err(e) => {
-                schedule.publish_failed(format!("POST /commands: {e}"));
-                match connector.http(&wire).await {
-                    Ok(fresh) => http = fresh,
-                    Err(_) => return,
+        let mut attempt = 0;
+        loop {
+            let failure = match http.call(Method::POST, &path, body.clone()).await {
+                Ok((status, reply)) if status.is_success() && command_ok(&reply) => {
+                    schedule.published[k as usize].store(true, Ordering::Relaxed);
+                    break;
                 }
+                Ok((status, body)) => format!(
+                    "POST /commands answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ),
+                Err(e) => {
+                    match connector.http(&wire).await {
+                        Ok(fresh) => http = fresh,
+                        Err(_) if !retry => return,
+                        Err(_) => {}
+                    }
+                    format!("POST /commands: {e}")
+                }
+            };
+            if !retry {
+                schedule.publish_failed(failure);
+                break;
             }
+            tracing::debug!(%failure, "a publisher sends again");
+            tokio::select! {
+                _ = schedule.stop.cancelled() => return,
+                _ = tokio::time::sleep(reconnect_delay(attempt)) => {}
+            }
+            attempt += 1;
         }
     }
 }

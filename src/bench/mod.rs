@@ -130,6 +130,19 @@ pub struct BenchArgs {
     /// streams (extended CONNECT).
     #[arg(long, default_value = "1.1", value_parser = ["1.1", "2"])]
     pub http: String,
+    /// Subscribers whose transport ends attach again, on the next node, from the last seq
+    /// they received, after the client library's backoff (250 ms doubling to 10 s, each at
+    /// 50-100 % at random); publishers send a failed message again. Reports how long the
+    /// resumes took and each second's latency, apart for the subscribers never cut off.
+    #[arg(long)]
+    pub resume: bool,
+    /// Send SIGKILL to this process (a node of the cluster under test) during the run, at
+    /// --kill-after into the measurement window: a resume storm (with --resume).
+    #[arg(long, requires = "resume")]
+    pub kill_pid: Option<i32>,
+    /// When --kill-pid is killed, from the start of the measurement window.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub kill_after: Duration,
     /// The switchyard binary to spawn (default: this executable).
     #[arg(long, hide = true)]
     pub server_exe: Option<PathBuf>,
@@ -181,6 +194,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         }
         println!("\nover {}", protocol(&args)?.describe());
         println!("{}", report::table(&report.transports));
+        if args.resume {
+            println!("{}", report::resume_table(&report.transports));
+        }
         if let Some(path) = &args.svg {
             let title = format!(
                 "switchyard: {} subscribers/transport, {} msg/s, {} B, {}",
@@ -225,6 +241,12 @@ fn validate(args: &BenchArgs) -> Result<(), String> {
     if args.transports.is_empty() {
         return Err("--transports must name at least one transport".into());
     }
+    if args.kill_pid.is_some() && args.kill_after >= args.duration {
+        return Err("--kill-after must fall within --duration".into());
+    }
+    if args.resume && args.baseline {
+        return Err("--resume measures switchyard's transports, not --baseline".into());
+    }
     if args.spawn && args.tls_cert.is_some() != args.tls_key.is_some() {
         return Err("--spawn with TLS needs both --tls-cert and --tls-key".into());
     }
@@ -260,6 +282,8 @@ fn config_json(args: &BenchArgs, open_files: u64) -> serde_json::Value {
         "idle": args.idle,
         "pin": args.pin,
         "publishers": lanes(args.rate),
+        "resume": args.resume,
+        "kill_after_s": args.kill_pid.map(|_| args.kill_after.as_secs_f64()),
         "open_files_limit": open_files,
     })
 }
@@ -525,7 +549,7 @@ async fn measure_on(
         .await
         .map_err(|e| format!("cannot reach the server at {:?}: {e}", target.addrs()))?;
     let setup = join_room(args, subjects, &connector, &mut control, &schedule).await?;
-    let (mut tasks, lane_senders) = attach_subscribers(&setup.groups, &connector, &schedule);
+    let (mut tasks, lane_senders) = attach_subscribers(&setup, &connector, &schedule);
     wait_attached(args, &setup.groups, &schedule).await?;
     let join_secs = setup_started.elapsed().as_secs_f64();
     eprintln!(
@@ -553,7 +577,8 @@ async fn measure_on(
     }
     if args.url.is_some() {
         // Leave the shared server as we found it (transports are closed already).
-        for (_, _, session) in &setup.sessions {
+        let publishers = setup.publishers.iter();
+        for session in setup.sessions.iter().map(|(_, _, s)| s).chain(publishers) {
             let _ = control
                 .call(Method::DELETE, &format!("/v1/sessions/{session}"), "")
                 .await;
@@ -598,6 +623,10 @@ struct Setup {
     sessions: Vec<(usize, usize, String)>,
     /// The longest presence interval the server named.
     presence_interval: Duration,
+    /// With `--resume`, sessions that only publish (one per lane): a publisher that sends a
+    /// message again is sent the original once more (the retry echo), which a subscriber
+    /// would count as a duplicate.
+    publishers: Vec<String>,
 }
 
 /// Phase 1: creates each subject's sessions and joins them to the run's room, before any
@@ -643,12 +672,23 @@ async fn join_room(
             })
             .collect();
         groups.push(Group {
-            tally: Arc::new(Tally::new(*subject)),
+            tally: Arc::new(match args.resume {
+                true => Tally::new(*subject).resuming(),
+                false => Tally::new(*subject),
+            }),
             subscriptions,
         });
     }
+    let publishers = match args.resume {
+        true => {
+            create_sessions(connector, &control_wire, "pub-", schedule.lanes)
+                .await?
+                .0
+        }
+        false => Vec::new(),
+    };
     let join = serde_json::json!({"type": "join", "room": room}).to_string();
-    for (_, _, session) in &sessions_made {
+    for session in sessions_made.iter().map(|(_, _, s)| s).chain(&publishers) {
         command(control, session, join.clone()).await?;
     }
     for (g, i, session) in &sessions_made {
@@ -658,14 +698,17 @@ async fn join_room(
         groups,
         sessions: sessions_made,
         presence_interval,
+        publishers,
     })
 }
 
 /// Phase 2: attaches every subscriber; lane L publishes through subscriber L of the first
-/// group (over its WebSocket, or over HTTP for the other transports). Returns the
-/// subscribers' tasks and each lane's sender.
+/// group (over its WebSocket, or over HTTP for the other transports), or with `--resume`
+/// through publisher session L over HTTP, sending a failed message again (a message written
+/// to a socket that then breaks may or may not have been taken: only a reply says). Returns
+/// the subscribers' tasks and each lane's sender.
 fn attach_subscribers(
-    groups: &[Group],
+    setup: &Setup,
     connector: &Arc<Connector>,
     schedule: &Arc<Schedule>,
 ) -> (JoinSet<(usize, Receipts)>, Vec<mpsc::Sender<u64>>) {
@@ -678,8 +721,30 @@ fn attach_subscribers(
         lane_receivers.push(Some(rx));
     }
     let publisher_wire = Arc::new(WireCounters::default());
+    let resume = !setup.publishers.is_empty();
+    let publish = |session: &str, room: &str, lane| {
+        tokio::spawn(clients::publish_http(
+            connector.clone(),
+            publisher_wire.clone(),
+            schedule.clone(),
+            session.to_owned(),
+            room.to_owned(),
+            lane,
+            resume,
+        ));
+    };
+    for (session, lane) in setup.publishers.iter().zip(&mut lane_receivers) {
+        let lane = lane.take().expect("each lane once");
+        publish(session, &schedule.room(), lane);
+        tokio::spawn(clients::hold(
+            connector.clone(),
+            publisher_wire.clone(),
+            schedule.clone(),
+            session.clone(),
+        ));
+    }
     let mut tasks: JoinSet<(usize, Receipts)> = JoinSet::new();
-    for (g, group) in groups.iter().enumerate() {
+    for (g, group) in setup.groups.iter().enumerate() {
         let shared = Shared {
             connector: connector.clone(),
             schedule: schedule.clone(),
@@ -695,14 +760,7 @@ fn attach_subscribers(
             let lane = match (sub.subject, lane) {
                 (Subject::Transport(TransportKind::WebSocket) | Subject::Baseline, lane) => lane,
                 (_, Some(rx)) => {
-                    tokio::spawn(clients::publish_http(
-                        connector.clone(),
-                        publisher_wire.clone(),
-                        schedule.clone(),
-                        sub.session.clone(),
-                        sub.room.clone(),
-                        rx,
-                    ));
+                    publish(&sub.session, &sub.room, rx);
                     None
                 }
                 (_, None) => None,
@@ -811,6 +869,22 @@ async fn publish_and_measure(
         })
     };
     let server = target.spawned();
+    if let Some(pid) = args.kill_pid {
+        let at = window.0 + args.kill_after;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            // SAFETY: kill(2) with a pid and a signal number; no memory is shared.
+            let killed = unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+            let second = at.saturating_duration_since(t0).as_secs_f64();
+            match killed {
+                true => eprintln!("  killed process {pid} (SIGKILL) at {second:.1} s"),
+                false => eprintln!(
+                    "!!! could not kill process {pid}: {}",
+                    std::io::Error::last_os_error()
+                ),
+            }
+        });
+    }
     tokio::time::sleep_until(window.0.into()).await;
     let start = snapshot(server);
     let wire_start: Vec<u64> = groups.iter().map(|g| g.tally.wire.total()).collect();
@@ -932,15 +1006,47 @@ fn report_rows(
             server_events_delivered,
             generator_cpu_percent: generator_cpu.map(percent),
             histogram: Some(histogram),
+            resume: resumes(tally, &receipts[g]),
         });
     }
     rows
 }
 
+/// What `--resume` measured for one subject.
+fn resumes(tally: &Tally, receipts: &[Receipts]) -> Option<report::Resumes> {
+    let storm = tally.storm.as_ref()?;
+    let storm = storm.lock().unwrap_or_else(|e| e.into_inner());
+    let of = |list: &[hdrhistogram::Histogram<u64>], at: usize| {
+        list.get(at).filter(|h| !h.is_empty()).map(Latency::of)
+    };
+    let seconds = storm
+        .survivors
+        .len()
+        .max(storm.resumed.len())
+        .max(storm.cuts.len())
+        .max(storm.resumes.len());
+    Some(report::Resumes {
+        cut_subscribers: receipts.iter().filter(|r| r.was_cut()).count() as u64,
+        resumed: storm.resume_us.len(),
+        resume_ms: Latency::of(&storm.resume_us),
+        seconds: (0..seconds)
+            .map(|at| report::Second {
+                second: at,
+                survivors_ms: of(&storm.survivors, at),
+                resumed_ms: of(&storm.resumed, at),
+                cuts: storm.cuts.get(at).copied().unwrap_or(0),
+                resumes: storm.resumes.get(at).copied().unwrap_or(0),
+            })
+            .collect(),
+    })
+}
+
 /// One line per row on stderr, with a warning for an unhealthy run.
 fn print_rows(rows: &[Row]) {
     for row in rows {
-        if let Some(counted) = row.server_events_delivered.filter(|&n| n != row.delivered) {
+        // Resumed transports are sent some events twice (once on the socket that broke).
+        let counted = row.server_events_delivered.filter(|_| row.resume.is_none());
+        if let Some(counted) = counted.filter(|&n| n != row.delivered) {
             eprintln!(
                 "  note: {}: the server's /metrics counted {counted} events delivered, the \
                  bench {} messages (they differ by error events or a reply in flight at the end)",

@@ -97,20 +97,92 @@ pub struct Row {
     /// Latency histogram, for the chart.
     #[serde(skip)]
     pub histogram: Option<Histogram<u64>>,
+    /// With `--resume`: the resumes and each second's latency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resumes>,
 }
 
 impl Row {
-    /// Whether anything was lost, repeated, reordered or refused.
+    /// Whether anything was lost, repeated, reordered or refused (with `--resume`, transports
+    /// cut off and refused requests are what the run is about: only a loss, a duplicate, a
+    /// reordering or a seq gap counts).
     pub fn unhealthy(&self) -> bool {
-        self.lost
-            + self.duplicated
-            + self.out_of_order
-            + self.seq_gaps
-            + self.publish_errors
-            + self.errors
-            + self.disconnects
-            > 0
+        let refused = match self.resume {
+            Some(_) => 0,
+            None => self.publish_errors + self.errors + self.disconnects,
+        };
+        self.lost + self.duplicated + self.out_of_order + self.seq_gaps + refused > 0
     }
+}
+
+/// What `--resume` measured for one transport.
+#[derive(Debug, Clone, Serialize)]
+pub struct Resumes {
+    /// Subscribers whose transport was cut off at least once.
+    pub cut_subscribers: u64,
+    /// Transports attached again after a cut.
+    pub resumed: u64,
+    /// From a transport's end to its next one attached.
+    pub resume_ms: Latency,
+    /// Second by second since message 0 was due.
+    pub seconds: Vec<Second>,
+}
+
+/// One second of a `--resume` run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Second {
+    /// Seconds since message 0 was due.
+    pub second: usize,
+    /// Latency of the messages that arrived in it, to subscribers never cut off.
+    pub survivors_ms: Option<Latency>,
+    /// The same, to subscribers cut off at least once.
+    pub resumed_ms: Option<Latency>,
+    /// Transports cut off in it.
+    pub cuts: u64,
+    /// Transports attached again in it.
+    pub resumes: u64,
+}
+
+/// The `--resume` table: per transport, the resumes, then each second.
+pub fn resume_table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for row in rows {
+        let Some(resume) = &row.resume else {
+            continue;
+        };
+        let r = &resume.resume_ms;
+        out.push_str(&format!(
+            "{}: {} subscribers cut off, {} resumes; resume took p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms\n",
+            row.transport, resume.cut_subscribers, resume.resumed, r.p50, r.p99, r.max
+        ));
+        out.push_str(&format!(
+            "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6} {:>7}\n",
+            "second",
+            "surv p50",
+            "surv p99",
+            "surv max",
+            "res p50",
+            "res p99",
+            "res max",
+            "cuts",
+            "resumes"
+        ));
+        for second in &resume.seconds {
+            let cells = |l: &Option<Latency>| match l {
+                Some(l) => format!("{:>10.1} {:>10.1} {:>10.1}", l.p50, l.p99, l.max),
+                None => format!("{:>10} {:>10} {:>10}", "-", "-", "-"),
+            };
+            out.push_str(&format!(
+                "{:>6} {} {} {:>6} {:>7}\n",
+                second.second,
+                cells(&second.survivors_ms),
+                cells(&second.resumed_ms),
+                second.cuts,
+                second.resumes
+            ));
+        }
+    }
+    out
 }
 
 /// Idle memory of one transport.

@@ -301,9 +301,36 @@ impl Connector {
     }
 
     /// A new TCP connection to the next target with TCP_NODELAY, counted into `counters`
-    /// (never TLS).
+    /// (never TLS). A target that refuses is passed over for the next, as a load balancer
+    /// passes over a server that is down (nginx's `proxy_next_upstream error`).
     pub async fn connect(&self, counters: &Arc<WireCounters>) -> io::Result<Counted<TcpStream>> {
-        self.connect_to(self.next_target(), counters).await
+        let mut tries = 1;
+        loop {
+            match self.connect_to(self.next_target(), counters).await {
+                Err(e) if tries < self.targets.len() => {
+                    tracing::debug!(error = %e, "a target refused: trying the next");
+                    tries += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// The next target that accepts a connection, and the connection in the protocol's TLS
+    /// (see [`Connector::connect`]).
+    async fn next_wire(&self, counters: &Arc<WireCounters>) -> io::Result<(SocketAddr, Wire)> {
+        let mut tries = 1;
+        loop {
+            let target = self.next_target();
+            match self.wire(target, counters).await {
+                Ok(wire) => return Ok((target, wire)),
+                Err(e) if tries < self.targets.len() => {
+                    tracing::debug!(error = %e, %target, "a target refused: trying the next");
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn connect_to(
@@ -337,14 +364,22 @@ impl Connector {
         }
     }
 
-    /// Keep-alive connections in the protocol's HTTP version, one to each target.
+    /// Keep-alive connections in the protocol's HTTP version, one to each target that
+    /// answers (a cluster's node may be down); `Err` if none does.
     pub async fn http(&self, counters: &Arc<WireCounters>) -> io::Result<Http> {
         let mut conns = Vec::with_capacity(self.targets.len());
         // Starting at the next target, so one-shot requests spread too.
         let first = self.next_target.fetch_add(1, Ordering::Relaxed);
+        let mut failure = None;
         for i in 0..self.targets.len() {
             let target = self.targets[(first + i) % self.targets.len()];
-            conns.push(self.conn(target, counters).await?);
+            match self.conn(target, counters).await {
+                Ok(conn) => conns.push(conn),
+                Err(e) => failure = Some(e),
+            }
+        }
+        if let (true, Some(failure)) = (conns.is_empty(), failure) {
+            return Err(failure);
         }
         Ok(Http {
             conns,
@@ -382,15 +417,15 @@ impl Connector {
         counters: &Arc<WireCounters>,
     ) -> Result<(Socket, Option<Http>), Box<dyn std::error::Error + Send + Sync>> {
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
-        let target = self.next_target();
         if !self.protocol.http2 {
-            let wire: Box<dyn Io> = Box::new(self.wire(target, counters).await?);
+            let (target, wire) = self.next_wire(counters).await?;
+            let wire: Box<dyn Io> = Box::new(wire);
             let url = format!("{}://{}{path}", self.protocol.scheme(true), target);
             let (socket, _) =
                 tokio_tungstenite::client_async_with_config(url, wire, Some(config)).await?;
             return Ok((socket, None));
         }
-        let mut conn = self.conn(target, counters).await?;
+        let mut conn = self.conn(self.next_target(), counters).await?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(format!(

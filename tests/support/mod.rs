@@ -749,6 +749,9 @@ pub fn short_bench(url: String, clients: usize) -> switchyard::bench::BenchArgs 
         tls_cert: None,
         tls_key: None,
         http: "1.1".into(),
+        resume: false,
+        kill_pid: None,
+        kill_after: Duration::ZERO,
     }
 }
 
