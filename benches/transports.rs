@@ -37,6 +37,9 @@ fn main() {
         tls_cert: None,
         tls_key: None,
         http: "1.1".into(),
+        resume: false,
+        kill_pid: None,
+        kill_after: Duration::ZERO,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
