@@ -86,22 +86,14 @@ async fn soak_loses_and_repeats_nothing_while_the_population_changes() {
         warmup: Duration::ZERO,
         payload_bytes: 64,
         short_poll_ms: 200,
-        transports: TransportKind::ALL.to_vec(),
         concurrent: false,
-        baseline: false,
-        idle: None,
-        pin: false,
-        source_addrs: 4,
         json: Some(out.path().join("soak.json")),
         svg: Some(out.path().join("soak.svg")),
-        quiet: true,
         // A short heartbeat and small socket buffers, so stalled slow readers are closed
         // within the run.
         server_args: vec!["--heartbeat=1s".into(), "--socket-send-buffer=4096".into()],
         server_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))),
-        tls_cert: None,
-        tls_key: None,
-        http: "1.1".into(),
+        ..support::short_bench(String::new(), 1)
     };
     let soak = SoakArgs {
         soak: Some(Duration::from_secs(8)),
