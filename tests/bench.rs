@@ -10,7 +10,6 @@ use std::time::Duration;
 use support::TestServer;
 use switchyard::bench::soak::{self, SoakArgs};
 use switchyard::bench::{run, BenchArgs};
-use switchyard::protocol::TransportKind;
 
 /// A short run of every transport at once against `url`; every delivery is counted once and
 /// the server's `/metrics` agrees.
