@@ -476,6 +476,48 @@ async fn while_redis_is_down_commands_fail_as_unavailable_and_work_again_after()
 }
 
 #[tokio::test]
+async fn a_poll_past_the_held_polls_point_takes_its_lease_and_one_not_past_it_is_refused() {
+    let redis = RedisServer::start().await;
+    let sequencer = sequencer(&redis).await;
+    sequencer.create("s1", "ann", None).await.unwrap();
+    let create = log_records(&redis).len();
+    let poll = |node: &'static str, attachment: &'static str, after| {
+        let sequencer = sequencer.clone();
+        async move {
+            sequencer
+                .attach("s1", node, attachment, TransportKind::LongPolling, after)
+                .await
+                .expect("redis answers")
+        }
+    };
+    assert!(matches!(poll("A", "A:1", 4).await, Attach::Attached { .. }));
+    for (attachment, after) in [("B:1", 4), ("B:2", 3)] {
+        assert_eq!(
+            poll("B", attachment, after).await,
+            Attach::PollHeldBy("A:1".into()),
+            "after={after}: A:1 (after=4) may still be waiting"
+        );
+    }
+    // Resuming past 4: A:1's reply handed the client those seqs, so A:1 has ended.
+    assert!(matches!(poll("B", "B:3", 7).await, Attach::Attached { .. }));
+    assert_eq!(
+        log_records(&redis).len(),
+        create,
+        "no entry: nothing runs to be closed"
+    );
+    let renewal = sequencer
+        .renew("s1", "A", "A:1", TransportKind::LongPolling, false)
+        .await
+        .unwrap();
+    assert_eq!(renewal, Renewal::Lost, "had A:1 still run, it learns here");
+    assert_eq!(
+        poll("C", "C:1", 7).await,
+        Attach::PollHeldBy("B:3".into()),
+        "B:3 holds it now"
+    );
+}
+
+#[tokio::test]
 async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
     let redis = RedisServer::start().await;
     let sequencer = sequencer(&redis).await;
@@ -484,7 +526,7 @@ async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
         let sequencer = sequencer.clone();
         async move {
             sequencer
-                .attach("s1", node, attachment, kind)
+                .attach("s1", node, attachment, kind, 0)
                 .await
                 .expect("redis answers")
         }
@@ -566,7 +608,7 @@ async fn one_transport_at_a_time_and_one_poll_at_a_time_across_nodes() {
         "detached: nothing to supersede"
     );
     let unknown = sequencer
-        .attach("nope", "A", "A:3", TransportKind::WebSocket)
+        .attach("nope", "A", "A:3", TransportKind::WebSocket, 0)
         .await
         .unwrap();
     assert_eq!(unknown, Attach::UnknownSession);
@@ -612,6 +654,7 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
                 "A",
                 &format!("A:{session}"),
                 TransportKind::WebSocket,
+                0,
             )
             .await
             .unwrap();

@@ -304,11 +304,13 @@ impl Connector {
     /// (never TLS). A target that refuses is passed over for the next, as a load balancer
     /// passes over a server that is down (nginx's `proxy_next_upstream error`).
     pub async fn connect(&self, counters: &Arc<WireCounters>) -> io::Result<Counted<TcpStream>> {
+        let first = self.next_target.fetch_add(1, Ordering::Relaxed);
         let mut tries = 1;
         loop {
-            match self.connect_to(self.next_target(), counters).await {
+            let target = self.targets[(first + tries - 1) % self.targets.len()];
+            match self.connect_to(target, counters).await {
                 Err(e) if tries < self.targets.len() => {
-                    tracing::debug!(error = %e, "a target refused: trying the next");
+                    tracing::debug!(error = %e, %target, "a target refused: trying the next");
                     tries += 1;
                 }
                 done => return done,
@@ -319,9 +321,10 @@ impl Connector {
     /// The next target that accepts a connection, and the connection in the protocol's TLS
     /// (see [`Connector::connect`]).
     async fn next_wire(&self, counters: &Arc<WireCounters>) -> io::Result<(SocketAddr, Wire)> {
+        let first = self.next_target.fetch_add(1, Ordering::Relaxed);
         let mut tries = 1;
         loop {
-            let target = self.next_target();
+            let target = self.targets[(first + tries - 1) % self.targets.len()];
             match self.wire(target, counters).await {
                 Ok(wire) => return Ok((target, wire)),
                 Err(e) if tries < self.targets.len() => {

@@ -12,7 +12,8 @@
 -- prefix of sessions, 7 the most sessions one sweep ends, then by kind:
 --   create:         8 name, 9 user ('' without a token), 10 rules ('' for any room),
 --                   11 token expiry (ms, '' for none)
---   attach:         8 node, 9 attachment, 10 the transport's kind (its wire name)
+--   attach:         8 node, 9 attachment, 10 the transport's kind (its wire name),
+--                   11 a poll's resume point ('' for a stream)
 --   renew:          8 attachment, 9 node, 10 the transport's kind, 11 'retake' to take a
 --                   lapsed lease again (else a lapsed lease answers {'err', 'lapsed'})
 --   detach:         8 attachment
@@ -68,14 +69,25 @@ local held = lease[1] ~= false
 local function is_poll(kind) return kind == 'long-polling' or kind == 'short-polling' end
 
 if kind == 'attach' then
-  if held and is_poll(lease[3]) and is_poll(ARGV[10]) then
-    return {'err', 'poll_in_progress', lease[2]}
+  -- A poll held while another asks: the second is refused, unless it resumes past the held
+  -- one's resume point. Only that poll's reply can have told the client of later seqs, so
+  -- it has ended: its node leaves a poll that handed out events its lease (saving a script
+  -- per poll) for the next poll to take here, or to lapse. Should it still run after all,
+  -- its node learns at its next renewal that the lease went to another attachment.
+  local polls = held and is_poll(lease[3]) and is_poll(ARGV[10])
+  if polls then
+    local before = tonumber(redis.call('HGET', KEYS[2], 'after'))
+    local after = tonumber(ARGV[11])
+    if not (before and after and after > before) then
+      return {'err', 'poll_in_progress', lease[2]}
+    end
   end
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[2], 'node', ARGV[8], 'attachment', ARGV[9], 'kind', ARGV[10])
+  if ARGV[11] ~= '' then redis.call('HSET', KEYS[2], 'after', ARGV[11]) end
   redis.call('PEXPIRE', KEYS[2], int(lease_ms))
   schedule(KEYS[3], KEYS[1], session, ms + lease_ms + ttl)
-  if held then
+  if held and not polls then
     -- The node holding the transport this one supersedes closes it when it reads the entry.
     append(KEYS[4], KEYS[5], retention, '{"k":"attach","s":' .. q(session)
       .. ',"node":' .. q(ARGV[8]) .. ',"attachment":' .. q(ARGV[9])

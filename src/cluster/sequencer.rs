@@ -423,16 +423,28 @@ impl Sequencer {
 
     /// Attaches transport `attachment` of `kind`, served by `node`, to `session`: it holds
     /// the session's attach lease until it detaches, supersedes it, or stops renewing it.
-    /// The attachment it supersedes, if any, is told so by an `attach` entry.
+    /// The attachment it supersedes, if any, is told so by an `attach` entry. A poll (resuming
+    /// after `after`) is refused while another poll holds the lease, unless it resumes past
+    /// that one's point: that poll has ended, its reply handed the client those seqs, and its
+    /// node left it the lease ([`crate::hub::Hub::release`]); no entry then.
     pub async fn attach(
         &self,
         session: &str,
         node: &str,
         attachment: &str,
         kind: TransportKind,
+        after: u64,
     ) -> Result<Attach, Unavailable> {
+        let after = match kind.is_poll() {
+            true => after.to_string(),
+            false => String::new(),
+        };
         let reply = self
-            .lifecycle_call("attach", session, &[node, attachment, kind.as_str()])
+            .lifecycle_call(
+                "attach",
+                session,
+                &[node, attachment, kind.as_str(), &after],
+            )
             .await?;
         match reply.as_slice() {
             [status, last] if status == "ok" && last.is_empty() => {

@@ -65,6 +65,11 @@ impl Detach {
         }
     }
 
+    /// Stops renewing the lease and leaves it to the session's next poll (or to lapse).
+    fn forget(self) {
+        lock(&self.link.leases).remove(&self.id);
+    }
+
     async fn run(self) {
         lock(&self.link.leases).remove(&self.id);
         let name = super::attachment_name(&self.link.node, self.id);
@@ -304,7 +309,9 @@ impl Hub {
         let name = super::attachment_name(&link.node, id);
         let mut cleared = false;
         let last = loop {
-            let attach = link.sequencer.attach(session_id, &link.node, &name, kind);
+            let attach = link
+                .sequencer
+                .attach(session_id, &link.node, &name, kind, after);
             match attach.await.map_err(unavailable)? {
                 Attach::Attached { last } => break last,
                 Attach::UnknownSession => return Err(refusal::unknown_session(session_id)),
@@ -352,13 +359,18 @@ impl Hub {
         node == &*link.node && !lock(&link.leases).contains_key(&id)
     }
 
-    /// Ends an attachment and, on a cluster node, gives up its lease before returning (a
-    /// poll's client may poll another node as soon as it has the reply).
-    pub async fn release(&self, mut attachment: Attachment) {
+    /// Ends a poll's attachment before its reply is sent. On a cluster node it gives up its
+    /// lease first (the client may poll another node as soon as it has the reply), unless the
+    /// reply `handed_events`: the client's next poll then resumes past this one's point, and
+    /// the sequencer lets it take the lease wherever it lands, so the lease is left to it (or
+    /// to lapse), which saves a script per poll.
+    pub async fn release(&self, mut attachment: Attachment, handed_events: bool) {
         let detach = attachment.detach.take();
         drop(attachment);
-        if let Some(detach) = detach {
-            detach.run().await;
+        match detach {
+            Some(detach) if handed_events => detach.forget(),
+            Some(detach) => detach.run().await,
+            None => {}
         }
     }
 

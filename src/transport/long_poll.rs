@@ -29,7 +29,8 @@ pub async fn poll(
         delivery = attachment.next(WRITE_BATCH) => delivery,
         _ = tokio::time::sleep(wait) => Delivery::Events(Vec::new()),
     };
+    let handed_events = matches!(&delivery, Delivery::Events(events) if !events.is_empty());
     let answer = answer_poll(&attachment, delivery, http);
-    hub.release(attachment).await;
+    hub.release(attachment, handed_events).await;
     Ok(answer)
 }

@@ -4,7 +4,7 @@
 
 use hyper::Response;
 
-use crate::hub::Hub;
+use crate::hub::{Delivery, Hub};
 use crate::metrics::Http;
 use crate::protocol::{ErrorBody, TransportKind};
 
@@ -23,7 +23,8 @@ pub async fn poll(
     hub.metrics()
         .attached_over(TransportKind::ShortPolling, http);
     let delivery = attachment.ready(WRITE_BATCH);
+    let handed_events = matches!(&delivery, Delivery::Events(events) if !events.is_empty());
     let answer = answer_poll(&attachment, delivery, http);
-    hub.release(attachment).await;
+    hub.release(attachment, handed_events).await;
     Ok(answer)
 }
