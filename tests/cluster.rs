@@ -477,6 +477,13 @@ async fn a_node_restarted_after_the_log_was_trimmed_joins_with_a_snapshot_and_a_
     assert_eq!(next["text"], "after", "{next}");
     assert_eq!(next["seq"], before.len() as u64 + 1, "{next}");
     cluster.nodes[0] = Some(restarted);
+    // A single server is refused the cluster's database while its nodes run.
+    let url = cluster.redis.url();
+    let refused = support::failing_start(&["--history-store", &url]).await;
+    assert!(
+        refused.contains("in use by a switchyard cluster"),
+        "{refused}"
+    );
 
     // The whole cluster stopped, then started again: nobody holds the previous run's
     // sessions, so a new log starts; room history is kept.
@@ -533,4 +540,54 @@ async fn a_starting_node_passes_over_a_running_node_that_sends_no_snapshot() {
         .json(Method::GET, &format!("/v1/sessions/{ann}"), None::<Value>)
         .await;
     assert_eq!(described.1["rooms"], json!(["r"]), "{described:?}");
+}
+
+#[tokio::test]
+async fn behind_the_documented_haproxy_a_dead_node_is_taken_out_and_its_sessions_resume_through_it()
+{
+    let mut cluster = Cluster::start(&[]).await;
+    // docs/deploy.md's HAProxy defaults and frontend, with its cluster backend.
+    let single = support::proxy::block("haproxy");
+    let head = &single[..single.find("\nbackend switchyard").expect("a backend") + 1];
+    let mut backend = support::proxy::block("haproxy cluster");
+    for (placeholder, addr) in ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"]
+        .into_iter()
+        .zip(cluster.addrs())
+    {
+        assert!(backend.contains(placeholder), "{placeholder} in the block");
+        backend = backend.replace(placeholder, &addr.to_string());
+    }
+    let proxy = support::proxy::Proxy::haproxy(format!("{head}{backend}")).await;
+    let client = proxy.client();
+    scenarios::each_transport_alone(&client).await;
+    scenarios::hopping(&client).await;
+
+    let ann = client.session("ann").await;
+    client.ok(&ann, join("r")).await;
+    for i in 0..5 {
+        client
+            .ok(&ann, send("r", &format!("m{i}"), &format!("c{i}")))
+            .await;
+    }
+    cluster.kill(0).await;
+    within("HAProxy to send nothing more to the dead node", async {
+        let mut in_a_row = 0;
+        while in_a_row < 10 {
+            let path = format!("/v1/sessions/{ann}");
+            let (status, _, _) = client.request(Method::GET, &path, &[], "").await;
+            if status == StatusCode::OK {
+                in_a_row += 1;
+            } else {
+                in_a_row = 0;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    })
+    .await;
+    // Through the proxy, on a survivor, from its start: every message once.
+    let mut events = client.attach(TransportKind::Sse, &ann, 0).await;
+    let mut texts = Vec::new();
+    messages(&mut events, &mut texts, 5).await;
+    let expected: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected);
 }

@@ -317,7 +317,7 @@ const DEADLINES: &str = "switchyard:c:deadlines";
 /// The node that appends `flush` entries (a lease).
 const TICKER: &str = "switchyard:c:ticker";
 /// The running nodes, each with its last beat.
-const NODES: &str = "switchyard:c:nodes";
+pub(crate) const NODES: &str = "switchyard:c:nodes";
 /// Beats, starts and leaves of nodes.
 const MEMBERSHIP: &str = include_str!("membership.lua");
 /// How long a node's beat counts: a node that beat more recently is running.

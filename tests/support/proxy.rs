@@ -17,6 +17,18 @@ const HAPROXY: &str = "/usr/sbin/haproxy";
 /// The first fenced block of `lang` in docs/deploy.md, with its listen address and upstream
 /// replaced by `listen` and `upstream`.
 pub fn documented(lang: &str, listen: &str, upstream: SocketAddr) -> String {
+    let block = block(lang);
+    for placeholder in ["127.0.0.1:8080", listen.split_whitespace().next().unwrap()] {
+        assert!(
+            block.contains(placeholder),
+            "{placeholder} in the {lang} block"
+        );
+    }
+    block.replace("127.0.0.1:8080", &upstream.to_string())
+}
+
+/// The first fenced block whose info string is `lang` in docs/deploy.md, as it stands.
+pub fn block(lang: &str) -> String {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deploy.md"))
         .expect("docs/deploy.md");
     let start = doc
@@ -25,14 +37,7 @@ pub fn documented(lang: &str, listen: &str, upstream: SocketAddr) -> String {
         + lang.len()
         + 4;
     let end = start + doc[start..].find("```").expect("the block ends");
-    let block = &doc[start..end];
-    for placeholder in ["127.0.0.1:8080", listen.split_whitespace().next().unwrap()] {
-        assert!(
-            block.contains(placeholder),
-            "{placeholder} in the {lang} block"
-        );
-    }
-    block.replace("127.0.0.1:8080", &upstream.to_string())
+    doc[start..end].to_owned()
 }
 
 /// A proxy process on a free loopback port, killed on drop.
