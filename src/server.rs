@@ -90,7 +90,9 @@ pub async fn build_hub(config: &Config) -> Result<Hub, String> {
         .map_err(|e| in_redis(e.0))?
         .keeping(config.history_keep)
         .counting(metrics.cluster().redis_calls.clone());
-    Hub::clustered(hub_config, store, metrics, sequencer, client, &cluster.node).await
+    Hub::clustered(hub_config, store, metrics, sequencer, client, &cluster.node)
+        .await
+        .map_err(in_redis)
 }
 
 /// Like [`run`], with a hub (from [`build_hub`], or `Hub::new(config.hub_config())`) the

@@ -72,6 +72,16 @@ impl Cluster {
         self.nodes.iter().flatten().map(|node| node.addr).collect()
     }
 
+    /// Every live node's URL, comma-separated (for `bench --url`).
+    fn urls(&self) -> String {
+        let urls: Vec<String> = self
+            .addrs()
+            .iter()
+            .map(|addr| format!("http://{addr}"))
+            .collect();
+        urls.join(",")
+    }
+
     /// A client for every live node, round robin.
     fn client(&self) -> TestServer {
         TestServer::round_robin(&self.addrs())
@@ -343,12 +353,7 @@ async fn a_node_stopped_with_sigterm_tells_its_clients_and_they_resume_on_anothe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_spreads_its_clients_over_the_nodes_and_counts_every_delivery() {
     let cluster = Cluster::start(&[]).await;
-    let urls: Vec<String> = cluster
-        .addrs()
-        .iter()
-        .map(|addr| format!("http://{addr}"))
-        .collect();
-    let args = support::short_bench(urls.join(","), 6);
+    let args = support::short_bench(cluster.urls(), 6);
     let report = within("the bench run", switchyard::bench::run(args))
         .await
         .expect("bench ran");
@@ -381,11 +386,6 @@ async fn bench_spreads_its_clients_over_the_nodes_and_counts_every_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_resume_storm_kills_a_node_and_every_subscriber_resumes_with_nothing_lost() {
     let cluster = Cluster::start(&[]).await;
-    let urls: Vec<String> = cluster
-        .addrs()
-        .iter()
-        .map(|addr| format!("http://{addr}"))
-        .collect();
     let victim = cluster.nodes[0].as_ref().expect("a live node").pid();
     let args = switchyard::bench::BenchArgs {
         transports: vec![TransportKind::WebSocket, TransportKind::Sse],
@@ -393,7 +393,7 @@ async fn bench_resume_storm_kills_a_node_and_every_subscriber_resumes_with_nothi
         resume: true,
         kill_pid: Some(victim as i32),
         kill_after: Duration::from_millis(300),
-        ..support::short_bench(urls.join(","), 6)
+        ..support::short_bench(cluster.urls(), 6)
     };
     let report = within("the bench run", switchyard::bench::run(args))
         .await

@@ -16,7 +16,7 @@ use support::redis::RedisServer;
 use support::within;
 use switchyard::cluster::log::LOG;
 use switchyard::cluster::sequencer::{
-    Attach, Decision, Ending, Record, Renewal, Sequencer, Unavailable,
+    Attach, Decision, Ending, Record, Renewal, Sequencer, Unavailable, NODE_SILENCE,
 };
 use switchyard::hub::{BatchLimit, CommandResult, Delivery, Hub, HubConfig, Identity, Session};
 use switchyard::protocol::{Command, ErrorCode, TransportKind};
@@ -515,6 +515,18 @@ async fn a_poll_past_the_held_polls_point_takes_its_lease_and_one_not_past_it_is
         Attach::PollHeldBy("B:3".into()),
         "B:3 holds it now"
     );
+    // Node B beat, then stopped (it died): its poll is not waited for.
+    let mut conn = redis.connection();
+    let time: (u64, u64) = redis::cmd("TIME").query(&mut conn).unwrap();
+    let silent = time.0 * 1000 - NODE_SILENCE.as_millis() as u64 - 500;
+    redis::cmd("ZADD")
+        .arg("switchyard:c:nodes")
+        .arg(silent)
+        .arg("B")
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert!(matches!(poll("C", "C:2", 7).await, Attach::Attached { .. }));
+    assert_eq!(log_records(&redis).len(), create, "still no entry");
 }
 
 #[tokio::test]

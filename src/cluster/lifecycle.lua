@@ -7,13 +7,15 @@
 -- after its attach lease lapses. A node that dies stops renewing its leases, so its sessions
 -- fall due a lease and a TTL after its last renewal.
 --
--- KEYS: 1 session, 2 its attach lease, 3 deadlines, 4 log, 5 log last.
+-- KEYS: 1 session, 2 its attach lease, 3 deadlines, 4 log, 5 log last, 6 the running nodes'
+-- beats (membership.lua).
 -- ARGV: 1 kind, 2 session id, 3 lease (ms), 4 TTL (ms), 5 log retention (ms), 6 the key
 -- prefix of sessions, 7 the most sessions one sweep ends, then by kind:
 --   create:         8 name, 9 user ('' without a token), 10 rules ('' for any room),
 --                   11 token expiry (ms, '' for none)
 --   attach:         8 node, 9 attachment, 10 the transport's kind (its wire name),
---                   11 a poll's resume point ('' for a stream)
+--                   11 a poll's resume point ('' for a stream), 12 how long (ms) a node
+--                   that stopped beating still counts as holding its polls
 --   renew:          8 attachment, 9 node, 10 the transport's kind, 11 'retake' to take a
 --                   lapsed lease again (else a lapsed lease answers {'err', 'lapsed'})
 --   detach:         8 attachment
@@ -74,11 +76,16 @@ if kind == 'attach' then
   -- it has ended: its node leaves a poll that handed out events its lease (saving a script
   -- per poll) for the next poll to take here, or to lapse. Should it still run after all,
   -- its node learns at its next renewal that the lease went to another attachment.
+  -- A poll held by a node that stopped beating (it died) is not waited for either: its lease
+  -- would block the session's polls until it lapses. (A node with no beat at all is taken
+  -- as running: only a node that beat and then stopped is judged dead.)
   local polls = held and is_poll(lease[3]) and is_poll(ARGV[10])
   if polls then
     local before = tonumber(redis.call('HGET', KEYS[2], 'after'))
     local after = tonumber(ARGV[11])
-    if not (before and after and after > before) then
+    local beat = tonumber(redis.call('ZSCORE', KEYS[6], lease[1]))
+    local dead = beat ~= nil and beat < ms - tonumber(ARGV[12])
+    if not (before and after and after > before) and not dead then
       return {'err', 'poll_in_progress', lease[2]}
     end
   end

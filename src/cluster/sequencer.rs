@@ -322,6 +322,9 @@ pub(crate) const NODES: &str = "switchyard:c:nodes";
 const MEMBERSHIP: &str = include_str!("membership.lua");
 /// How long a node's beat counts: a node that beat more recently is running.
 pub const BEAT_LIFE: Duration = Duration::from_secs(6);
+/// How long a node that stopped beating (every [`BEAT_LIFE`] / 3) still counts as holding its
+/// polls: a poll at the same point on another node takes the lease of a poll it held.
+pub const NODE_SILENCE: Duration = Duration::from_secs(3);
 /// How long a snapshot written for a starting node is kept for it.
 pub const SNAPSHOT_LIFE: Duration = Duration::from_secs(60);
 
@@ -425,8 +428,9 @@ impl Sequencer {
     /// the session's attach lease until it detaches, supersedes it, or stops renewing it.
     /// The attachment it supersedes, if any, is told so by an `attach` entry. A poll (resuming
     /// after `after`) is refused while another poll holds the lease, unless it resumes past
-    /// that one's point: that poll has ended, its reply handed the client those seqs, and its
-    /// node left it the lease ([`crate::hub::Hub::release`]); no entry then.
+    /// that one's point (that poll has ended, its reply handed the client those seqs, and its
+    /// node left it the lease: [`crate::hub::Hub::release`]), or the node holding it stopped
+    /// beating [`NODE_SILENCE`] ago (it died); no entry then.
     pub async fn attach(
         &self,
         session: &str,
@@ -439,13 +443,9 @@ impl Sequencer {
             true => after.to_string(),
             false => String::new(),
         };
-        let reply = self
-            .lifecycle_call(
-                "attach",
-                session,
-                &[node, attachment, kind.as_str(), &after],
-            )
-            .await?;
+        let silence = millis(NODE_SILENCE).to_string();
+        let args = [node, attachment, kind.as_str(), &after, &silence];
+        let reply = self.lifecycle_call("attach", session, &args).await?;
         match reply.as_slice() {
             [status, last] if status == "ok" && last.is_empty() => {
                 Ok(Attach::Attached { last: LogId::ZERO })
@@ -619,6 +619,7 @@ impl Sequencer {
             .key(DEADLINES)
             .key(LOG)
             .key(LAST)
+            .key(NODES)
             .arg(kind)
             .arg(session)
             .arg(millis(self.lease))
