@@ -121,53 +121,95 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-/// A cluster node applying a room message for `members` sessions it keeps but does not serve
-/// (docs/cluster.md, section 3): the cost every node pays for every session.
-fn replicate(c: &mut Criterion) {
+/// A cluster node's hub holding `members` sessions in one room (applied from the log, as a
+/// node keeps the sessions it does not serve), and a function applying one more record.
+fn replica_of(members: usize) -> (Hub, impl Fn(switchyard::cluster::sequencer::Record)) {
     use switchyard::cluster::sequencer::Record;
-    let mut group = c.benchmark_group("replicate one send record");
-    for members in [1usize, 100, 10_000] {
-        let hub = Hub::new(Config::default().hub_config());
-        let apply = |record: Record| {
+    let hub = Hub::new(Config::default().hub_config());
+    let apply = {
+        let hub = hub.clone();
+        move |record: Record| {
             RUNTIME
                 .with(|runtime| runtime.block_on(hub.replicate(record, "A")))
                 .expect("applied");
-        };
-        for i in 0..members {
-            let session = format!("s{i}");
-            apply(Record::Create {
-                session: session.clone(),
-                name: format!("u{i}"),
-                user: None,
-                rules: None,
-                expires: None,
-            });
-            apply(Record::Join {
-                session,
-                room: "lobby".into(),
-                ts: 0,
-                last: 0,
-            });
         }
+    };
+    for i in 0..members {
+        let session = format!("s{i}");
+        apply(Record::Create {
+            session: session.clone(),
+            name: format!("u{i}"),
+            user: None,
+            rules: None,
+            expires: None,
+        });
+        apply(Record::Join {
+            session,
+            room: "lobby".into(),
+            ts: 0,
+            last: 0,
+        });
+    }
+    (hub, apply)
+}
+
+/// Message `id` of the bench's room, as a `send` record.
+fn send_record(id: u64) -> switchyard::cluster::sequencer::Record {
+    switchyard::cluster::sequencer::Record::Send {
+        session: "s0".into(),
+        message: switchyard::protocol::Message {
+            room: "lobby".into(),
+            id,
+            from: "u0".into(),
+            text: "hello everyone, this is a chat message".into(),
+            ts: 1_700_000_000_000_000 + id,
+            client_id: format!("c{id}"),
+        },
+    }
+}
+
+/// A cluster node applying a room message for `members` sessions it keeps but does not serve
+/// (docs/cluster.md, section 3): the cost every node pays for every session.
+fn replicate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("replicate one send record");
+    for members in [1usize, 100, 10_000] {
+        let (_hub, apply) = replica_of(members);
         let mut id = 0u64;
         group.throughput(Throughput::Elements(members as u64));
         group.bench_with_input(BenchmarkId::from_parameter(members), &members, |b, _| {
             b.iter(|| {
                 id += 1;
-                apply(Record::Send {
-                    session: "s0".into(),
-                    message: switchyard::protocol::Message {
-                        room: "lobby".into(),
-                        id,
-                        from: "u0".into(),
-                        text: "hello everyone, this is a chat message".into(),
-                        ts: 1_700_000_000_000_000 + id,
-                        client_id: format!("c{id}"),
-                    },
-                })
+                apply(send_record(id))
             })
         });
     }
+    group.finish();
+}
+
+/// A snapshot for a starting node (docs/cluster.md, section 3), taken and restored: 10,000
+/// sessions in one room, each keeping its joins' presence and 200 messages. The node asked
+/// applies no log entry while it takes one.
+fn snapshot(c: &mut Criterion) {
+    let (hub, apply) = replica_of(10_000);
+    for id in 1..=200 {
+        apply(send_record(id));
+    }
+    hub.settle();
+    let taken = hub.snapshot();
+    eprintln!(
+        "snapshot of 10,000 sessions x 200 messages: {} bytes",
+        taken.len()
+    );
+    let mut group = c.benchmark_group("snapshot of 10,000 sessions");
+    group.sample_size(10);
+    group.bench_function("take", |b| b.iter(|| hub.snapshot()));
+    group.bench_function("restore", |b| {
+        b.iter(|| {
+            let fresh = Hub::new(Config::default().hub_config());
+            fresh.restore(&taken).expect("restored");
+            fresh
+        })
+    });
     group.finish();
 }
 
@@ -219,6 +261,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = encoding, fan_out, replicate, replay
+    targets = encoding, fan_out, replicate, snapshot, replay
 }
 criterion_main!(benches);

@@ -53,11 +53,12 @@ impl Hub {
                 }
                 return Ok(());
             }
-            Record::Send { message, session } => {
+            Record::Send { message, .. } => {
                 let mut chat = lock(&self.inner.chat);
                 chat.last_message_id = chat.last_message_id.max(message.id);
+                // The sequencer keeps the retry table: no echo is kept here.
                 Entry::Send {
-                    sender: local(&session),
+                    sender: None,
                     message: Arc::new(message),
                 }
             }
