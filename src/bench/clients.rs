@@ -519,11 +519,15 @@ fn command_ok(reply: &[u8]) -> bool {
 }
 
 /// The client library's reconnect delay (demo/switchyard.js): 250 ms doubling per failed
-/// attempt up to 10 s, each taken at 50-100 % at random, so the clients of a dead node do not
-/// all come back at once.
+/// attempt up to 10 s, [`jitter`]ed, so the clients of a dead node do not all come back at
+/// once.
 pub fn reconnect_delay(attempt: u32) -> Duration {
-    let ms = (250u64 << attempt.min(6)).min(10_000) as f64;
-    Duration::from_millis((ms * (0.5 + rand::random::<f64>() * 0.5)) as u64)
+    jitter((250u64 << attempt.min(6)).min(10_000))
+}
+
+/// The client library's `jitter`: `ms` taken at 50-100 % at random.
+fn jitter(ms: u64) -> Duration {
+    Duration::from_millis((ms as f64 * (0.5 + rand::random::<f64>() * 0.5)) as u64)
 }
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -703,11 +707,10 @@ async fn poll(
             // poll_in_progress: an earlier poll of the session is still held (on a node that
             // died, until its lease lapses); the client library asks again after 150-300 ms.
             tally.errors.fetch_add(1, Ordering::Relaxed);
-            let pause = Duration::from_millis(150 + rand::random::<u64>() % 150);
             tokio::select! {
                 biased;
                 _ = schedule.stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(pause) => continue,
+                _ = tokio::time::sleep(jitter(300)) => continue,
             }
         }
         if !status.is_success() {

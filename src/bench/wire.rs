@@ -294,39 +294,22 @@ impl Connector {
         self.targets[0]
     }
 
-    /// The target for the next socket, round robin.
-    fn next_target(&self) -> SocketAddr {
-        let at = self.next_target.fetch_add(1, Ordering::Relaxed);
-        self.targets[at % self.targets.len()]
-    }
-
-    /// A new TCP connection to the next target with TCP_NODELAY, counted into `counters`
-    /// (never TLS). A target that refuses is passed over for the next, as a load balancer
-    /// passes over a server that is down (nginx's `proxy_next_upstream error`).
-    pub async fn connect(&self, counters: &Arc<WireCounters>) -> io::Result<Counted<TcpStream>> {
+    /// Opens a connection with `open` to the next target in turn, passing a target that
+    /// refuses over for the one after it, as a load balancer passes over a server that is
+    /// down (nginx's `proxy_next_upstream error`); `Err` when every target refused.
+    async fn next_taker<T, F>(
+        &self,
+        mut open: impl FnMut(SocketAddr) -> F,
+    ) -> io::Result<(SocketAddr, T)>
+    where
+        F: std::future::Future<Output = io::Result<T>>,
+    {
         let first = self.next_target.fetch_add(1, Ordering::Relaxed);
         let mut tries = 1;
         loop {
             let target = self.targets[(first + tries - 1) % self.targets.len()];
-            match self.connect_to(target, counters).await {
-                Err(e) if tries < self.targets.len() => {
-                    tracing::debug!(error = %e, %target, "a target refused: trying the next");
-                    tries += 1;
-                }
-                done => return done,
-            }
-        }
-    }
-
-    /// The next target that accepts a connection, and the connection in the protocol's TLS
-    /// (see [`Connector::connect`]).
-    async fn next_wire(&self, counters: &Arc<WireCounters>) -> io::Result<(SocketAddr, Wire)> {
-        let first = self.next_target.fetch_add(1, Ordering::Relaxed);
-        let mut tries = 1;
-        loop {
-            let target = self.targets[(first + tries - 1) % self.targets.len()];
-            match self.wire(target, counters).await {
-                Ok(wire) => return Ok((target, wire)),
+            match open(target).await {
+                Ok(opened) => return Ok((target, opened)),
                 Err(e) if tries < self.targets.len() => {
                     tracing::debug!(error = %e, %target, "a target refused: trying the next");
                     tries += 1;
@@ -334,6 +317,15 @@ impl Connector {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// A new TCP connection to the next target that takes it ([`Connector::next_taker`]),
+    /// with TCP_NODELAY, counted into `counters` (never TLS).
+    pub async fn connect(&self, counters: &Arc<WireCounters>) -> io::Result<Counted<TcpStream>> {
+        let (_, stream) = self
+            .next_taker(|target| self.connect_to(target, counters))
+            .await?;
+        Ok(stream)
     }
 
     async fn connect_to(
@@ -421,14 +413,18 @@ impl Connector {
     ) -> Result<(Socket, Option<Http>), Box<dyn std::error::Error + Send + Sync>> {
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
         if !self.protocol.http2 {
-            let (target, wire) = self.next_wire(counters).await?;
+            let (target, wire) = self
+                .next_taker(|target| self.wire(target, counters))
+                .await?;
             let wire: Box<dyn Io> = Box::new(wire);
             let url = format!("{}://{}{path}", self.protocol.scheme(true), target);
             let (socket, _) =
                 tokio_tungstenite::client_async_with_config(url, wire, Some(config)).await?;
             return Ok((socket, None));
         }
-        let mut conn = self.conn(self.next_target(), counters).await?;
+        let (_, mut conn) = self
+            .next_taker(|target| self.conn(target, counters))
+            .await?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(format!(

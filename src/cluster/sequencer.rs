@@ -8,8 +8,9 @@
 //! last `dedup_window` sends by `client_id`), each room's message rate, and message ids. A
 //! `send` takes its id with `INCR` and adds the message to the room's history (the sorted set
 //! the Redis history store reads, trimmed to `--history-keep` messages
-//! ([`Sequencer::keeping`]) and expiring `history_max_age` after its newest message) in the same script that appends its entry, so history and log
-//! never disagree. The time is Redis's (`TIME`), so every node gives a message the same `ts`.
+//! ([`Sequencer::keeping`]) and expiring `history_max_age` after its newest message) in the
+//! same script that appends its entry, so history and log never disagree. The time is
+//! Redis's (`TIME`), so every node gives a message the same `ts`.
 //!
 //! **What stays on the node.** What only one node's memory decides (`server_full`,
 //! `shutting_down`), verifying tokens (a `refresh` hands the script a verified identity), and
