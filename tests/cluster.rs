@@ -289,38 +289,71 @@ async fn while_redis_is_down_requests_get_503_streams_stay_open_and_nothing_is_l
 }
 
 #[tokio::test]
-async fn when_redis_comes_back_empty_every_session_ends_and_clients_start_again() {
+async fn when_redis_comes_back_empty_the_nodes_restore_it_and_every_session_gets_a_reset() {
     let mut cluster = Cluster::start(&[]).await;
-    let (a, b) = (cluster.node(0), cluster.node(1));
-    let ann = a.session("ann").await;
-    b.ok(&ann, join("r")).await;
-    let mut ws = a.websocket(&ann, 0).await;
+    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let names = ["ann", "bob", "cy"];
+    let mut sessions = Vec::new();
+    for (i, name) in names.into_iter().enumerate() {
+        let session = cluster.node(i).session(name).await;
+        c.ok(&session, join("r")).await;
+        sessions.push(session);
+    }
+    // A transport of each kind on its own node, open all along.
+    let mut clients = vec![
+        a.attach(TransportKind::WebSocket, &sessions[0], 0).await,
+        b.attach(TransportKind::Sse, &sessions[1], 0).await,
+        c.attach(TransportKind::LongPolling, &sessions[2], 0).await,
+    ];
+    let before = c.ok(&sessions[1], send("r", "before", "b1")).await;
+    for client in &mut clients {
+        assert_eq!(client.next_of("message").await["text"], "before");
+    }
 
     cluster.redis.kill().await;
     all_ready(&cluster, StatusCode::SERVICE_UNAVAILABLE).await;
     cluster.redis.restart().await;
+    // Until the nodes have restored what Redis lost, a command is refused with a 503 (its
+    // session is not gone: no 404 that would make its client start a new one).
+    unavailable(b.commands(&sessions[0], send("r", "too soon", "a1")).await);
     all_ready(&cluster, StatusCode::OK).await;
-    // The session was in what Redis lost.
-    let (status, body) = b.commands(&ann, send("r", "anyone?", "a1")).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    assert_eq!(body["error"]["code"], "unknown_session");
-    // A new session starts the new log: every node then ends the sessions Redis lost, and
-    // their transports are told (never a silent gap).
-    let fresh = b.session("ann").await;
-    assert_eq!(ws_close(&mut ws).await, (4003, "expired".to_owned()));
-    assert_eq!(
-        support::metric(&a, "switchyard_cluster_sessions_lost_total").await,
-        1.0,
-        "node A ended the session Redis lost"
-    );
-    // The new session works on every node.
-    let cluster_client = cluster.client();
-    let mut client = cluster_client
-        .attach(TransportKind::WebSocket, &fresh, 0)
+
+    // Every session gets a `reset` at the next seq, then its room's history and presence.
+    for client in &mut clients {
+        let reset = client.next().await;
+        assert_eq!(reset["type"], "reset", "{reset}");
+        assert_eq!(reset["reason"], "state_lost", "{reset}");
+        let history = client.next().await;
+        assert_eq!(history["type"], "history", "{history}");
+        assert_eq!(history["messages"][0]["text"], "before", "{history}");
+        let presence = client.next().await;
+        assert_eq!(presence["type"], "presence", "{presence}");
+        assert_eq!(presence["count"], 3, "{presence}");
+    }
+    // The sessions go on, on any node: the send refused before is new, with a later id.
+    let after = cluster
+        .client()
+        .ok(&sessions[0], send("r", "after", "a1"))
         .await;
-    cluster_client.ok(&fresh, join("r")).await;
-    cluster_client.ok(&fresh, send("r", "again", "f1")).await;
-    assert_eq!(client.next_of("message").await["text"], "again");
+    assert_eq!(after["results"][0]["duplicate"], false, "{after}");
+    assert!(
+        after["results"][0]["id"].as_u64() > before["results"][0]["id"].as_u64(),
+        "{before} {after}"
+    );
+    for client in &mut clients {
+        assert_eq!(client.next_of("message").await["text"], "after");
+    }
+    // A resume on another node finds the same seqs.
+    let last = clients[0].last_seq;
+    let mut moved = b.attach(TransportKind::Sse, &sessions[0], last - 1).await;
+    assert_eq!(moved.next().await["text"], "after");
+    for (i, node) in [&a, &b, &c].into_iter().enumerate() {
+        assert_eq!(
+            support::metric(node, "switchyard_cluster_sessions_lost_total").await,
+            0.0,
+            "node {i} ended no session"
+        );
+    }
 }
 
 #[tokio::test]

@@ -21,12 +21,7 @@ fn replica(redis: &RedisServer, hub: &Hub, node: &str) -> Replica {
 }
 
 async fn sequencer(redis: &RedisServer) -> Sequencer {
-    within(
-        "the sequencer to connect",
-        Sequencer::connect(&redis.url(), &HubConfig::default()),
-    )
-    .await
-    .expect("connect to redis")
+    redis.sequencer(&HubConfig::default()).await
 }
 
 /// Decides `command` and waits until `replica` applied its entry.
@@ -162,6 +157,9 @@ async fn a_replica_goes_on_across_a_redis_restart_and_ends_every_session_when_re
     redis::cmd("FLUSHALL")
         .query::<()>(&mut redis.connection())
         .unwrap();
+    // A node that starts alone meanwhile starts a new cluster, before the running nodes
+    // could restore the state (tests/cluster.rs has them restore it).
+    sequencer.start("alone").await.unwrap();
     let created = sequencer.create("s9", "new", None).await.unwrap();
     within(
         "the replica to go on with the new log",

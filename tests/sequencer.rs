@@ -104,12 +104,7 @@ fn log_records(redis: &RedisServer) -> Vec<Record> {
 }
 
 async fn sequencer(redis: &RedisServer) -> Sequencer {
-    within(
-        "the sequencer to connect",
-        Sequencer::connect(&redis.url(), &config()),
-    )
-    .await
-    .expect("connect to redis")
+    redis.sequencer(&config()).await
 }
 
 /// Runs `steps` against a fresh hub and the sequencer on an empty Redis, comparing each
@@ -634,10 +629,7 @@ async fn a_session_ends_once_when_idle_past_its_ttl_its_lease_lapsed_or_its_toke
         ..config()
     };
     let lease = Duration::from_millis(300);
-    let sequencer = within("connect", Sequencer::connect(&redis.url(), &config))
-        .await
-        .unwrap()
-        .with_lease(lease);
+    let sequencer = redis.sequencer(&config).await.with_lease(lease);
     let short_token = Identity {
         expires_at: SystemTime::now() + Duration::from_millis(600),
         ..identity("tok")
@@ -899,9 +891,7 @@ async fn fresh_cluster(
         ("A", Hub::new(config.clone())),
         ("B", Hub::new(config.clone())),
     ];
-    let sequencer = within("connect", Sequencer::connect(&redis.url(), config))
-        .await
-        .unwrap();
+    let sequencer = redis.sequencer(config).await;
     (nodes, sequencer)
 }
 

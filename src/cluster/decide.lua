@@ -31,6 +31,7 @@ local function take(key, per_sec, burst)
   return math.min(wait, 86400000000)
 end
 
+if lost(KEYS[13]) then return redis.error_reply(LOST) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return refuse('unknown_session') end
 if kind == 'end' then
   local rooms = redis.call('LRANGE', KEYS[2], 0, -1)

@@ -8,7 +8,7 @@
 -- fall due a lease and a TTL after its last renewal.
 --
 -- KEYS: 1 session, 2 its attach lease, 3 deadlines, 4 log, 5 log last, 6 the running nodes'
--- beats (membership.lua).
+-- beats (membership.lua), 7 the cluster's mark (prelude.lua).
 -- ARGV: 1 kind, 2 session id, 3 lease (ms), 4 TTL (ms), 5 log retention (ms), 6 the key
 -- prefix of sessions, 7 the most sessions one sweep ends, then by kind:
 --   create:         8 name, 9 user ('' without a token), 10 rules ('' for any room),
@@ -24,6 +24,7 @@
 -- poll_in_progress, and the attachment holding the lease), or (expire) the sessions ended.
 local kind, session = ARGV[1], ARGV[2]
 local lease_ms, ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+if lost(KEYS[7]) then return redis.error_reply(LOST) end
 
 if kind == 'create' then
   redis.call('DEL', KEYS[1], KEYS[2])

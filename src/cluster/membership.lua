@@ -2,12 +2,14 @@
 -- seconds into a sorted set (KEYS[3], score: ms on Redis's clock), and a starting node learns
 -- how it gets what the running nodes hold.
 --
--- KEYS: 1 log, 2 log last, 3 the nodes. ARGV: 1 kind ('beat': this node runs; 'leave': it
+-- KEYS: 1 log, 2 log last, 3 the nodes, 4 the cluster's mark (its state is in Redis;
+-- prelude.lua). ARGV: 1 kind ('beat': this node runs; 'leave': it
 -- stopped; 'start'), 2 node, 3 how long a beat counts (ms), 4 the prefix of every key of the
 -- cluster's sessions.
 -- Returns {'ok'} (beat, leave) or, for start (which counts the node as running from then on):
 -- {'join', NODE...} if other nodes run, the most recent beat first (the node asks one for a
--- snapshot); else {'whole'} if the log holds its first entry (the node reads it all); else
+-- snapshot); {'wait'} if they run but Redis lost the cluster's state (they are restoring it,
+-- reseed.lua); else {'whole'} if the log holds its first entry (the node reads it all); else
 -- {'reset'}: the log's start was trimmed and nobody holds the sessions it built, so they end
 -- and a new log starts (room history and message ids are kept).
 local t = redis.call('TIME')
@@ -32,13 +34,19 @@ local function running()
   redis.call('ZADD', KEYS[3], string.format('%d', ms), node)
 end
 if #others > 1 then
+  if redis.call('EXISTS', KEYS[4]) == 0 then return {'wait'} end
   running()
   return others
 end
+-- From here on the cluster's state is this node's to start.
+local function mark() redis.call('SET', KEYS[4], string.format('%d', ms)) end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
--- An entry's fields: 'p', its predecessor, 'e', its body.
-if first == nil or first[2][2] == '0-0' then
+-- An entry's fields: 'p', its predecessor, 'e', its body. A log restored after Redis lost
+-- its data starts with a `reseed`, whose state is in the snapshot of a node no longer
+-- running: as good as trimmed.
+if first == nil or (first[2][2] == '0-0' and string.sub(first[2][4], 1, 13) ~= '{"k":"reseed"') then
   running()
+  mark()
   return {'whole'}
 end
 for _, key in ipairs(redis.call('KEYS', ARGV[4] .. '*')) do
@@ -46,4 +54,5 @@ for _, key in ipairs(redis.call('KEYS', ARGV[4] .. '*')) do
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 running()
+mark()
 return {'reset'}

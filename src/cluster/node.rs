@@ -66,12 +66,17 @@ impl Replica {
                         apply(&hub, &node, entries, &applied_tx).await
                     }
                     Read::Lost { after, found, prev } if prev == LogId::ZERO => {
-                        // Redis lost its data, and the sessions it held with it: as after a
-                        // single server's restart, every session ends and its client starts
-                        // a new one. The new log goes on from its first entry.
-                        let ended = hub.forget_all();
-                        hub.metrics().cluster().sessions_lost.inc_by(ended as u64);
-                        tracing::error!(%after, ended, "Redis lost the log: every session ended");
+                        // Redis lost its data. The nodes restored it, and the new log starts
+                        // with their `reseed`, which every session outlives with a `reset`;
+                        // or it started without them (a node started alone meanwhile): the
+                        // sessions went with the data, and as after a single server's
+                        // restart every session ends and its client starts a new one.
+                        if !reseeds(&found) {
+                            let ended = hub.forget_all();
+                            hub.metrics().cluster().sessions_lost.inc_by(ended as u64);
+                            tracing::error!(%after, ended, "Redis lost the log: every session ended");
+                        }
+                        health_tx.send_if_modified(|h| replace(h, Health::Applying));
                         apply(&hub, &node, vec![found], &applied_tx).await
                     }
                     Read::Lost { after, found, .. } => Err(format!(
@@ -163,6 +168,12 @@ async fn apply(
         metrics.replica_lag_ms.set(lag.min(i64::MAX as u64) as i64);
     }
     Ok(())
+}
+
+/// Whether `entry` is a `reseed`: the first entry of a log the nodes restored.
+fn reseeds(entry: &Entry) -> bool {
+    let record = std::str::from_utf8(&entry.body).map(Record::parse);
+    matches!(record, Ok(Ok(Record::Reseed { .. })))
 }
 
 /// Sets `health` to `new`; whether it changed.

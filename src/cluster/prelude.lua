@@ -35,3 +35,9 @@ local function schedule(deadlines, key, id, idle_at)
   redis.call('ZADD', deadlines, int(due), id)
 end
 
+
+-- The error every script but membership's answers once Redis has lost the cluster's state
+-- (its mark, `switchyard:c:intact`, is gone with it): the nodes restore it (reseed.lua), and
+-- meanwhile nothing may start a new log or decide a command of a session Redis forgot.
+local LOST = 'LOST Redis lost the cluster\'s state; the nodes are restoring it'
+local function lost(mark) return redis.call('EXISTS', mark) == 0 end

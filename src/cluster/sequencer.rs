@@ -42,7 +42,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 use serde::Deserialize;
 
-use super::log::{LogId, APPEND, LAST, LOG};
+use super::log::{LogId, LAST, LOG};
 use crate::hub::refusal;
 use crate::hub::{CommandResult, HubConfig, Identity};
 use crate::protocol::{Command, ErrorBody, Message, TransportKind, DEFAULT_PAGE};
@@ -199,6 +199,18 @@ pub enum Record {
         /// Where it writes the snapshot.
         key: String,
     },
+    /// The first entry of a new log, after Redis lost the cluster's state: `node` wrote back
+    /// what the scripts decide by from what it held, and a snapshot of it at `key`. Every
+    /// node takes that snapshot, and every session gets a `reset` (docs/cluster.md, section
+    /// 5).
+    Reseed {
+        /// The node that restored the state.
+        node: String,
+        /// Where its snapshot is.
+        key: String,
+        /// When (µs on Redis's clock): the resets' histories are as of then.
+        ts: u64,
+    },
     /// A command that came on a stream was refused: its session gets an `error` event.
     Error {
         /// The session.
@@ -242,6 +254,33 @@ pub enum Start {
     /// Other nodes run (these, the most recent beat first): the node asks one of them for a
     /// snapshot ([`Sequencer::request_snapshot`]).
     Join(Vec<String>),
+    /// Other nodes run, but Redis lost the cluster's state and they are restoring it: ask
+    /// again in a moment.
+    Wait,
+}
+
+/// Where the election of the node that restores a cluster's lost state stands
+/// ([`Sequencer::offer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// The state is back (or a new cluster started): nothing to restore.
+    Restored,
+    /// Waiting for the running nodes to offer.
+    Wait,
+    /// This node restores it.
+    Elected(String),
+}
+
+/// What a node writes back to a Redis that lost the cluster's state
+/// ([`Sequencer::reseed`]): its sessions and rooms, as the scripts keep them.
+#[derive(Debug, Default)]
+pub struct Seed {
+    /// The newest message id handed out.
+    pub last_message_id: u64,
+    /// Each session: its id, its user's name, its identity and its rooms in join order.
+    pub sessions: Vec<(String, String, Option<Identity>, Vec<String>)>,
+    /// Each room and its history, oldest first.
+    pub rooms: Vec<(String, Vec<std::sync::Arc<Message>>)>,
 }
 
 /// What became of a lease its node renews.
@@ -285,9 +324,22 @@ pub struct Decision {
 #[error("the cluster's Redis: {0}")]
 pub struct Unavailable(pub String);
 
+/// What a script answers once Redis has lost the cluster's state (prelude.lua's `LOST`).
+const LOST_STATE: &str = "Redis lost the cluster's state; the nodes are restoring it";
+
+impl Unavailable {
+    /// Whether Redis answered that it lost the cluster's state (the nodes restore it).
+    pub fn lost_state(&self) -> bool {
+        self.0 == LOST_STATE
+    }
+}
+
 impl From<redis::RedisError> for Unavailable {
     fn from(error: redis::RedisError) -> Self {
-        Unavailable(error.to_string())
+        match error.code() {
+            Some("LOST") => Unavailable(LOST_STATE.to_owned()),
+            _ => Unavailable(error.to_string()),
+        }
     }
 }
 
@@ -317,6 +369,27 @@ impl std::fmt::Debug for Sequencer {
 const DEADLINES: &str = "switchyard:c:deadlines";
 /// The node that appends `flush` entries (a lease).
 const TICKER: &str = "switchyard:c:ticker";
+/// The cluster's mark: set when its state starts, gone if Redis lost it (every script but
+/// membership's refuses to run without it).
+const INTACT: &str = "switchyard:c:intact";
+/// Restoring a lost state: the nodes' offers, when the first came, the node elected.
+const OFFERS: &str = "switchyard:c:reseed:offers";
+const OFFERS_SINCE: &str = "switchyard:c:reseed:since";
+const ELECTED: &str = "switchyard:c:reseed:elected";
+/// Elects the node that restores a lost state, which then writes it back.
+const RESEED: &str = concat!(include_str!("prelude.lua"), include_str!("reseed.lua"));
+/// The election waits this long after the first offer, so every running node can offer...
+pub const OFFER_AT_LEAST: Duration = Duration::from_secs(3);
+/// ...and no longer than this for a running node that has not.
+pub const OFFER_AT_MOST: Duration = Duration::from_secs(10);
+/// How long the elected node has to write the state back before another is elected.
+const RESEED_LEASE: Duration = Duration::from_secs(30);
+/// Appends a record no script decides (as log.rs's `APPEND`), unless the state is lost.
+const RECORD: &str = concat!(
+    include_str!("prelude.lua"),
+    "if lost(KEYS[3]) then return redis.error_reply(LOST) end\n",
+    "return append(KEYS[1], KEYS[2], ARGV[2], ARGV[1])\n"
+);
 /// The running nodes, each with its last beat.
 pub(crate) const NODES: &str = "switchyard:c:nodes";
 /// Beats, starts and leaves of nodes.
@@ -340,9 +413,9 @@ fn millis(duration: Duration) -> u64 {
 }
 
 /// When an identity expires, in ms since the Unix epoch, as the scripts read it.
-fn expiry_ms(identity: &Identity) -> String {
+fn expiry_ms(identity: &Identity) -> u64 {
     let since = identity.expires_at.duration_since(std::time::UNIX_EPOCH);
-    millis(since.unwrap_or_default()).to_string()
+    millis(since.unwrap_or_default())
 }
 
 fn session_key(session: &str, part: &str) -> String {
@@ -378,7 +451,7 @@ impl Sequencer {
             lease: ATTACH_LEASE,
             decide: Script::new(DECIDE),
             lifecycle: Script::new(LIFECYCLE),
-            append: Script::new(APPEND),
+            append: Script::new(RECORD),
         })
     }
 
@@ -416,7 +489,9 @@ impl Sequencer {
         identity: Option<&Identity>,
     ) -> Result<LogId, Unavailable> {
         let user = identity.map(|i| i.user.to_string()).unwrap_or_default();
-        let expires = identity.map(expiry_ms).unwrap_or_default();
+        let expires = identity
+            .map(|i| expiry_ms(i).to_string())
+            .unwrap_or_default();
         let args = [name, &user, &rules(identity), &expires];
         let reply = self.lifecycle_call("create", session, &args).await?;
         match reply.as_slice() {
@@ -533,6 +608,7 @@ impl Sequencer {
         match reply.as_slice() {
             [kind] if kind == "whole" => Ok(Start::Whole),
             [kind] if kind == "reset" => Ok(Start::Reset),
+            [kind] if kind == "wait" => Ok(Start::Wait),
             [kind, others @ ..] if kind == "join" && !others.is_empty() => {
                 Ok(Start::Join(others.to_vec()))
             }
@@ -568,6 +644,121 @@ impl Sequencer {
         Ok(redis::cmd("GETDEL").arg(key).query_async(&mut conn).await?)
     }
 
+    /// Reads the snapshot at `key` and leaves it for the other nodes (a `reseed` entry's).
+    pub async fn read_snapshot(&self, key: &str) -> Result<Option<Vec<u8>>, Unavailable> {
+        let mut conn = self.conn();
+        Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
+    }
+
+    /// Offers node `node`, which applied the lost log up to `position`, to restore the state
+    /// Redis lost; says who restores it once the running nodes have offered (the one that
+    /// applied the most), or that it is back.
+    pub async fn offer(&self, node: &str, position: LogId) -> Result<Offer, Unavailable> {
+        let args = [
+            position.to_string(),
+            millis(OFFER_AT_LEAST).to_string(),
+            millis(OFFER_AT_MOST).to_string(),
+            millis(BEAT_LIFE).to_string(),
+            millis(RESEED_LEASE).to_string(),
+        ];
+        let reply = self.reseed_call("offer", node, &args).await?;
+        match reply.as_slice() {
+            [status] if status == "restored" => Ok(Offer::Restored),
+            [status] if status == "wait" => Ok(Offer::Wait),
+            [status, elected] if status == "elected" => Ok(Offer::Elected(elected.clone())),
+            _ => Err(Unavailable(format!("the offer script answered {reply:?}"))),
+        }
+    }
+
+    /// Writes `seed` back as elected node `node` (sessions idle a lease and a TTL from now),
+    /// with its snapshot at `key` for the other nodes, and starts the new log with a `reseed`
+    /// entry; returns it, or `None` if this node is no longer the one elected.
+    pub async fn reseed(
+        &self,
+        node: &str,
+        seed: &Seed,
+        snapshot: Vec<u8>,
+    ) -> Result<Option<LogId>, Unavailable> {
+        let key = format!("{PREFIX}snapshot:{:032x}", rand::random::<u128>());
+        self.put_snapshot(&key, snapshot).await?;
+        let sessions: Vec<serde_json::Value> = seed
+            .sessions
+            .iter()
+            .map(|(id, name, identity, rooms)| {
+                let mut session = serde_json::json!({ "id": id, "name": name, "rooms": rooms });
+                if let Some(identity) = identity {
+                    session["user"] = identity.user.to_string().into();
+                    session["token_exp"] = expiry_ms(identity).into();
+                    if identity.rooms.is_some() {
+                        session["rules"] = rules(Some(identity)).into();
+                    }
+                }
+                session
+            })
+            .collect();
+        let rooms: Vec<serde_json::Value> = seed
+            .rooms
+            .iter()
+            .map(|(room, messages)| {
+                let messages: Vec<(u64, String)> = messages
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.id,
+                            serde_json::to_string(&**m).expect("a message serializes"),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({ "key": room_key(room), "messages": messages })
+            })
+            .collect();
+        let state = serde_json::json!({
+            "ids": seed.last_message_id,
+            "sessions": sessions,
+            "rooms": rooms,
+        });
+        let idle = millis(self.lease + self.config.session_ttl);
+        let args = [
+            state.to_string(),
+            key,
+            millis(self.retention()).to_string(),
+            session_key("", ""),
+            idle.to_string(),
+            millis(self.config.history_max_age).to_string(),
+        ];
+        let reply = self.reseed_call("commit", node, &args).await?;
+        match reply.as_slice() {
+            [status, entry] if status == "ok" => Ok(Some(parse_entry(entry)?)),
+            [status] if status == "restored" => Ok(None),
+            [status, _] if status == "err" => Ok(None),
+            _ => Err(Unavailable(format!("the reseed script answered {reply:?}"))),
+        }
+    }
+
+    async fn reseed_call(
+        &self,
+        kind: &str,
+        node: &str,
+        args: &[String],
+    ) -> Result<Vec<String>, Unavailable> {
+        let mut conn = self.conn();
+        Ok(Script::new(RESEED)
+            .key(INTACT)
+            .key(OFFERS)
+            .key(OFFERS_SINCE)
+            .key(ELECTED)
+            .key(NODES)
+            .key(LOG)
+            .key(LAST)
+            .key(DEADLINES)
+            .key(IDS)
+            .arg(kind)
+            .arg(node)
+            .arg(args)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
     /// Says node `node` is running (every [`BEAT_LIFE`] / 3).
     pub async fn beat(&self, node: &str) -> Result<(), Unavailable> {
         self.membership("beat", node).await.map(drop)
@@ -584,6 +775,7 @@ impl Sequencer {
             .key(LOG)
             .key(LAST)
             .key(NODES)
+            .key(INTACT)
             .arg(kind)
             .arg(node)
             .arg(millis(BEAT_LIFE))
@@ -621,6 +813,7 @@ impl Sequencer {
             .key(LOG)
             .key(LAST)
             .key(NODES)
+            .key(INTACT)
             .arg(kind)
             .arg(session)
             .arg(millis(self.lease))
@@ -671,7 +864,7 @@ impl Sequencer {
         identity: &Identity,
     ) -> Result<Decision, Unavailable> {
         let user = identity.user.to_string();
-        let expires = expiry_ms(identity);
+        let expires = expiry_ms(identity).to_string();
         self.run(
             "refresh",
             session,
@@ -704,6 +897,7 @@ impl Sequencer {
             .append
             .key(LOG)
             .key(LAST)
+            .key(INTACT)
             .arg(body.to_string())
             .arg(millis(self.retention()))
             .invoke_async(&mut conn)
@@ -743,6 +937,7 @@ impl Sequencer {
             .key(LAST)
             .key(DEADLINES)
             .key(session_key(session, ":attach"))
+            .key(INTACT)
             .arg(kind)
             .arg(session)
             .arg(room)

@@ -16,7 +16,7 @@
 //!   stay open and catch up when the replica does.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use super::{lock, refusal, Attachment, CommandResult, Hub, Identity, Session};
 use crate::cluster::log::LogId;
 use crate::cluster::node::{Health, Replica};
 use crate::cluster::sequencer::{
-    Attach, Decision, Renewal, Sequencer, Start, Unavailable, ATTACH_LEASE,
+    Attach, Decision, Offer, Renewal, Sequencer, Start, Unavailable, ATTACH_LEASE,
 };
 use crate::protocol::{validate_name, CloseReason, Command, ErrorBody, ErrorCode, TransportKind};
 
@@ -35,6 +35,8 @@ pub const CATCH_UP: Duration = Duration::from_secs(5);
 pub const READY_LAG: Duration = Duration::from_secs(1);
 /// How long a starting node waits for the snapshot it asked a running node for.
 pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+/// How long a starting node waits for the running nodes to restore a state Redis lost.
+pub const RESTORE_WAIT: Duration = Duration::from_secs(60);
 
 /// What ties a hub to its cluster.
 #[derive(Debug)]
@@ -46,6 +48,9 @@ pub(crate) struct Link {
     /// This node's attachments that hold their session's lease: attachment id to session and
     /// kind.
     leases: Mutex<HashMap<u64, (String, TransportKind)>>,
+    /// Set while Redis has lost the cluster's state and this node takes part in restoring
+    /// it ([`Hub::restore_state`]).
+    restoring: AtomicBool,
 }
 
 /// Gives up an attachment's lease when it ends (held by the [`Attachment`]).
@@ -136,6 +141,7 @@ impl Hub {
             node: Arc::from(node),
             replica: OnceLock::new(),
             leases: Mutex::new(HashMap::new()),
+            restoring: AtomicBool::new(false),
         });
         let hub = Hub::build(config, store, metrics, Some(link.clone()));
         let after = hub.join_cluster(&link).await?;
@@ -156,13 +162,26 @@ impl Hub {
     async fn join_cluster(&self, link: &Link) -> Result<LogId, String> {
         let unreachable = |e: Unavailable| format!("Redis cannot be reached: {}", e.0);
         let mut silent = Vec::new();
-        for _ in 0..3 {
+        let mut rounds = 0;
+        let restoring_since = std::time::Instant::now();
+        while rounds < 3 {
             let others = match link
                 .sequencer
                 .start(&link.node)
                 .await
                 .map_err(unreachable)?
             {
+                Start::Wait if restoring_since.elapsed() < RESTORE_WAIT => {
+                    tracing::info!("Redis lost the cluster's state; waiting for the running nodes to restore it");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Start::Wait => {
+                    return Err(format!(
+                        "Redis lost the cluster's state, and the running nodes did not restore it within {} s",
+                        RESTORE_WAIT.as_secs()
+                    ))
+                }
                 Start::Whole => return Ok(LogId::ZERO),
                 Start::Reset => {
                     tracing::warn!(
@@ -174,6 +193,7 @@ impl Hub {
                 }
                 Start::Join(others) => others,
             };
+            rounds += 1;
             for other in others {
                 let (entry, key) = link
                     .sequencer
@@ -191,13 +211,12 @@ impl Hub {
                 match tokio::time::timeout(SNAPSHOT_WAIT, wait).await {
                     Ok(snapshot) => {
                         let snapshot = snapshot.map_err(unreachable)?;
-                        self.restore(&snapshot)
+                        let sessions = self
+                            .restore(&snapshot)
                             .map_err(|e| format!("the snapshot of node {other}: {e}"))?;
                         let metrics = self.metrics().cluster();
                         metrics.snapshot_bytes.set(snapshot.len() as i64);
-                        metrics
-                            .sessions_restored
-                            .inc_by(self.session_count() as u64);
+                        metrics.sessions_restored.inc_by(sessions as u64);
                         tracing::info!(
                             from = %other,
                             at = %entry,
@@ -238,6 +257,85 @@ impl Hub {
                 Err(error) => tracing::warn!(%error, "a snapshot for a starting node was lost"),
             }
         });
+    }
+
+    /// Takes part in restoring the cluster's state after Redis lost it (a script answered
+    /// so): offers this node, and if it is elected (it applied the most of the lost log),
+    /// writes back its sessions and rooms and starts the new log with a `reseed` entry
+    /// (docs/cluster.md, section 5). Runs until the state is back; one at a time.
+    fn restore_state(&self, link: &Arc<Link>) {
+        if link.restoring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let hub = self.clone();
+        let link = link.clone();
+        tokio::spawn(async move {
+            let position = link.replica().applied();
+            tracing::error!(%position, "Redis lost the cluster's state; restoring it");
+            while !hub.inner.shutting_down.load(Ordering::Acquire) {
+                if let Health::Stopped(_) = link.replica().health() {
+                    // What it holds cannot be trusted: it offers nothing.
+                    break;
+                }
+                match link.sequencer.offer(&link.node, position).await {
+                    Ok(Offer::Restored) => break,
+                    Ok(Offer::Elected(node)) if *node == *link.node => {
+                        let (seed, snapshot) = (hub.seed(), hub.snapshot());
+                        let bytes = snapshot.len();
+                        match link.sequencer.reseed(&link.node, &seed, snapshot).await {
+                            Ok(Some(entry)) => {
+                                let sessions = seed.sessions.len();
+                                tracing::warn!(%entry, sessions, bytes, "restored the cluster's state Redis lost");
+                                break;
+                            }
+                            Ok(None) => {}
+                            Err(error) => {
+                                tracing::warn!(cause = %error.0, "restoring the cluster's state failed; trying again")
+                            }
+                        }
+                    }
+                    Ok(Offer::Wait | Offer::Elected(_)) => {}
+                    Err(error) => {
+                        tracing::debug!(cause = %error.0, "restoring: Redis cannot be reached")
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            link.restoring.store(false, Ordering::Release);
+        });
+    }
+
+    /// Applies a `reseed` entry: the node that restored the cluster's state wrote a snapshot
+    /// of it at `key`; every node takes it (sessions keep their transports), and every
+    /// session gets a `reset` with its rooms' histories as of `at` (µs).
+    pub(super) async fn reseeded(&self, key: &str, at: u64) -> Result<(), String> {
+        let link = self
+            .link()
+            .ok_or("a reseed entry on a node of no cluster")?;
+        let mut tries = 0;
+        let snapshot = loop {
+            let error = match link.sequencer.read_snapshot(key).await {
+                Ok(Some(snapshot)) => break snapshot,
+                Ok(None) => format!("the restored state's snapshot ({key}) is gone"),
+                Err(error) => error.0,
+            };
+            tries += 1;
+            if tries == 10 {
+                return Err(error);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let sessions = self.restore(&snapshot)?;
+        self.reset_every_session(at);
+        self.metrics()
+            .cluster()
+            .sessions_restored
+            .inc_by(sessions as u64);
+        tracing::warn!(
+            sessions,
+            "took the restored cluster state: every session was reset"
+        );
+        Ok(())
     }
 
     fn link(&self) -> Option<&Arc<Link>> {
@@ -492,6 +590,9 @@ impl Hub {
             return Ok(());
         };
         let not_ready = |why: String| Err(ErrorBody::new(ErrorCode::BackendUnavailable, why));
+        if link.restoring.load(Ordering::Acquire) {
+            return not_ready("Redis lost the cluster's state; the nodes are restoring it".into());
+        }
         match link.replica().health() {
             Health::Applying => {}
             Health::Unreachable(cause) => {
@@ -532,6 +633,7 @@ impl Hub {
                     _ = sweep.tick() => match link.sequencer.expire().await {
                         Ok(ended) if !ended.is_empty() => tracing::info!(ended = ended.len(), "ended sessions (idle past their TTL or their token expired)"),
                         Ok(_) => {}
+                        Err(error) if error.lost_state() => hub.restore_state(&link),
                         Err(error) => tracing::debug!(cause = %error.0, "expiry sweep: Redis cannot be reached"),
                     },
                     _ = flush.tick() => {

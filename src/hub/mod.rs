@@ -51,8 +51,8 @@ use session::{Outcome, Sent};
 
 use crate::metrics::Metrics;
 use crate::protocol::{
-    validate_name, CloseReason, Command, EncodedEvent, ErrorBody, ErrorCode, Event, Message,
-    TransportKind, DEFAULT_PAGE,
+    validate_name, CloseReason, Command, ErrorBody, ErrorCode, Event, Message, TransportKind,
+    DEFAULT_PAGE,
 };
 pub use clustered::{CATCH_UP, READY_LAG, SNAPSHOT_WAIT};
 pub use config::HubConfig;
@@ -63,6 +63,9 @@ use session::AttachedSlot;
 
 /// Reason carried by the `reset` event when the resume point is older than the replay buffer.
 pub const RESET_REPLAY_WINDOW: &str = "replay_window_exceeded";
+/// Reason carried by the `reset` every session of a cluster gets after Redis lost the
+/// cluster's state: entries of the log may have gone with it (docs/cluster.md, section 5).
+pub const RESET_STATE_LOST: &str = "state_lost";
 
 /// Message ids reserved from the history store at a time; the next block is asked for when
 /// half of this one is used.
@@ -502,10 +505,14 @@ impl Hub {
             Some(chat) if gap.is_err() => {
                 let reset_seq = state.replay.last_seq() + 1;
                 let max_age = self.inner.config.history_max_age;
-                for event in reset_events(chat, &state.rooms, max_age) {
-                    state.push_keeping(event, session.outbox, reset_seq);
-                }
-                state.protected = Some((reset_seq, state.replay.last_seq()));
+                push_reset(
+                    chat,
+                    &mut state,
+                    &session,
+                    RESET_REPLAY_WINDOW,
+                    max_age,
+                    now_micros(),
+                );
                 reset_seq - 1
             }
             _ => after,
@@ -1091,19 +1098,28 @@ fn broadcast_written(hub: Weak<Inner>, written: mpsc::Receiver<Written>) {
     }
 }
 
-/// A `reset`, then each of `rooms`' history and presence.
-fn reset_events(chat: &mut Chat, rooms: &[String], max_age: Duration) -> Vec<EncodedEvent> {
-    let mut events = vec![Event::Reset {
-        reason: RESET_REPLAY_WINDOW,
-    }
-    .encode()];
-    for name in rooms {
-        if let Some(room) = chat.rooms.get_mut(name) {
-            events.push(room.history_event(name, max_age, now_micros()));
-            events.push(room.snapshot_event(name));
+/// Pushes a `reset` for `reason` into `session` (its `state`), then each of its rooms'
+/// history (as of `now`, µs) and presence, kept together until a transport takes them.
+fn push_reset(
+    chat: &mut Chat,
+    state: &mut session::SessionState,
+    session: &Session,
+    reason: &'static str,
+    max_age: Duration,
+    now: u64,
+) {
+    let reset_seq = state.replay.last_seq() + 1;
+    let reset = Event::Reset { reason }.encode();
+    state.push_keeping(reset, session.outbox, reset_seq);
+    for name in state.rooms.clone() {
+        if let Some(room) = chat.rooms.get_mut(&name) {
+            let history = room.history_event(&name, max_age, now);
+            state.push_keeping(history, session.outbox, reset_seq);
+            let presence = room.snapshot_event(&name);
+            state.push_keeping(presence, session.outbox, reset_seq);
         }
     }
-    events
+    state.protected = Some((reset_seq, state.replay.last_seq()));
 }
 
 impl Chat {

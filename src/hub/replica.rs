@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::entry::Entry;
 use super::history::Page;
-use super::{lock, Hub, Identity, Session};
+use super::{lock, Hub, Identity, Session, RESET_STATE_LOST};
 use crate::cluster::sequencer::{Ending, Record};
 use crate::protocol::{CloseReason, Event};
 
@@ -162,6 +162,7 @@ impl Hub {
                 }
                 return Ok(());
             }
+            Record::Reseed { key, ts, .. } => return self.reseeded(&key, ts).await,
             Record::End {
                 session, why, ts, ..
             } => {
@@ -236,6 +237,28 @@ impl Hub {
         chat.rooms.clear();
         chat.pending_presence.clear();
         sessions.len()
+    }
+
+    /// Gives every session a `reset` (reason `state_lost`) with its rooms' histories as of
+    /// `at` (µs on Redis's clock), the same on every node.
+    pub(super) fn reset_every_session(&self, at: u64) {
+        let max_age = self.inner.config.history_max_age;
+        let mut chat = lock(&self.inner.chat);
+        chat.fanout.settle();
+        let sessions: Vec<Arc<Session>> = lock(&self.inner.sessions).values().cloned().collect();
+        for session in sessions {
+            let mut state = session.lock();
+            super::push_reset(
+                &mut chat,
+                &mut state,
+                &session,
+                RESET_STATE_LOST,
+                max_age,
+                at,
+            );
+            drop(state);
+            session.wake();
+        }
     }
 
     /// A session ended: its transport is told why, it leaves its rooms, and it is gone.

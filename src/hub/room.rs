@@ -299,6 +299,11 @@ impl Room {
         }
     }
 
+    /// The messages of its history, oldest first.
+    pub fn messages(&self) -> impl Iterator<Item = &Arc<Message>> {
+        self.history.iter()
+    }
+
     /// Appends a message to the history, keeping the last `keep`.
     pub fn record(&mut self, message: Arc<Message>, keep: usize) {
         self.history.push_back(message);

@@ -137,9 +137,15 @@ impl Hub {
         serde_json::to_vec(&image).expect("a snapshot serializes")
     }
 
-    /// Takes the sessions and rooms of a [`Hub::snapshot`]; this hub must hold none yet.
-    /// `Err` says why a snapshot cannot be read; the hub is then left as it was.
-    pub fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
+    /// Takes the sessions and rooms of a [`Hub::snapshot`]: a node that starts restores one
+    /// into an empty hub, and after Redis lost the cluster's state every node takes the one
+    /// of the node that restored it (a `reseed` entry). A session this hub holds already
+    /// must be at or behind the snapshot's (both replicas of one log): it gets the events it
+    /// lacks, through its attached transport if any, and keeps that transport. Sessions the
+    /// snapshot does not hold have ended; rooms are the snapshot's. Returns how many sessions
+    /// it holds. `Err` says why the snapshot cannot be taken: this hub is then left as it was
+    /// if nothing in it was wrong, and otherwise cannot be trusted (the replica stops).
+    pub fn restore(&self, snapshot: &[u8]) -> Result<usize, String> {
         let image: Image = serde_json::from_slice(snapshot)
             .map_err(|e| format!("a snapshot that cannot be read: {e}"))?;
         if image.version != VERSION {
@@ -155,40 +161,108 @@ impl Hub {
             .collect::<Option<Vec<_>>>()
             .ok_or("a snapshot holding an event of an unknown type")?;
         let mut chat = lock(&self.inner.chat);
+        chat.fanout.settle();
         let mut sessions = lock(&self.inner.sessions);
-        if !sessions.is_empty() || !chat.rooms.is_empty() {
-            return Err("a snapshot is restored into a hub that holds nothing".into());
+        // Checked before anything changes.
+        let mut kept_events = Vec::with_capacity(image.sessions.len());
+        for image in &image.sessions {
+            let kept = image
+                .events
+                .iter()
+                .map(|&at| events.get(at).cloned())
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| format!("session {} keeps an event not listed", image.id))?;
+            let last = image.first_seq.max(1) + kept.len() as u64 - 1;
+            if let Some(local) = sessions.get(&image.id) {
+                let here = local.lock().replay.last_seq();
+                if here > last {
+                    return Err(format!(
+                        "session {} is at seq {here} here, past the snapshot's {last}",
+                        image.id
+                    ));
+                }
+            }
+            kept_events.push(kept);
         }
-        let restored = (|| {
-            for image in image.sessions {
-                let kept = image
-                    .events
-                    .iter()
-                    .map(|&at| events.get(at).cloned())
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| format!("session {} keeps an event not listed", image.id))?;
-                let identity = image.identity.map(IdentityImage::identity);
-                let session = self.insert_session(&mut sessions, image.id, &image.name, identity);
+        let listed: std::collections::HashSet<&str> =
+            image.sessions.iter().map(|s| s.id.as_str()).collect();
+        sessions.retain(|id, session| {
+            let gone = !listed.contains(id.as_str());
+            if gone {
                 let mut state = session.lock();
-                state.replay.restore(image.first_seq, kept);
-                state.rooms = image.rooms;
+                state.ended = true;
+                state.close_attached(super::CloseReason::Expired);
             }
-            let shards = chat.fanout.shards();
-            for (name, room) in image.rooms {
-                let room = Room::from_image(room, shards, |id| sessions.get(id).cloned())
-                    .map_err(|e| format!("room {name:?}: {e}"))?;
-                chat.rooms.insert(name, room);
+            !gone
+        });
+        for (image, kept) in image.sessions.into_iter().zip(kept_events) {
+            let identity = image.identity.map(IdentityImage::identity);
+            let session = match sessions.get(&image.id) {
+                Some(session) => session.clone(),
+                None => self.insert_session(&mut sessions, image.id, &image.name, identity.clone()),
+            };
+            let mut state = session.lock();
+            let here = state.replay.last_seq();
+            let first = image.first_seq.max(1);
+            if here + 1 >= first {
+                // What it lacks, pushed as any event: a transport attached here gets it.
+                let lacking = (here + 1 - first) as usize;
+                for event in kept.into_iter().skip(lacking) {
+                    state.push_keeping(event, session.outbox, here + 1);
+                }
+            } else {
+                // It lags past what the snapshot keeps: its transport resumes from its seq,
+                // and gets a `reset` if that is too old now.
+                state.close_attached(super::CloseReason::SlowConsumer);
+                state.replay.restore(first, kept);
             }
-            Ok(())
-        })();
-        if let Err(error) = restored {
-            sessions.clear();
-            chat.rooms.clear();
-            return Err(error);
+            state.identity = identity;
+            state.rooms = image.rooms;
+            drop(state);
+            session.wake();
+        }
+        let shards = chat.fanout.shards();
+        chat.rooms.clear();
+        for (name, room) in image.rooms {
+            let room = Room::from_image(room, shards, |id| sessions.get(id).cloned())
+                .map_err(|e| format!("room {name:?}: {e}"))?;
+            chat.rooms.insert(name, room);
         }
         chat.pending_presence = image.pending.into_iter().collect();
         chat.tick = image.tick;
         chat.last_message_id = chat.last_message_id.max(image.last_message_id);
-        Ok(())
+        Ok(sessions.len())
+    }
+
+    /// What a node writes back to a Redis that lost the cluster's state: every session
+    /// (identity and rooms) and every room's history, in id and name order.
+    pub(crate) fn seed(&self) -> crate::cluster::sequencer::Seed {
+        let chat = lock(&self.inner.chat);
+        chat.fanout.settle();
+        let sessions = lock(&self.inner.sessions);
+        let mut seed = crate::cluster::sequencer::Seed {
+            last_message_id: chat.last_message_id,
+            sessions: sessions
+                .values()
+                .map(|session| {
+                    let state = session.lock();
+                    let name = session.name.to_string();
+                    (
+                        session.id.clone(),
+                        name,
+                        state.identity.clone(),
+                        state.rooms.clone(),
+                    )
+                })
+                .collect(),
+            rooms: chat
+                .rooms
+                .iter()
+                .map(|(name, room)| (name.clone(), room.messages().cloned().collect()))
+                .collect(),
+        };
+        seed.sessions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        seed.rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        seed
     }
 }

@@ -112,6 +112,29 @@ impl RedisServer {
             .expect("connect to the test redis")
     }
 
+    /// A sequencer on this Redis deciding by `config`, with a cluster's state started (as a
+    /// first node's start does, without counting a node as running).
+    pub async fn sequencer(
+        &self,
+        config: &switchyard::hub::HubConfig,
+    ) -> switchyard::cluster::sequencer::Sequencer {
+        use switchyard::cluster::sequencer::Sequencer;
+        let sequencer = within(
+            "the sequencer to connect",
+            Sequencer::connect(&self.url(), config),
+        )
+        .await
+        .expect("connect to the test redis");
+        let started = async {
+            sequencer.start("tests").await?;
+            sequencer.leave("tests").await
+        };
+        within("a cluster's state to start", started)
+            .await
+            .expect("the test redis answers");
+        sequencer
+    }
+
     /// SIGKILL: Redis dies at once; the port is free again.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
