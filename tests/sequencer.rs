@@ -14,12 +14,14 @@ use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner}
 use redis::streams::StreamRangeReply;
 use support::redis::RedisServer;
 use support::within;
+use switchyard::cluster::log::LogId;
 use switchyard::cluster::log::LOG;
 use switchyard::cluster::sequencer::{
-    Attach, Decision, Ending, Record, Renewal, Sequencer, Unavailable, NODE_SILENCE,
+    Attach, Decision, Ending, Offer, Record, Renewal, Seed, Sequencer, Unavailable, NODE_SILENCE,
+    OFFER_AT_LEAST,
 };
 use switchyard::hub::{BatchLimit, CommandResult, Delivery, Hub, HubConfig, Identity, Session};
-use switchyard::protocol::{Command, ErrorCode, TransportKind};
+use switchyard::protocol::{Command, ErrorCode, Message, TransportKind};
 
 /// Limits small enough for a short sequence to reach each of them, with rates so slow that
 /// no token comes back during a test: every refusal is the same on both sides.
@@ -973,12 +975,19 @@ enum Timed {
     Wait(u64),
 }
 
+/// A session's reader on a node that fell behind, and how many events the first node had
+/// given the session when that node started (`None`: the session had ended).
+type Behind = Option<(Reader, usize)>;
+
 /// With coalesced presence (a 20 ms interval) and rooms past the presence list limit at
 /// three members, two nodes give every session the same events, byte for byte: quiet rooms
 /// are judged on the log's clock and pending changes go out at the ticker's `flush` entries.
 /// Halfway through, a third node starts from a snapshot of the first (as a node starting in a
 /// running cluster does): it holds every event the first kept, and from then on gives every
-/// session the same events too.
+/// session the same events too. A fourth starts from the same snapshot but applies nothing
+/// more until three quarters through, when it takes a new snapshot of the first (as every
+/// node does after Redis lost the cluster's state): its open transports get exactly the
+/// events they lacked.
 async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), TestCaseError> {
     let config = HubConfig {
         presence_interval: Duration::from_millis(20),
@@ -1010,6 +1019,10 @@ async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), Test
     let mut flushes = 0;
     let final_wait = [Timed::Wait(25)];
     let halfway = steps.len() / 2;
+    let three_quarters = halfway + (steps.len() - halfway) / 2;
+    // The fourth node, and for each session its reader there and how many events the first
+    // node had given it when the fourth started.
+    let mut lagging: Option<(Hub, Vec<Behind>)> = None;
     for (at, step) in steps.iter().chain(&final_wait).enumerate() {
         match step {
             Timed::Step(Step::Command(who, command)) => {
@@ -1067,6 +1080,45 @@ async fn replicas_agree(redis: &RedisServer, steps: &[Timed]) -> Result<(), Test
                 on_nodes.push(reader);
             }
             nodes.push(("C", late));
+            let behind = Hub::new(config.clone());
+            behind
+                .restore(&nodes[0].1.snapshot())
+                .expect("a snapshot restores");
+            let readers = (0..3)
+                .map(|i| {
+                    let id = format!("s{i}");
+                    let mut reader = behind
+                        .session(&id)
+                        .is_ok()
+                        .then(|| Reader::new(&behind, &id))?;
+                    reader.read();
+                    Some((reader, seen[i].len()))
+                })
+                .collect();
+            lagging = Some((behind, readers));
+        }
+        if at == three_quarters && at > halfway {
+            let (behind, lag_readers) = lagging.take().expect("the fourth node started");
+            behind
+                .restore(&nodes[0].1.snapshot())
+                .expect("a node behind takes a newer snapshot");
+            for (i, lag_reader) in lag_readers.into_iter().enumerate() {
+                let Some((mut reader, from)) = lag_reader else {
+                    continue;
+                };
+                if nodes[0].1.session(&format!("s{i}")).is_err() {
+                    continue;
+                }
+                prop_assert_eq!(
+                    reader.read(),
+                    seen[i][from..].to_vec(),
+                    "session {} on the node behind, given what it lacked at step {}",
+                    i,
+                    at
+                );
+                readers[i].push(reader);
+            }
+            nodes.push(("D", behind));
         }
     }
     prop_assert!(flushes > 0, "the ticker appended flushes");
@@ -1184,4 +1236,148 @@ async fn a_session_whose_node_died_resumes_on_another_with_every_event_once() {
         .map(|e| e["text"].as_str().unwrap())
         .collect();
     assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7"]);
+}
+
+/// Redis lost the cluster's state: every script refuses until the running nodes restore it.
+/// The running node that applied the most is elected (one that offered but does not run is
+/// passed over), and what it writes back is what the scripts decide by: sessions, their
+/// rooms and rules, room history and message ids, under a new log that starts with its
+/// `reseed`.
+#[tokio::test]
+async fn after_redis_lost_the_state_the_running_node_that_applied_most_restores_it() {
+    let redis = RedisServer::start().await;
+    let sequencer = sequencer(&redis).await;
+    redis::cmd("FLUSHALL")
+        .query::<()>(&mut redis.connection())
+        .unwrap();
+    let refused = sequencer.create("s9", "new", None).await.unwrap_err();
+    assert!(refused.lost_state(), "{refused}");
+    let refused = sequencer
+        .execute("s0", &Command::Leave { room: "a1".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        refused.lost_state(),
+        "no 404 for a session Redis forgot: {refused}"
+    );
+
+    sequencer.beat("A").await.unwrap();
+    sequencer.beat("B").await.unwrap();
+    let at = |ms: u64| LogId { ms, seq: 0 };
+    assert_eq!(sequencer.offer("A", at(5)).await.unwrap(), Offer::Wait);
+    // C applied more, but does not run (it offered, then died).
+    assert_eq!(sequencer.offer("C", at(9)).await.unwrap(), Offer::Wait);
+    tokio::time::sleep(OFFER_AT_LEAST).await;
+    // B runs and has not offered yet: the election waits for it.
+    assert_eq!(sequencer.offer("A", at(5)).await.unwrap(), Offer::Wait);
+    let elected = Offer::Elected("B".into());
+    assert_eq!(sequencer.offer("B", at(7)).await.unwrap(), elected);
+    assert_eq!(sequencer.offer("A", at(5)).await.unwrap(), elected);
+
+    let now_micros = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let message = |id: u64, room: &str| {
+        Arc::new(Message {
+            room: room.into(),
+            id,
+            from: "ann".into(),
+            text: format!("m{id}"),
+            ts: now_micros,
+            client_id: format!("c{id}"),
+        })
+    };
+    let seed = Seed {
+        last_message_id: 41,
+        sessions: vec![
+            (
+                "s0".into(),
+                "ann".into(),
+                None,
+                vec!["a1".into(), "b".into()],
+            ),
+            (
+                "s1".into(),
+                "cat".into(),
+                Some(identity("cat")),
+                vec!["b".into()],
+            ),
+        ],
+        rooms: vec![
+            ("a1".into(), vec![message(40, "a1")]),
+            ("b".into(), vec![message(41, "b")]),
+        ],
+    };
+    assert_eq!(
+        sequencer.reseed("A", &seed, b"{}".to_vec()).await.unwrap(),
+        None,
+        "only the node elected restores"
+    );
+    let entry = sequencer
+        .reseed("B", &seed, b"{}".to_vec())
+        .await
+        .unwrap()
+        .expect("B restores");
+    assert_eq!(sequencer.offer("A", at(5)).await.unwrap(), Offer::Restored);
+    let records = log_records(&redis);
+    let [Record::Reseed { node, key, .. }] = records.as_slice() else {
+        panic!("the new log starts with the reseed: {records:?}");
+    };
+    assert_eq!(node, "B");
+    let snapshot = sequencer.read_snapshot(key).await.unwrap();
+    assert_eq!(
+        snapshot.as_deref(),
+        Some(&b"{}"[..]),
+        "the snapshot is left for every node"
+    );
+    assert!(entry > LogId::ZERO);
+
+    // The sessions are back, in their rooms, with their rules; ids go on.
+    let sent = sequencer
+        .execute(
+            "s0",
+            &Command::Send {
+                room: "a1".into(),
+                text: "after".into(),
+                client_id: "x1".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.result.id, Some(42), "{sent:?}");
+    let left = sequencer
+        .execute("s0", &Command::Leave { room: "b".into() })
+        .await
+        .unwrap();
+    assert!(left.result.ok, "ann was in b: {left:?}");
+    let forbidden = sequencer
+        .execute("s1", &Command::Join { room: "c".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        forbidden.result.error.map(|e| e.code),
+        Some(ErrorCode::Forbidden),
+        "cat's rules came back"
+    );
+    let page = sequencer
+        .execute(
+            "s1",
+            &Command::History {
+                room: "b".into(),
+                before: None,
+                limit: Some(10),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(page.result.ok, "{page:?}");
+    let Some(Record::Page { messages, .. }) = log_records(&redis).pop() else {
+        panic!("a page entry");
+    };
+    assert_eq!(
+        messages,
+        [Message::clone(&message(41, "b"))],
+        "room history came back"
+    );
 }
