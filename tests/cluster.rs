@@ -536,6 +536,52 @@ async fn a_node_restarted_after_the_log_was_trimmed_joins_with_a_snapshot_and_a_
 }
 
 #[tokio::test]
+async fn a_node_that_lagged_past_what_the_log_keeps_rejoins_with_a_snapshot_and_keeps_its_streams()
+{
+    let cluster = Cluster::start(&[]).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let ann = a.session("ann").await;
+    let bob = b.session("bob").await;
+    for session in [&ann, &bob] {
+        b.ok(session, join("r")).await;
+    }
+    let mut on_a = a.attach(TransportKind::Sse, &ann, 0).await;
+    b.ok(&bob, send("r", "m0", "b0")).await;
+    assert_eq!(on_a.next_of("message").await["text"], "m0");
+
+    // Node A stops reading (SIGSTOP) while bob sends three messages, and the log keeps only
+    // the last: A reads the first (its blocked read had it), then finds the chain broken.
+    let pid = cluster.nodes[0].as_ref().expect("node A").pid() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    for (i, text) in ["m1", "m2", "m3"].into_iter().enumerate() {
+        b.ok(&bob, send("r", text, &format!("b{}", i + 1))).await;
+    }
+    let _: u64 = ::redis::cmd("XTRIM")
+        .arg("switchyard:log")
+        .arg("MAXLEN")
+        .arg(1)
+        .query(&mut cluster.redis.connection())
+        .unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+
+    // A takes a snapshot of a running node: ann's stream on A stays open and gets what it
+    // lacked, seq after seq, then what comes next.
+    for text in ["m1", "m2", "m3"] {
+        assert_eq!(on_a.next_of("message").await["text"], text);
+    }
+    b.ok(&bob, send("r", "m4", "b4")).await;
+    assert_eq!(on_a.next_of("message").await["text"], "m4");
+    all_ready(&cluster, StatusCode::OK).await;
+    assert_eq!(
+        support::metric(&a, "switchyard_cluster_sessions_restored_total").await,
+        2.0,
+        "ann and bob came with the snapshot"
+    );
+}
+
+#[tokio::test]
 async fn a_starting_node_passes_over_a_running_node_that_sends_no_snapshot() {
     let cluster = Cluster::start(&[]).await;
     let a = cluster.node(0);

@@ -3,10 +3,11 @@
 -- how it gets what the running nodes hold.
 --
 -- KEYS: 1 log, 2 log last, 3 the nodes, 4 the cluster's mark (its state is in Redis;
--- prelude.lua). ARGV: 1 kind ('beat': this node runs; 'leave': it
--- stopped; 'start'), 2 node, 3 how long a beat counts (ms), 4 the prefix of every key of the
--- cluster's sessions.
--- Returns {'ok'} (beat, leave) or, for start (which counts the node as running from then on):
+-- prelude.lua). ARGV: 1 kind ('beat': this node runs; 'leave': it stopped; 'others': which
+-- other nodes run; 'start'), 2 node, 3 how long a beat counts (ms), 4 the prefix of every
+-- key of the cluster's sessions.
+-- Returns {'ok'} (beat, leave), {'join', NODE...} (others: the other nodes running, the most
+-- recent beat first) or, for start (which counts the node as running from then on):
 -- {'join', NODE...} if other nodes run, the most recent beat first (the node asks one for a
 -- snapshot); {'wait'} if they run but Redis lost the cluster's state (they are restoring it,
 -- reseed.lua); else {'whole'} if the log holds its first entry (the node reads it all); else
@@ -30,6 +31,7 @@ local others = {'join'}
 for _, other in ipairs(live) do
   if other ~= node then others[#others + 1] = other end
 end
+if kind == 'others' then return others end
 local function running()
   redis.call('ZADD', KEYS[3], string.format('%d', ms), node)
 end

@@ -3,12 +3,19 @@
 //! command's reply can wait until its own entry is applied (a client then reads its writes
 //! on the node it asked). A cluster node runs one (`Hub::clustered`).
 //!
-//! **Redis lost its data** (the next entry starts a new log): the sessions went with it, so
-//! every session of the node ends (its transport closed `expired`; its client starts a new
-//! session, as after a single server's restart) and the replica goes on with the new log.
+//! **Redis lost its data** (the next entry starts a new log): the nodes restored it, and the
+//! new log starts with their `reseed`, which the hub applies as any record (every session
+//! is reset). A new log that starts otherwise was started by a node that started alone: the
+//! sessions went with the data, so every session of the node ends (its transport closed
+//! `expired`; its client starts a new session, as after a single server's restart). Either
+//! way the replica goes on with the new log.
 //!
-//! **Any other gap stops it.** If entries were trimmed before the node read them, an entry is
-//! not a record, or a room's history cannot be read, the replica stops applying and says so
+//! **Entries trimmed before the node read them** (it lagged more than the log keeps): it takes
+//! a running node's snapshot into the hub it has ([`Hub::rejoin`]; its sessions keep their
+//! transports, which get what they lacked) and goes on after the snapshot's entry.
+//!
+//! **Any other gap stops it.** If no running node sends it a snapshot then, an entry is not a
+//! record, or a room's history cannot be read, the replica stops applying and says so
 //! ([`Health::Stopped`]): serving on past a gap would give clients a silent one.
 
 use std::sync::Arc;
@@ -39,6 +46,9 @@ pub enum Health {
 #[derive(Debug)]
 pub struct Replica {
     applied: watch::Receiver<LogId>,
+    /// How many new logs it has gone on with (after Redis lost its data): an entry of the
+    /// log before is never applied.
+    new_logs: watch::Receiver<u64>,
     health: watch::Receiver<Health>,
     task: tokio::task::JoinHandle<()>,
     _reader: Reader,
@@ -57,12 +67,16 @@ impl Replica {
         let reader = Reader::spawn(client, after, reports)?;
         let (applied_tx, applied) = watch::channel(after);
         let (health_tx, health) = watch::channel(Health::Applying);
+        let (new_logs_tx, new_logs) = watch::channel(0);
         let node: Arc<str> = Arc::from(node);
         let task = tokio::spawn(async move {
+            // After a rejoin: the entries up to here are in the snapshot it took.
+            let mut skip_to = LogId::ZERO;
             while let Some(read) = incoming.recv().await {
                 let outcome = match read {
-                    Read::Entries(entries) => {
+                    Read::Entries(mut entries) => {
                         health_tx.send_if_modified(|h| replace(h, Health::Applying));
+                        entries.retain(|entry| entry.id > skip_to);
                         apply(&hub, &node, entries, &applied_tx).await
                     }
                     Read::Lost { after, found, prev } if prev == LogId::ZERO => {
@@ -77,14 +91,30 @@ impl Replica {
                             tracing::error!(%after, ended, "Redis lost the log: every session ended");
                         }
                         health_tx.send_if_modified(|h| replace(h, Health::Applying));
+                        new_logs_tx.send_modify(|n| *n += 1);
                         apply(&hub, &node, vec![found], &applied_tx).await
                     }
-                    Read::Lost { after, found, .. } => Err(format!(
-                        "entries after {after} were trimmed from the log before this node \
-                         read them (the next one found is {}): the node lagged more than the \
-                         log keeps",
-                        found.id
-                    )),
+                    Read::Lost { after, found, .. } => {
+                        // Trimmed before this node read them: it lagged more than the log
+                        // keeps. It takes a running node's snapshot instead, and goes on
+                        // after it.
+                        tracing::error!(%after, found = %found.id, "entries were trimmed from the log before this node read them; rejoining with a snapshot");
+                        match hub.rejoin().await {
+                            Ok(at) => {
+                                skip_to = at;
+                                applied_tx.send_replace(at);
+                                let entries =
+                                    vec![found].into_iter().filter(|e| e.id > at).collect();
+                                apply(&hub, &node, entries, &applied_tx).await
+                            }
+                            Err(cause) => Err(format!(
+                                "entries after {after} were trimmed from the log before this \
+                                 node read them (the next one found is {}): the node lagged \
+                                 more than the log keeps, and could not rejoin: {cause}",
+                                found.id
+                            )),
+                        }
+                    }
                     Read::Unreachable(cause) => {
                         health_tx.send_replace(Health::Unreachable(cause));
                         Ok(())
@@ -99,6 +129,7 @@ impl Replica {
         });
         Ok(Replica {
             applied,
+            new_logs,
             health,
             task,
             _reader: reader,
@@ -120,12 +151,18 @@ impl Replica {
         self.health.borrow().clone()
     }
 
-    /// Waits until entry `id` is applied; `Err` with the cause if the replica stopped first.
-    /// The caller bounds the wait.
+    /// Waits until entry `id` is applied; `Err` with the cause if the replica stopped first,
+    /// or went on with a new log (Redis lost its data, and the entry with it: the new log's
+    /// ids may pass it, but it will never be applied). The caller bounds the wait.
     pub async fn caught_up(&self, id: LogId) -> Result<(), String> {
         let mut applied = self.applied.clone();
         let mut health = self.health.clone();
+        let mut new_logs = self.new_logs.clone();
+        new_logs.borrow_and_update();
         loop {
+            if new_logs.has_changed().unwrap_or(true) {
+                return Err(format!("Redis lost entry {id} with its data"));
+            }
             if *applied.borrow_and_update() >= id {
                 return Ok(());
             }
@@ -135,6 +172,7 @@ impl Replica {
             tokio::select! {
                 changed = applied.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
                 changed = health.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
+                changed = new_logs.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
             }
         }
     }

@@ -764,6 +764,17 @@ impl Sequencer {
         self.membership("beat", node).await.map(drop)
     }
 
+    /// The nodes other than `node` that run, the most recent beat first.
+    pub async fn others(&self, node: &str) -> Result<Vec<String>, Unavailable> {
+        let mut reply = self.membership("others", node).await?;
+        match reply.first().map(String::as_str) {
+            Some("join") => Ok(reply.split_off(1)),
+            _ => Err(Unavailable(format!(
+                "the membership script answered {reply:?}"
+            ))),
+        }
+    }
+
     /// Says node `node` stopped.
     pub async fn leave(&self, node: &str) -> Result<(), Unavailable> {
         self.membership("leave", node).await.map(drop)

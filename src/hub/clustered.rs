@@ -14,6 +14,9 @@
 //!   point of the log.
 //! - **Redis unreachable**: what needs it answers `backend_unavailable`; attached transports
 //!   stay open and catch up when the replica does.
+//! - **Redis lost the cluster's state**: the nodes elect the one that applied the most,
+//!   which writes the state back and starts a new log with a `reseed` entry; every node then
+//!   takes its snapshot and resets every session.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,6 +86,19 @@ impl Detach {
             tracing::warn!(session = %self.session, %error, "giving up an attach lease failed");
         }
     }
+}
+
+/// A one-line message for a Redis that cannot be reached.
+fn unreachable(error: Unavailable) -> String {
+    format!("Redis cannot be reached: {}", error.0)
+}
+
+fn no_snapshot(silent: &[String]) -> String {
+    format!(
+        "no running node sent this node a snapshot within {} s (asked: {})",
+        SNAPSHOT_WAIT.as_secs(),
+        silent.join(", ")
+    )
 }
 
 fn unavailable(error: Unavailable) -> ErrorBody {
@@ -160,7 +176,6 @@ impl Hub {
     /// answer within [`SNAPSHOT_WAIT`] (it died, or lags) is passed over; when none answers,
     /// the nodes are asked again, up to three times.
     async fn join_cluster(&self, link: &Link) -> Result<LogId, String> {
-        let unreachable = |e: Unavailable| format!("Redis cannot be reached: {}", e.0);
         let mut silent = Vec::new();
         let mut rounds = 0;
         let restoring_since = std::time::Instant::now();
@@ -194,50 +209,82 @@ impl Hub {
                 Start::Join(others) => others,
             };
             rounds += 1;
-            for other in others {
-                let (entry, key) = link
-                    .sequencer
-                    .request_snapshot(&other)
-                    .await
-                    .map_err(unreachable)?;
-                let wait = async {
-                    loop {
-                        if let Some(snapshot) = link.sequencer.take_snapshot(&key).await? {
-                            return Ok::<_, Unavailable>(snapshot);
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(entry) = self.snapshot_from(link, others, &mut silent).await? {
+                return Ok(entry);
+            }
+        }
+        Err(no_snapshot(&silent))
+    }
+
+    /// Asks `others` in turn for a snapshot and restores the first that comes (each within
+    /// [`SNAPSHOT_WAIT`]); returns the `snapshot` entry it was taken at, or `None` if none
+    /// came (the nodes asked in vain are added to `silent`).
+    async fn snapshot_from(
+        &self,
+        link: &Link,
+        others: Vec<String>,
+        silent: &mut Vec<String>,
+    ) -> Result<Option<LogId>, String> {
+        for other in others {
+            let (entry, key) = link
+                .sequencer
+                .request_snapshot(&other)
+                .await
+                .map_err(unreachable)?;
+            let wait = async {
+                loop {
+                    if let Some(snapshot) = link.sequencer.take_snapshot(&key).await? {
+                        return Ok::<_, Unavailable>(snapshot);
                     }
-                };
-                match tokio::time::timeout(SNAPSHOT_WAIT, wait).await {
-                    Ok(snapshot) => {
-                        let snapshot = snapshot.map_err(unreachable)?;
-                        let sessions = self
-                            .restore(&snapshot)
-                            .map_err(|e| format!("the snapshot of node {other}: {e}"))?;
-                        let metrics = self.metrics().cluster();
-                        metrics.snapshot_bytes.set(snapshot.len() as i64);
-                        metrics.sessions_restored.inc_by(sessions as u64);
-                        tracing::info!(
-                            from = %other,
-                            at = %entry,
-                            bytes = snapshot.len(),
-                            sessions = self.session_count(),
-                            "joined the running nodes with a snapshot"
-                        );
-                        return Ok(entry);
-                    }
-                    Err(_) => {
-                        tracing::warn!(node = %other, "a running node sent no snapshot in time");
-                        silent.push(other);
-                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            match tokio::time::timeout(SNAPSHOT_WAIT, wait).await {
+                Ok(snapshot) => {
+                    let snapshot = snapshot.map_err(unreachable)?;
+                    let sessions = self
+                        .restore(&snapshot)
+                        .map_err(|e| format!("the snapshot of node {other}: {e}"))?;
+                    let metrics = self.metrics().cluster();
+                    metrics.snapshot_bytes.set(snapshot.len() as i64);
+                    metrics.sessions_restored.inc_by(sessions as u64);
+                    tracing::info!(
+                        from = %other,
+                        at = %entry,
+                        bytes = snapshot.len(),
+                        sessions,
+                        "took a running node's snapshot"
+                    );
+                    return Ok(Some(entry));
+                }
+                Err(_) => {
+                    tracing::warn!(node = %other, "a running node sent no snapshot in time");
+                    silent.push(other);
                 }
             }
         }
-        Err(format!(
-            "no running node sent this node a snapshot within {} s (asked: {})",
-            SNAPSHOT_WAIT.as_secs(),
-            silent.join(", ")
-        ))
+        Ok(None)
+    }
+
+    /// Catches up with the running nodes after this node's replica lagged past what the log
+    /// keeps: takes a snapshot of one of them into the hub it has (sessions keep their
+    /// transports and get the events they lacked, or a `reset` if their resume point is too
+    /// old now) and returns the `snapshot` entry, after which the replica goes on.
+    pub(crate) async fn rejoin(&self) -> Result<LogId, String> {
+        let link = self.link().ok_or("a node of no cluster")?;
+        let others = link
+            .sequencer
+            .others(&link.node)
+            .await
+            .map_err(unreachable)?;
+        if others.is_empty() {
+            return Err("no other node runs to send this node a snapshot".into());
+        }
+        let mut silent = Vec::new();
+        match self.snapshot_from(link, others, &mut silent).await? {
+            Some(entry) => Ok(entry),
+            None => Err(no_snapshot(&silent)),
+        }
     }
 
     /// Takes a snapshot for a starting node that asked this one (a `snapshot` entry), and

@@ -219,9 +219,9 @@ impl Hub {
         Ok(())
     }
 
-    /// Redis lost its data, and with it every session and room the log had built: every
-    /// session ends (its transport is closed `expired`) and every room is dropped. Returns
-    /// how many sessions ended.
+    /// Redis lost its data, and with it every session and room the log had built, and a new
+    /// cluster started instead of the nodes restoring it: every session ends (its transport
+    /// is closed `expired`) and every room is dropped. Returns how many sessions ended.
     pub(crate) fn forget_all(&self) -> usize {
         let mut chat = lock(&self.inner.chat);
         chat.fanout.settle();
