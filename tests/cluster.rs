@@ -357,6 +357,56 @@ async fn when_redis_comes_back_empty_the_nodes_restore_it_and_every_session_gets
 }
 
 #[tokio::test]
+async fn when_redis_comes_back_with_an_older_copy_the_nodes_restore_theirs_and_reset_every_session()
+{
+    let mut cluster = Cluster::start(&[]).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let ann = a.session("ann").await;
+    let bob = b.session("bob").await;
+    for session in [&ann, &bob] {
+        b.ok(session, join("r")).await;
+    }
+    let mut on_a = a.attach(TransportKind::Sse, &ann, 0).await;
+    b.ok(&bob, send("r", "saved", "b1")).await;
+    assert_eq!(on_a.next_of("message").await["text"], "saved");
+    // Redis saves a copy, takes one more message, dies and comes back on the copy (as one
+    // whose last writes never reached its disk does).
+    let _: () = ::redis::cmd("SAVE")
+        .query(&mut cluster.redis.connection())
+        .unwrap();
+    let unsaved = b.ok(&bob, send("r", "unsaved", "b2")).await;
+    assert_eq!(on_a.next_of("message").await["text"], "unsaved");
+    cluster.redis.kill().await;
+    all_ready(&cluster, StatusCode::SERVICE_UNAVAILABLE).await;
+    cluster.redis.restart().await;
+
+    // The nodes find the log behind them: they restore what they hold, and ann's stream,
+    // open all along, gets a `reset` at its next seq, with both messages in the history.
+    let reset = on_a.next().await;
+    assert_eq!(reset["type"], "reset", "{reset}");
+    assert_eq!(reset["reason"], "state_lost", "{reset}");
+    let history = on_a.next().await;
+    let texts: Vec<&Value> = history["messages"]
+        .as_array()
+        .map(|m| m.iter().map(|m| &m["text"]).collect())
+        .unwrap_or_default();
+    assert_eq!(texts, ["saved", "unsaved"], "{history}");
+    all_ready(&cluster, StatusCode::OK).await;
+    // Ids go on past the newest message, not the copy's.
+    let after = b.ok(&bob, send("r", "after", "b3")).await;
+    assert!(
+        after["results"][0]["id"].as_u64() > unsaved["results"][0]["id"].as_u64(),
+        "{unsaved} {after}"
+    );
+    assert_eq!(on_a.next_of("message").await["text"], "after");
+    for i in 0..NODES.len() {
+        let node = cluster.node(i);
+        let lost = support::metric(&node, "switchyard_cluster_sessions_lost_total").await;
+        assert_eq!(lost, 0.0, "node {i} ended no session");
+    }
+}
+
+#[tokio::test]
 async fn a_node_stopped_with_sigterm_tells_its_clients_and_they_resume_on_another() {
     let mut cluster = Cluster::start(&[]).await;
     let (a, b) = (cluster.node(0), cluster.node(1));

@@ -137,6 +137,7 @@ async fn a_reader_reports_lost_when_redis_lost_entries_it_had_not_read() {
     loop {
         match next(&mut reports).await {
             Read::Unreachable(_) => continue,
+            Read::WentBack { after } => assert_eq!(after, read, "what the reader had"),
             Read::Lost { after, found, prev } => {
                 assert_eq!(after, read, "what the reader had");
                 assert_eq!(found.body, b"new");
@@ -156,10 +157,49 @@ async fn a_reader_reports_lost_when_redis_lost_entries_it_had_not_read() {
     // FLUSHALL, with the reader connected all along.
     let _: () = redis::cmd("FLUSHALL").query(&mut conn).expect("FLUSHALL");
     append(&mut conn, "after flush");
+    loop {
+        match next(&mut reports).await {
+            Read::WentBack { .. } => continue,
+            Read::Lost { found, prev, .. } => {
+                assert_eq!(found.body, b"after flush");
+                assert_eq!(prev, LogId::ZERO, "a new log");
+                break;
+            }
+            other => panic!("expected Lost, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reader_reports_went_back_when_redis_comes_back_with_an_older_copy() {
+    let mut redis = RedisServer::start().await;
+    let mut conn = redis.connection();
+    append(&mut conn, "saved");
+    let _: () = redis::cmd("SAVE").query(&mut conn).expect("SAVE");
+    let unsaved = append(&mut conn, "unsaved");
+    let (_reader, mut reports) = reader(&redis, LogId::ZERO);
+    entries(&mut reports, 2).await;
+
+    // Back on the copy saved before the last entry: the reader had read past the log's end.
+    redis.kill().await;
+    redis.restart().await;
+    loop {
+        match next(&mut reports).await {
+            Read::Unreachable(_) => continue,
+            // Back, with nothing new yet.
+            Read::Entries(entries) if entries.is_empty() => continue,
+            Read::WentBack { after } => {
+                assert_eq!(after, unsaved, "what the reader had");
+                break;
+            }
+            other => panic!("expected WentBack, got {other:?}"),
+        }
+    }
+    // It reads the log again from its start, whose first entry follows nothing it read.
     match next(&mut reports).await {
         Read::Lost { found, prev, .. } => {
-            assert_eq!(found.body, b"after flush");
-            assert_eq!(prev, LogId::ZERO, "a new log");
+            assert_eq!(found.body, b"saved");
+            assert_eq!(prev, LogId::ZERO);
         }
         other => panic!("expected Lost, got {other:?}"),
     }

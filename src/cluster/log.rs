@@ -14,7 +14,8 @@
 //! stream, which may be at or below a reader's position, where `XREAD` would never return
 //! them: each time a read comes back empty, the reader checks the newest id (and, if it is the
 //! reader's own position, that the entry there is still the one it read), and if the log
-//! restarted behind it, reads the new log from its start, whose first entry breaks the chain.
+//! restarted behind it, reports [`Read::WentBack`] and reads the log from its start, whose
+//! first entry breaks the chain.
 //!
 //! **Retention** is by time: each append trims entries older than `retention` (`XADD MINID`,
 //! on Redis's clock, `TIME`).
@@ -127,6 +128,14 @@ pub enum Read {
     /// Redis cannot be reached or answered an error; the reader keeps trying. Reported once
     /// per outage; the next `Entries` or `Lost` means it is back.
     Unreachable(String),
+    /// The log no longer holds `after`, the last entry the reader read: Redis came back
+    /// without it (without any data, or with an older copy of it). What was built on the
+    /// entries up to `after` is ahead of what Redis holds. The reader goes on from the log's
+    /// start; what it finds there, up to a new log's first entry, is reported as usual.
+    WentBack {
+        /// The last entry the reader had read.
+        after: LogId,
+    },
 }
 
 /// Appends `body` as a new entry, trimming entries older than `retention`; returns its id.
@@ -270,6 +279,9 @@ fn read_loop(client: &Client, mut after: LogId, reports: &mpsc::Sender<Read>, st
                     Ok(true) => {
                         tracing::warn!(%after, "log reader: the log restarted behind this reader");
                         read_from = LogId::ZERO;
+                        if reports.blocking_send(Read::WentBack { after }).is_err() {
+                            return;
+                        }
                     }
                     Ok(false) => {}
                     Err(_) => conn = None,

@@ -72,8 +72,39 @@ impl Replica {
         let task = tokio::spawn(async move {
             // After a rejoin: the entries up to here are in the snapshot it took.
             let mut skip_to = LogId::ZERO;
+            // Set when Redis came back without the last entries applied here (the last one
+            // applied): until the new log that the nodes' restoring starts, nothing is
+            // applied (what Redis holds, and anything decided on it, is behind this node).
+            let mut went_back: Option<LogId> = None;
             while let Some(read) = incoming.recv().await {
                 let outcome = match read {
+                    Read::WentBack { after } => {
+                        went_back.get_or_insert_with(|| hub.log_went_back(after));
+                        Ok(())
+                    }
+                    // An entry chained to an older copy of the log than this node read (one
+                    // decided on what Redis came back with, before the reader noticed).
+                    Read::Lost { after, prev, .. }
+                        if went_back.is_none() && prev != LogId::ZERO && prev < after =>
+                    {
+                        went_back = Some(hub.log_went_back(after));
+                        Ok(())
+                    }
+                    Read::Unreachable(cause) => {
+                        health_tx.send_replace(Health::Unreachable(cause));
+                        Ok(())
+                    }
+                    // While Redis is behind this node, nothing of its older copy of the log,
+                    // nor anything decided on it, is applied: only a new log (the nodes'
+                    // `reseed`, or a cluster started anew since) is.
+                    Read::Entries(_) if went_back.is_some() => Ok(()),
+                    Read::Lost { found, prev, .. }
+                        if went_back.is_some_and(|at| {
+                            prev != LogId::ZERO || (found.id <= at && !reseeds(&found))
+                        }) =>
+                    {
+                        Ok(())
+                    }
                     Read::Entries(mut entries) => {
                         health_tx.send_if_modified(|h| replace(h, Health::Applying));
                         entries.retain(|entry| entry.id > skip_to);
@@ -85,6 +116,7 @@ impl Replica {
                         // or it started without them (a node started alone meanwhile): the
                         // sessions went with the data, and as after a single server's
                         // restart every session ends and its client starts a new one.
+                        went_back = None;
                         if !reseeds(&found) {
                             let ended = hub.forget_all();
                             hub.metrics().cluster().sessions_lost.inc_by(ended as u64);
@@ -114,10 +146,6 @@ impl Replica {
                                 found.id
                             )),
                         }
-                    }
-                    Read::Unreachable(cause) => {
-                        health_tx.send_replace(Health::Unreachable(cause));
-                        Ok(())
                     }
                 };
                 if let Err(cause) = outcome {

@@ -1,5 +1,6 @@
--- Restores a cluster's state after Redis lost it (src/cluster/sequencer.rs, docs/cluster.md
--- section 5). Every running node still holds every session and room; they elect the one
+-- Restores a cluster's state after Redis lost it, or came back with an older copy of it
+-- (src/cluster/sequencer.rs, docs/cluster.md section 5). Every running node still holds
+-- every session and room; they elect the one
 -- that applied the most of the lost log, which writes back what the scripts decide by and
 -- starts a new log with a `reseed` entry: every node then takes that node's snapshot, and
 -- every session gets a `reset`.
@@ -8,6 +9,7 @@
 -- the lost log it applied), 3 when the first offer came (ms), 4 the elected node (a lease),
 -- 5 the running nodes' beats (membership.lua), 6 log, 7 log last, 8 deadlines, 9 message ids.
 -- ARGV: 1 kind, 2 node, then by kind:
+--   forget: 3 when (ms) the node's last entry read was appended
 --   offer:  3 the node's position in the lost log, 4 how long (ms) the election waits at
 --           least after the first offer, 5 at most for a running node to offer, 6 how long
 --           a beat counts (ms), 7 how long (ms) the elected node has to restore the state
@@ -18,9 +20,19 @@
 --           of sessions, 7 how long (ms) from now a session falls idle (lease and TTL: its
 --           transport, if still attached somewhere, takes its lease again), 8 history max age
 --           (ms)
--- Returns {'restored'} once the mark is back; offer: {'wait'} or {'elected', NODE};
--- commit: {'ok', the `reseed` entry's id} or {'err', 'not_elected'}.
+-- Returns, for forget: {'ok'}; else {'restored'} once the mark is back, or for offer:
+-- {'wait'} or {'elected', NODE}; for commit: {'ok', the `reseed` entry's id} or
+-- {'err', 'not_elected'}.
 local kind, node = ARGV[1], ARGV[2]
+if kind == 'forget' then
+  -- A node found the log behind what it applied (Redis came back with an older copy): the
+  -- state Redis holds is older too, and nothing may be decided on it. The mark goes, unless
+  -- it was set after the last entry the node had read (ARGV[3], ms): the state was restored
+  -- (or a cluster started anew) since.
+  local set = tonumber(redis.call('GET', KEYS[1]))
+  if set and set <= tonumber(ARGV[3]) then redis.call('DEL', KEYS[1]) end
+  return {'ok'}
+end
 if not lost(KEYS[1]) then return {'restored'} end
 
 -- A position `MS-SEQ` as two numbers.
@@ -68,6 +80,10 @@ end
 
 -- commit
 if redis.call('GET', KEYS[4]) ~= node then return {'err', 'not_elected'} end
+-- What Redis may still hold (an older copy of the state, and of the log) goes: the elected
+-- node's state replaces it, and the new log starts with nothing before it.
+for _, key in ipairs(redis.call('KEYS', ARGV[6] .. '*')) do redis.call('DEL', key) end
+redis.call('DEL', KEYS[8], KEYS[6], KEYS[7])
 local state = cjson.decode(ARGV[3])
 for _, s in ipairs(state.sessions) do
   local key = ARGV[6] .. s.id

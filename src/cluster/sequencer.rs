@@ -650,6 +650,15 @@ impl Sequencer {
         Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
     }
 
+    /// Says Redis came back with an older copy of the log than node `node` read (its last
+    /// entry read was `after`): the cluster's mark goes, so nothing is decided on the older
+    /// state and the nodes restore theirs ([`Sequencer::offer`]), unless it was set since
+    /// `after` (the state was restored already).
+    pub async fn forget_state(&self, node: &str, after: LogId) -> Result<(), Unavailable> {
+        let args = [after.ms.to_string()];
+        self.reseed_call("forget", node, &args).await.map(drop)
+    }
+
     /// Offers node `node`, which applied the lost log up to `position`, to restore the state
     /// Redis lost; says who restores it once the running nodes have offered (the one that
     /// applied the most), or that it is back.

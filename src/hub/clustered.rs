@@ -352,6 +352,29 @@ impl Hub {
         });
     }
 
+    /// Redis came back with an older copy of the log than this node applied (up to `after`):
+    /// the state it holds is older too. Has nothing decided on it ([`Sequencer::forget_state`])
+    /// and restores this node's ([`Hub::restore_state`]).
+    /// Returns `after`.
+    pub(crate) fn log_went_back(&self, after: LogId) -> LogId {
+        tracing::error!(%after, "Redis came back without entries this node applied");
+        let Some(link) = self.link().cloned() else {
+            return after;
+        };
+        let hub = self.clone();
+        tokio::spawn(async move {
+            while !hub.inner.shutting_down.load(Ordering::Acquire) {
+                match link.sequencer.forget_state(&link.node, after).await {
+                    Ok(()) => break,
+                    Err(error) => tracing::debug!(cause = %error.0, "Redis cannot be reached"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            hub.restore_state(&link);
+        });
+        after
+    }
+
     /// Applies a `reseed` entry: the node that restored the cluster's state wrote a snapshot
     /// of it at `key`; every node takes it (sessions keep their transports), and every
     /// session gets a `reset` with its rooms' histories as of `at` (µs).
