@@ -1381,3 +1381,31 @@ async fn after_redis_lost_the_state_the_running_node_that_applied_most_restores_
         "room history came back"
     );
 }
+
+/// A snapshot keeps each event body once, however many sessions were sent it: a room's
+/// cached `history`, sent to every joiner, is reissued per join over the same bytes.
+#[tokio::test]
+async fn a_snapshot_keeps_a_history_sent_to_many_joiners_once() {
+    let hub = Hub::new(config());
+    let ann = hub.create_session("ann").unwrap();
+    let send = Command::Send {
+        room: "a1".into(),
+        text: "x".repeat(500),
+        client_id: "c1".into(),
+    };
+    let join = Command::Join { room: "a1".into() };
+    hub.execute(&ann, vec![Ok(join.clone()), Ok(send)]).await;
+    for i in 0..20 {
+        let joiner = hub.create_session(&format!("u{i}")).unwrap();
+        hub.execute(&joiner, vec![Ok(join.clone())]).await;
+    }
+    let image: serde_json::Value = serde_json::from_slice(&hub.snapshot()).unwrap();
+    let histories = image["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|body| body.as_str().unwrap().starts_with("\"type\":\"history\""))
+        .count();
+    // ann's, before the message, and the one all 20 joiners got.
+    assert_eq!(histories, 2, "one history body for 20 joiners");
+}

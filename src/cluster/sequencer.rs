@@ -805,12 +805,18 @@ impl Sequencer {
     }
 
     /// The log's newest entry ([`LogId::ZERO`] if none).
+    /// `Err` ([`Unavailable::lost_state`]) while Redis has lost the cluster's state.
     pub async fn tip(&self) -> Result<LogId, Unavailable> {
         let mut conn = self.conn();
-        let last: Option<String> = redis::cmd("GET").arg(LAST).query_async(&mut conn).await?;
-        match last {
-            Some(last) => parse_entry(&last),
-            None => Ok(LogId::ZERO),
+        let (last, intact): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(LAST)
+            .arg(INTACT)
+            .query_async(&mut conn)
+            .await?;
+        match (last, intact) {
+            (_, None) => Err(Unavailable(LOST_STATE.to_owned())),
+            (Some(last), _) => parse_entry(&last),
+            (None, _) => Ok(LogId::ZERO),
         }
     }
 

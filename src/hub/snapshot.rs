@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::room::{body, Room, RoomImage};
 use super::{lock, Hub, Identity};
-use crate::protocol::{Encoded, EncodedEvent};
+use crate::protocol::EncodedEvent;
 
 /// The format's version: a node refuses a snapshot of another.
 const VERSION: u32 = 1;
@@ -92,7 +92,9 @@ impl Hub {
         chat.fanout.settle();
         let sessions = lock(&self.inner.sessions);
         let mut events = Vec::new();
-        let mut places: HashMap<*const Encoded, usize> = HashMap::new();
+        // By the bytes they share: a cached `history` or `presence` sent to many sessions is
+        // reissued (an `Encoded` of its own per send) over the same bytes.
+        let mut places: HashMap<(*const u8, usize), usize> = HashMap::new();
         let mut images: Vec<SessionImage> = sessions
             .values()
             .map(|session| {
@@ -100,7 +102,8 @@ impl Hub {
                 let (first_seq, kept) = state.replay.image();
                 let kept = kept
                     .map(|event| {
-                        *places.entry(&**event as *const Encoded).or_insert_with(|| {
+                        let bytes = (event.body.as_ptr(), event.body.len());
+                        *places.entry(bytes).or_insert_with(|| {
                             events.push(body(event));
                             events.len() - 1
                         })
