@@ -293,11 +293,15 @@ impl Hub {
         let Some(link) = self.link().cloned() else {
             return;
         };
-        let snapshot = self.snapshot();
-        let metrics = self.metrics().cluster();
-        metrics.snapshots_sent.inc();
-        metrics.snapshot_bytes.set(snapshot.len() as i64);
+        // Taken here, at the entry; encoded off the replica's way.
+        let capture = self.capture();
+        let metrics = self.metrics().cluster().clone();
         tokio::spawn(async move {
+            let Ok(snapshot) = tokio::task::spawn_blocking(|| capture.encode()).await else {
+                return;
+            };
+            metrics.snapshots_sent.inc();
+            metrics.snapshot_bytes.set(snapshot.len() as i64);
             let bytes = snapshot.len();
             match link.sequencer.put_snapshot(&key, snapshot).await {
                 Ok(()) => tracing::info!(bytes, "sent a snapshot to a starting node"),
@@ -327,7 +331,11 @@ impl Hub {
                 match link.sequencer.offer(&link.node, position).await {
                     Ok(Offer::Restored) => break,
                     Ok(Offer::Elected(node)) if *node == *link.node => {
-                        let (seed, snapshot) = (hub.seed(), hub.snapshot());
+                        let (seed, capture) = (hub.seed(), hub.capture());
+                        let Ok(snapshot) = tokio::task::spawn_blocking(|| capture.encode()).await
+                        else {
+                            break;
+                        };
                         let bytes = snapshot.len();
                         match link.sequencer.reseed(&link.node, &seed, snapshot).await {
                             Ok(Some(entry)) => {

@@ -43,6 +43,7 @@ use history::{now_micros, StoreError};
 pub use history::{Durability, HistoryStore, MemoryStore};
 pub use identity::{Identity, TokenVerifier};
 pub use replica::attachment_name;
+pub use snapshot::Capture;
 use room::Room;
 pub use session::{Attachment, BatchLimit, Budget, Delivery, Session};
 pub use session::{DirectSink, OutboxFull};

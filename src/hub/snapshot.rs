@@ -38,6 +38,59 @@ struct Image {
     rooms: Vec<(String, RoomImage)>,
 }
 
+/// A snapshot as [`Hub::capture`] took it, to encode ([`Capture::encode`]) without holding
+/// the hub's locks.
+pub struct Capture {
+    tick: u64,
+    last_message_id: u64,
+    pending: Vec<String>,
+    /// Each session, and the events it keeps.
+    sessions: Vec<(SessionImage, Vec<EncodedEvent>)>,
+    rooms: Vec<(String, RoomImage)>,
+}
+
+impl Capture {
+    /// The snapshot's JSON, which [`Hub::restore`] reads: each event body once.
+    pub fn encode(self) -> Vec<u8> {
+        let mut events = Vec::new();
+        // By the bytes they share: a cached `history` or `presence` sent to many sessions is
+        // reissued (an `Encoded` of its own per send) over the same bytes.
+        let mut places: HashMap<(*const u8, usize), usize> = HashMap::new();
+        let mut sessions: Vec<SessionImage> = self
+            .sessions
+            .into_iter()
+            .map(|(mut image, kept)| {
+                image.events = kept
+                    .iter()
+                    .map(|event| {
+                        let bytes = (event.body.as_ptr(), event.body.len());
+                        *places.entry(bytes).or_insert_with(|| {
+                            events.push(body(event));
+                            events.len() - 1
+                        })
+                    })
+                    .collect();
+                image
+            })
+            .collect();
+        sessions.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut rooms = self.rooms;
+        rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut pending = self.pending;
+        pending.sort_unstable();
+        let image = Image {
+            version: VERSION,
+            tick: self.tick,
+            last_message_id: self.last_message_id,
+            pending,
+            events,
+            sessions,
+            rooms,
+        };
+        serde_json::to_vec(&image).expect("a snapshot serializes")
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct SessionImage {
     id: String,
@@ -88,56 +141,43 @@ impl Hub {
     /// its sessions' buffers: JSON, which [`Hub::restore`] reads. A cluster node takes one
     /// when it applies a `snapshot` entry addressed to it.
     pub fn snapshot(&self) -> Vec<u8> {
+        self.capture().encode()
+    }
+
+    /// What a snapshot holds, taken under the hub's locks (the events as pointers to what the
+    /// sessions keep): the node's replica waits only for this, not for the encoding.
+    pub fn capture(&self) -> Capture {
         let chat = lock(&self.inner.chat);
         chat.fanout.settle();
         let sessions = lock(&self.inner.sessions);
-        let mut events = Vec::new();
-        // By the bytes they share: a cached `history` or `presence` sent to many sessions is
-        // reissued (an `Encoded` of its own per send) over the same bytes.
-        let mut places: HashMap<(*const u8, usize), usize> = HashMap::new();
-        let mut images: Vec<SessionImage> = sessions
+        let sessions = sessions
             .values()
             .map(|session| {
                 let state = session.lock();
                 let (first_seq, kept) = state.replay.image();
-                let kept = kept
-                    .map(|event| {
-                        let bytes = (event.body.as_ptr(), event.body.len());
-                        *places.entry(bytes).or_insert_with(|| {
-                            events.push(body(event));
-                            events.len() - 1
-                        })
-                    })
-                    .collect();
-                SessionImage {
+                let image = SessionImage {
                     id: session.id.clone(),
                     name: session.name.to_string(),
                     identity: state.identity.as_ref().map(IdentityImage::of),
                     first_seq,
-                    events: kept,
+                    events: Vec::new(),
                     rooms: state.rooms.clone(),
-                }
+                };
+                (image, kept.cloned().collect())
             })
             .collect();
-        images.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        let mut rooms: Vec<(String, RoomImage)> = chat
+        let rooms = chat
             .rooms
             .iter()
             .map(|(name, room)| (name.clone(), room.image(|s| s.id.clone())))
             .collect();
-        rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut pending: Vec<String> = chat.pending_presence.iter().cloned().collect();
-        pending.sort_unstable();
-        let image = Image {
-            version: VERSION,
+        Capture {
             tick: chat.tick,
             last_message_id: chat.last_message_id,
-            pending,
-            events,
-            sessions: images,
+            pending: chat.pending_presence.iter().cloned().collect(),
+            sessions,
             rooms,
-        };
-        serde_json::to_vec(&image).expect("a snapshot serializes")
+        }
     }
 
     /// Takes the sessions and rooms of a [`Hub::snapshot`]: a node that starts restores one
