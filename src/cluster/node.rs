@@ -46,9 +46,9 @@ pub enum Health {
 #[derive(Debug)]
 pub struct Replica {
     applied: watch::Receiver<LogId>,
-    /// How many new logs it has gone on with (after Redis lost its data): an entry of the
-    /// log before is never applied.
-    new_logs: watch::Receiver<u64>,
+    /// The first entry of the log it applies, if it went on with a new one (Redis lost its
+    /// data): an entry before it, of the log before, is never applied.
+    log_start: watch::Receiver<LogId>,
     health: watch::Receiver<Health>,
     task: tokio::task::JoinHandle<()>,
     _reader: Reader,
@@ -67,7 +67,7 @@ impl Replica {
         let reader = Reader::spawn(client, after, reports)?;
         let (applied_tx, applied) = watch::channel(after);
         let (health_tx, health) = watch::channel(Health::Applying);
-        let (new_logs_tx, new_logs) = watch::channel(0);
+        let (log_start_tx, log_start) = watch::channel(LogId::ZERO);
         let node: Arc<str> = Arc::from(node);
         let task = tokio::spawn(async move {
             // After a rejoin: the entries up to here are in the snapshot it took.
@@ -123,7 +123,7 @@ impl Replica {
                             tracing::error!(%after, ended, "Redis lost the log: every session ended");
                         }
                         health_tx.send_if_modified(|h| replace(h, Health::Applying));
-                        new_logs_tx.send_modify(|n| *n += 1);
+                        log_start_tx.send_replace(found.id);
                         apply(&hub, &node, vec![found], &applied_tx).await
                     }
                     Read::Lost { after, found, .. } => {
@@ -157,7 +157,7 @@ impl Replica {
         });
         Ok(Replica {
             applied,
-            new_logs,
+            log_start,
             health,
             task,
             _reader: reader,
@@ -180,15 +180,15 @@ impl Replica {
     }
 
     /// Waits until entry `id` is applied; `Err` with the cause if the replica stopped first,
-    /// or went on with a new log (Redis lost its data, and the entry with it: the new log's
-    /// ids may pass it, but it will never be applied). The caller bounds the wait.
+    /// or went on with a new log that starts after `id` (Redis lost its data, and the entry
+    /// with it: the new log's ids pass it, but it will never be applied). The caller bounds
+    /// the wait.
     pub async fn caught_up(&self, id: LogId) -> Result<(), String> {
         let mut applied = self.applied.clone();
         let mut health = self.health.clone();
-        let mut new_logs = self.new_logs.clone();
-        new_logs.borrow_and_update();
+        let mut log_start = self.log_start.clone();
         loop {
-            if new_logs.has_changed().unwrap_or(true) {
+            if id < *log_start.borrow_and_update() {
                 return Err(format!("Redis lost entry {id} with its data"));
             }
             if *applied.borrow_and_update() >= id {
@@ -200,7 +200,7 @@ impl Replica {
             tokio::select! {
                 changed = applied.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
                 changed = health.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
-                changed = new_logs.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
+                changed = log_start.changed() => changed.map_err(|_| "the replica ended".to_owned())?,
             }
         }
     }

@@ -1100,7 +1100,8 @@ fn broadcast_written(hub: Weak<Inner>, written: mpsc::Receiver<Written>) {
 }
 
 /// Pushes a `reset` for `reason` into `session` (its `state`), then each of its rooms'
-/// history (as of `now`, µs) and presence, kept together until a transport takes them.
+/// history (as of `now`, µs) and presence, kept together until a transport takes them (a
+/// write-through transport takes them at once).
 fn push_reset(
     chat: &mut Chat,
     state: &mut session::SessionState,
@@ -1120,7 +1121,11 @@ fn push_reset(
             state.push_keeping(presence, session.outbox, reset_seq);
         }
     }
-    state.protected = Some((reset_seq, state.replay.last_seq()));
+    // A write-through transport has them already; for any other, they wait together.
+    let written = state.attached.as_ref().is_some_and(|slot| slot.direct.is_some());
+    if !written {
+        state.protected = Some((reset_seq, state.replay.last_seq()));
+    }
 }
 
 impl Chat {
