@@ -356,10 +356,9 @@ async fn when_redis_comes_back_empty_the_nodes_restore_it_and_every_session_gets
     }
 }
 
-#[tokio::test]
-async fn when_redis_comes_back_with_an_older_copy_the_nodes_restore_theirs_and_reset_every_session()
-{
-    let mut cluster = Cluster::start(&[]).await;
+/// ann (created on node A) and bob (on node B) in room `r`, ann's SSE stream open on node A
+/// and bob's first message, `text`, through it: their ids and ann's stream.
+async fn ann_hears_bob(cluster: &Cluster, text: &str) -> (String, String, support::Client) {
     let (a, b) = (cluster.node(0), cluster.node(1));
     let ann = a.session("ann").await;
     let bob = b.session("bob").await;
@@ -367,8 +366,17 @@ async fn when_redis_comes_back_with_an_older_copy_the_nodes_restore_theirs_and_r
         b.ok(session, join("r")).await;
     }
     let mut on_a = a.attach(TransportKind::Sse, &ann, 0).await;
-    b.ok(&bob, send("r", "saved", "b1")).await;
-    assert_eq!(on_a.next_of("message").await["text"], "saved");
+    b.ok(&bob, send("r", text, "b0")).await;
+    assert_eq!(on_a.next_of("message").await["text"], text);
+    (ann, bob, on_a)
+}
+
+#[tokio::test]
+async fn when_redis_comes_back_with_an_older_copy_the_nodes_restore_theirs_and_reset_every_session()
+{
+    let mut cluster = Cluster::start(&[]).await;
+    let b = cluster.node(1);
+    let (_, bob, mut on_a) = ann_hears_bob(&cluster, "saved").await;
     // Redis saves a copy, takes one more message, dies and comes back on the copy (as one
     // whose last writes never reached its disk does).
     let _: () = ::redis::cmd("SAVE")
@@ -590,14 +598,7 @@ async fn a_node_that_lagged_past_what_the_log_keeps_rejoins_with_a_snapshot_and_
 {
     let cluster = Cluster::start(&[]).await;
     let (a, b) = (cluster.node(0), cluster.node(1));
-    let ann = a.session("ann").await;
-    let bob = b.session("bob").await;
-    for session in [&ann, &bob] {
-        b.ok(session, join("r")).await;
-    }
-    let mut on_a = a.attach(TransportKind::Sse, &ann, 0).await;
-    b.ok(&bob, send("r", "m0", "b0")).await;
-    assert_eq!(on_a.next_of("message").await["text"], "m0");
+    let (_, bob, mut on_a) = ann_hears_bob(&cluster, "m0").await;
 
     // Node A stops reading (SIGSTOP) while bob sends three messages, and the log keeps only
     // the last: A reads the first (its blocked read had it), then finds the chain broken.

@@ -360,10 +360,9 @@ impl Hub {
         });
     }
 
-    /// Redis came back with an older copy of the log than this node applied (up to `after`):
-    /// the state it holds is older too. Has nothing decided on it ([`Sequencer::forget_state`])
-    /// and restores this node's ([`Hub::restore_state`]).
-    /// Returns `after`.
+    /// Redis came back with an older copy of the log than this node applied (up to `after`,
+    /// which it returns): the state it holds is older too. Has nothing decided on it
+    /// ([`Sequencer::forget_state`]) and restores this node's ([`Hub::restore_state`]).
     pub(crate) fn log_went_back(&self, after: LogId) -> LogId {
         tracing::error!(%after, "Redis came back without entries this node applied");
         let Some(link) = self.link().cloned() else {

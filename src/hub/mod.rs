@@ -43,12 +43,12 @@ use history::{now_micros, StoreError};
 pub use history::{Durability, HistoryStore, MemoryStore};
 pub use identity::{Identity, TokenVerifier};
 pub use replica::attachment_name;
-pub use snapshot::Capture;
 use room::Room;
 pub use session::{Attachment, BatchLimit, Budget, Delivery, Session};
 pub use session::{DirectSink, OutboxFull};
 pub(crate) use session::{Gap, TokenBucket};
 use session::{Outcome, Sent};
+pub use snapshot::Capture;
 
 use crate::metrics::Metrics;
 use crate::protocol::{
@@ -1122,7 +1122,10 @@ fn push_reset(
         }
     }
     // A write-through transport has them already; for any other, they wait together.
-    let written = state.attached.as_ref().is_some_and(|slot| slot.direct.is_some());
+    let written = state
+        .attached
+        .as_ref()
+        .is_some_and(|slot| slot.direct.is_some());
     if !written {
         state.protected = Some((reset_seq, state.replay.last_seq()));
     }
