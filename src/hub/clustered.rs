@@ -88,9 +88,12 @@ impl Detach {
     }
 }
 
-/// A one-line message for a Redis that cannot be reached.
+/// A one-line message for a Redis that cannot be reached (or lost the cluster's state).
 fn unreachable(error: Unavailable) -> String {
-    format!("Redis cannot be reached: {}", error.0)
+    match error.lost_state() {
+        true => error.0,
+        false => format!("Redis cannot be reached: {}", error.0),
+    }
 }
 
 fn no_snapshot(silent: &[String]) -> String {
@@ -102,10 +105,7 @@ fn no_snapshot(silent: &[String]) -> String {
 }
 
 fn unavailable(error: Unavailable) -> ErrorBody {
-    ErrorBody::new(
-        ErrorCode::BackendUnavailable,
-        format!("Redis cannot be reached: {}", error.0),
-    )
+    ErrorBody::new(ErrorCode::BackendUnavailable, unreachable(error))
 }
 
 impl Link {
