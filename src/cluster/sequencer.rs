@@ -32,7 +32,10 @@
 //! user, rules, token expiry, when it falls idle), `session:ID:rooms` (a list),
 //! `session:ID:bucket`, `session:ID:sent` (`client_id` to the message's JSON),
 //! `session:ID:sent:order` (a list), `session:ID:attach` (the lease: node, attachment, the
-//! transport's kind), `deadlines` (a sorted set), `room:NAME:bucket`. The scripts name some
+//! transport's kind), `deadlines` (a sorted set), `room:NAME:bucket`, `intact` (the mark
+//! every script but membership's needs: when it is gone, Redis lost the cluster's state,
+//! and `reseed.lua` restores it, with `reseed:offers`, `reseed:since` and `reseed:elected`),
+//! `nodes`, `ticker` and `snapshot:RANDOM`. The scripts name some
 //! keys they did not declare (a sweep ends sessions it finds), so the sequencer needs one
 //! Redis, not a Redis Cluster.
 
@@ -680,8 +683,9 @@ impl Sequencer {
     }
 
     /// Writes `seed` back as elected node `node` (sessions idle a lease and a TTL from now),
-    /// with its snapshot at `key` for the other nodes, and starts the new log with a `reseed`
-    /// entry; returns it, or `None` if this node is no longer the one elected.
+    /// and `snapshot` (of the same hub) for the other nodes, and starts the new log with a
+    /// `reseed` entry naming it; returns that entry, or `None` if this node is no longer the
+    /// one elected.
     pub async fn reseed(
         &self,
         node: &str,
