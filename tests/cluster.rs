@@ -92,6 +92,16 @@ impl Cluster {
         self.nodes[i].as_ref().expect("a live node").client()
     }
 
+    /// Trims the log to its newest entry, as its retention trims it.
+    fn trim_log(&self) {
+        let _: u64 = ::redis::cmd("XTRIM")
+            .arg("switchyard:log")
+            .arg("MAXLEN")
+            .arg(1)
+            .query(&mut self.redis.connection())
+            .unwrap();
+    }
+
     /// SIGKILL to node `i`.
     async fn kill(&mut self, i: usize) {
         self.nodes[i].take().expect("a live node").kill().await;
@@ -539,12 +549,7 @@ async fn a_node_restarted_after_the_log_was_trimmed_joins_with_a_snapshot_and_a_
     let before = events_through(&mut on_b, "kept").await;
     // The log's start is trimmed, as its retention (the session TTL + 60 s) trims it: a node
     // starting now cannot read what the others hold from the log.
-    let _: u64 = ::redis::cmd("XTRIM")
-        .arg("switchyard:log")
-        .arg("MAXLEN")
-        .arg(1)
-        .query(&mut cluster.redis.connection())
-        .unwrap();
+    cluster.trim_log();
     // Node 1 dies and starts again: it takes a snapshot of a running node.
     cluster.kill(0).await;
     let restarted = cluster.start_node(0, &[]).await;
@@ -608,12 +613,7 @@ async fn a_node_that_lagged_past_what_the_log_keeps_rejoins_with_a_snapshot_and_
     for (i, text) in ["m1", "m2", "m3"].into_iter().enumerate() {
         b.ok(&bob, send("r", text, &format!("b{}", i + 1))).await;
     }
-    let _: u64 = ::redis::cmd("XTRIM")
-        .arg("switchyard:log")
-        .arg("MAXLEN")
-        .arg(1)
-        .query(&mut cluster.redis.connection())
-        .unwrap();
+    cluster.trim_log();
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
 
