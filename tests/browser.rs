@@ -280,6 +280,60 @@ async fn auto_mode_connects_over_websocket_and_shows_a_sent_message() {
     close(browser).await;
 }
 
+/// protocol.md 2.6: a cluster whose Redis lost its data restores it, and every session gets
+/// a `reset` with reason `state_lost`. The client library takes it like any `reset`: the page
+/// keeps its WebSocket and its session, shows the room's history again, and goes on.
+#[tokio::test]
+async fn after_a_clusters_redis_lost_its_data_the_page_takes_the_reset_and_goes_on() {
+    let redis = support::redis::RedisServer::start().await;
+    let url = redis.url();
+    let node = support::ServerProcess::start(&["--redis", &url, "--node-id", "n1"]).await;
+    let server = node.client();
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    goto(
+        &browser,
+        &format!("http://{}/?name=alice&room=lost", server.addr),
+    )
+    .await;
+    wait_for_transport(&browser, "websocket").await;
+    type_and_send(&browser, "before the loss").await;
+    wait_for_message(&browser, "before the loss").await;
+    let session = eval(&browser, "window.switchyardClient.sessionId").await;
+    eval(
+        &browser,
+        "(window.resets = [], window.switchyardClient.on('reset', (e) => window.resets.push(e.reason)), true)",
+    )
+    .await;
+
+    let _: () = ::redis::cmd("FLUSHALL")
+        .query(&mut redis.connection())
+        .expect("FLUSHALL");
+    wait_until(
+        &browser,
+        "a reset with reason state_lost",
+        "window.resets.includes('state_lost')",
+    )
+    .await;
+    // Its fresh history shows the message again; the session and the transport are the same.
+    wait_for_message(&browser, "before the loss").await;
+    assert_eq!(
+        eval(&browser, "window.switchyardClient.sessionId").await,
+        session
+    );
+    assert_eq!(eval(&browser, &testid_text("transport")).await, "websocket");
+    let bob = server.session("bob").await;
+    server.ok(&bob, join("lost")).await;
+    server
+        .ok(&bob, send("lost", "bob after the loss", "b1"))
+        .await;
+    wait_for_message(&browser, "bob after the loss").await;
+    type_and_send(&browser, "alice after the loss").await;
+    wait_for_message(&browser, "alice after the loss").await;
+    assert_eq!(eval(&browser, "window.resets").await, json!(["state_lost"]));
+    close(browser).await;
+}
+
 #[tokio::test]
 async fn auto_mode_falls_back_to_sse_when_websocket_is_disabled() {
     let config = Config {
