@@ -394,7 +394,7 @@ const RECORD: &str = concat!(
     "return append(KEYS[1], KEYS[2], ARGV[2], ARGV[1])\n"
 );
 /// The running nodes, each with its last beat.
-pub(crate) const NODES: &str = "switchyard:c:nodes";
+const NODES: &str = "switchyard:c:nodes";
 /// Beats, starts and leaves of nodes.
 const MEMBERSHIP: &str = include_str!("membership.lua");
 /// How long a node's beat counts: a node that beat more recently is running.
@@ -404,6 +404,28 @@ pub const BEAT_LIFE: Duration = Duration::from_secs(6);
 pub const NODE_SILENCE: Duration = Duration::from_secs(3);
 /// How long a snapshot written for a starting node is kept for it.
 pub const SNAPSHOT_LIFE: Duration = Duration::from_secs(60);
+
+/// The membership script for `kind`, as node `node`.
+fn membership(kind: &str, node: &str) -> redis::ScriptInvocation<'static> {
+    static SCRIPT: std::sync::LazyLock<Script> =
+        std::sync::LazyLock::new(|| Script::new(MEMBERSHIP));
+    let mut call = SCRIPT.key(LOG);
+    call.key(LAST)
+        .key(NODES)
+        .key(INTACT)
+        .arg(kind)
+        .arg(node)
+        .arg(millis(BEAT_LIFE))
+        .arg(PREFIX);
+    call
+}
+
+/// The nodes of a cluster that run (membership's `others`, for no node of its own), on a
+/// synchronous connection: a single server checks that no cluster uses its database.
+pub(crate) fn running_nodes(conn: &mut redis::Connection) -> redis::RedisResult<Vec<String>> {
+    let mut reply: Vec<String> = membership("others", "").invoke(conn)?;
+    Ok(reply.split_off(1.min(reply.len())))
+}
 
 /// A log entry's id, as a script returned it.
 fn parse_entry(id: &str) -> Result<LogId, Unavailable> {
@@ -795,17 +817,7 @@ impl Sequencer {
 
     async fn membership(&self, kind: &str, node: &str) -> Result<Vec<String>, Unavailable> {
         let mut conn = self.conn();
-        Ok(Script::new(MEMBERSHIP)
-            .key(LOG)
-            .key(LAST)
-            .key(NODES)
-            .key(INTACT)
-            .arg(kind)
-            .arg(node)
-            .arg(millis(BEAT_LIFE))
-            .arg(PREFIX)
-            .invoke_async(&mut conn)
-            .await?)
+        Ok(membership(kind, node).invoke_async(&mut conn).await?)
     }
 
     /// The log's newest entry ([`LogId::ZERO`] if none).

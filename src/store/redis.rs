@@ -97,14 +97,6 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
-/// The nodes of a cluster that beat into KEYS[1] within the last ARGV[1] ms (Redis's clock),
-/// at most one.
-const CLUSTER_RUNNING: &str = r"
-local t = redis.call('TIME')
-local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], ms - tonumber(ARGV[1]), '+inf', 'LIMIT', 0, 1)
-";
-
 /// Drops the lease (KEYS[1]) if it is still the stale token ARGV[1].
 const DROP_STALE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -263,11 +255,7 @@ fn take_lease(conn: &mut Connection, token: &str, url: &str) -> Result<(), Strin
         )
     };
     // A cluster's nodes hold no lease: their beats say they run.
-    let running: Vec<String> = Script::new(CLUSTER_RUNNING)
-        .key(crate::cluster::sequencer::NODES)
-        .arg(crate::cluster::sequencer::BEAT_LIFE.as_millis() as u64)
-        .invoke(conn)
-        .map_err(|e| e.to_string())?;
+    let running = crate::cluster::sequencer::running_nodes(conn).map_err(|e| e.to_string())?;
     if let Some(node) = running.first() {
         return Err(format!(
             "in use by a switchyard cluster (node {node} is running); give this server another database (redis://HOST:PORT/N)"
