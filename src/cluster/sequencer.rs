@@ -283,7 +283,7 @@ pub struct Seed {
     /// Each session: its id, its user's name, its identity and its rooms in join order.
     pub sessions: Vec<(String, String, Option<Identity>, Vec<String>)>,
     /// Each room and its history, oldest first.
-    pub rooms: Vec<(String, Vec<std::sync::Arc<Message>>)>,
+    pub rooms: Vec<(String, Vec<Message>)>,
 }
 
 /// What became of a lease its node renews.
@@ -740,7 +740,7 @@ impl Sequencer {
                     .map(|m| {
                         (
                             m.id,
-                            serde_json::to_string(&**m).expect("a message serializes"),
+                            serde_json::to_string(m).expect("a message serializes"),
                         )
                     })
                     .collect();

@@ -331,7 +331,8 @@ impl Hub {
                 match link.sequencer.offer(&link.node, position).await {
                     Ok(Offer::Restored) => break,
                     Ok(Offer::Elected(node)) if *node == *link.node => {
-                        let (seed, capture) = (hub.seed(), hub.capture());
+                        let capture = hub.capture();
+                        let seed = capture.seed();
                         let Ok(snapshot) = tokio::task::spawn_blocking(|| capture.encode()).await
                         else {
                             break;

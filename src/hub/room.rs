@@ -117,6 +117,13 @@ pub(crate) struct RoomImage {
     last_flush: Option<u64>,
 }
 
+impl RoomImage {
+    /// The room's history, oldest first.
+    pub(crate) fn history(&self) -> &[Message] {
+        &self.history
+    }
+}
+
 fn names(names: &[Arc<str>]) -> Vec<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
@@ -297,11 +304,6 @@ impl Room {
             }
             None => Ok(()),
         }
-    }
-
-    /// The messages of its history, oldest first.
-    pub fn messages(&self) -> impl Iterator<Item = &Arc<Message>> {
-        self.history.iter()
     }
 
     /// Appends a message to the history, keeping the last `keep`.

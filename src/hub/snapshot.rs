@@ -50,6 +50,35 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// What a node writes back to a Redis that lost the cluster's state, from this capture:
+    /// every session (identity and rooms) and every room's history, in id and name order.
+    pub(crate) fn seed(&self) -> crate::cluster::sequencer::Seed {
+        let mut seed = crate::cluster::sequencer::Seed {
+            last_message_id: self.last_message_id,
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(image, _)| {
+                    let identity = image.identity.as_ref().map(IdentityImage::identity);
+                    (
+                        image.id.clone(),
+                        image.name.clone(),
+                        identity,
+                        image.rooms.clone(),
+                    )
+                })
+                .collect(),
+            rooms: self
+                .rooms
+                .iter()
+                .map(|(name, room)| (name.clone(), room.history().to_vec()))
+                .collect(),
+        };
+        seed.sessions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        seed.rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        seed
+    }
+
     /// The snapshot's JSON, which [`Hub::restore`] reads: each event body once.
     pub fn encode(self) -> Vec<u8> {
         let mut events = Vec::new();
@@ -124,11 +153,11 @@ impl IdentityImage {
         }
     }
 
-    fn identity(self) -> Identity {
+    fn identity(&self) -> Identity {
         Identity {
-            user: Arc::from(self.user),
-            name: self.name,
-            rooms: self.rooms.map(Arc::from),
+            user: Arc::from(self.user.as_str()),
+            name: self.name.clone(),
+            rooms: self.rooms.as_deref().map(Arc::from),
             expires_at: UNIX_EPOCH
                 .checked_add(Duration::from_millis(self.expires))
                 .unwrap_or(UNIX_EPOCH),
@@ -239,7 +268,7 @@ impl Hub {
             !gone
         });
         for (image, kept) in image.sessions.into_iter().zip(kept_events) {
-            let identity = image.identity.map(IdentityImage::identity);
+            let identity = image.identity.as_ref().map(IdentityImage::identity);
             let session = match sessions.get(&image.id) {
                 Some(session) => session.clone(),
                 None => self.insert_session(&mut sessions, image.id, &image.name, identity.clone()),
@@ -275,37 +304,5 @@ impl Hub {
         chat.tick = image.tick;
         chat.last_message_id = chat.last_message_id.max(image.last_message_id);
         Ok(sessions.len())
-    }
-
-    /// What a node writes back to a Redis that lost the cluster's state: every session
-    /// (identity and rooms) and every room's history, in id and name order.
-    pub(crate) fn seed(&self) -> crate::cluster::sequencer::Seed {
-        let chat = lock(&self.inner.chat);
-        chat.fanout.settle();
-        let sessions = lock(&self.inner.sessions);
-        let mut seed = crate::cluster::sequencer::Seed {
-            last_message_id: chat.last_message_id,
-            sessions: sessions
-                .values()
-                .map(|session| {
-                    let state = session.lock();
-                    let name = session.name.to_string();
-                    (
-                        session.id.clone(),
-                        name,
-                        state.identity.clone(),
-                        state.rooms.clone(),
-                    )
-                })
-                .collect(),
-            rooms: chat
-                .rooms
-                .iter()
-                .map(|(name, room)| (name.clone(), room.messages().cloned().collect()))
-                .collect(),
-        };
-        seed.sessions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        seed.rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        seed
     }
 }
