@@ -43,6 +43,7 @@ const DEFAULTS = Object.freeze({
   reconnectMaxMs: 10000,
   token: undefined,
   refreshBeforeMs: 60000,
+  ackMs: 2000,
 });
 
 const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
@@ -63,6 +64,11 @@ const DEFAULT_HEARTBEAT_MS = 15000;
 const SILENCE_SLACK_MS = 1000;
 /** Frames without a seq that only show the stream is alive; never delivered as events. */
 const LIVENESS_TYPES = new Set(['ready', 'heartbeat']);
+/**
+ * Events processed but not yet acknowledged past which a stream's `ack` goes at once instead
+ * of after `ackMs`: a quarter of the server's default replay window.
+ */
+const ACK_EVENTS = 256;
 /** A send refused with `rate_limited` this many times rejects with that error. */
 const MAX_RATE_LIMITED = 10;
 /** The wait before retrying a `rate_limited` command when the server gives no hint. */
@@ -183,6 +189,8 @@ export class Client {
     this.fallbacks = [];
     /** Seq of the last event delivered; resume point of the next attach. */
     this.lastSeq = 0;
+    this._ackedSeq = 0; // the last seq sent in an `ack` (or as a resume point)
+    this._ackTimer = null;
     /**
      * Joined rooms: name -> `{online: [names], count, complete, lastMessageId, oldestMessageId,
      * more}`, presence as of the last `presence` snapshot and the `presence_diff` events after
@@ -493,6 +501,8 @@ export class Client {
     this._stopActive();
     clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
     this.closeReason = reason;
     this._setState('closed', reason || undefined, reason ? { error } : undefined);
     globalThis.removeEventListener?.('online', this._onOnline);
@@ -557,7 +567,7 @@ export class Client {
     this.sessionId = body.session;
     this.name = body.name;
     this.server = body;
-    this.lastSeq = 0;
+    this._startSeqs();
     this.user = typeof body.user === 'string' ? body.user : null;
     this.expiresAtMs = typeof body.expires_at_ms === 'number' ? body.expires_at_ms : null;
     const claims = this.user !== null && token ? tokenClaims(token) : null;
@@ -862,7 +872,7 @@ export class Client {
     let ready;
     this._sessionReady = new Promise((resolve) => { ready = resolve; });
     this._setState('expired', reason);
-    this.lastSeq = 0;
+    this._startSeqs();
     for (const room of this.rooms.values()) Object.assign(room, newRoomState());
     this._failPages(null, new SwitchyardError('reset', 'a new session replaces the rooms\' views'));
     this._emit('reset', { type: 'reset', reason: `session_${reason}`, synthetic: true });
@@ -931,6 +941,7 @@ export class Client {
     // in the transport. A seq at or below lastSeq was delivered already.
     if (!event || typeof event.seq !== 'number' || event.seq <= this.lastSeq) return;
     this.lastSeq = event.seq;
+    this._ackSoon();
     switch (event.type) {
       case 'message': {
         const pending = this._pending.get(event.client_id);
@@ -1001,6 +1012,39 @@ export class Client {
         break;
     }
     this._emit(event.type, event);
+  }
+
+  /** A new session: its seqs start over. */
+  _startSeqs() {
+    this.lastSeq = 0;
+    this._ackedSeq = 0;
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+  }
+
+  /**
+   * Schedules an `ack` of the events delivered, so the server can forget them instead of
+   * keeping each session's last `replay_window` events: after `ackMs`, or at once (once the
+   * handlers of this event have run) when ACK_EVENTS are waiting. Streams only: every poll
+   * acknowledges its `after` by itself.
+   */
+  _ackSoon() {
+    const name = this._active?.name;
+    if (name !== 'websocket' && name !== 'sse') return;
+    const many = this.lastSeq - this._ackedSeq >= ACK_EVENTS;
+    if (this._ackTimer !== null && !many) return;
+    clearTimeout(this._ackTimer);
+    this._ackTimer = setTimeout(() => this._ack(), many ? 0 : this.options.ackMs);
+  }
+
+  _ack() {
+    this._ackTimer = null;
+    const seq = this.lastSeq;
+    if (seq <= this._ackedSeq || this.state === 'closed' || !this._active) return;
+    this._ackedSeq = seq;
+    // A lost ack costs only memory on the server: the next ack, or the next resume point,
+    // covers the same events.
+    this._command({ type: 'ack', seq }, { retryRateLimited: false }).catch(() => {});
   }
 
   _emit(type, payload) {

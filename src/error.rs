@@ -17,6 +17,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
         | ErrorCode::NotInRoom
         | ErrorCode::TooManyRooms
         | ErrorCode::InvalidAfter
+        | ErrorCode::InvalidAck
         | ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,

@@ -156,6 +156,8 @@ pub enum ErrorCode {
     UnknownSession,
     /// `after`/`Last-Event-ID` names a seq this session never produced.
     InvalidAfter,
+    /// An `ack` names a seq this session never produced.
+    InvalidAck,
     /// A poll while another poll of the same session is held.
     PollInProgress,
     /// A query parameter or header that cannot be read.
@@ -217,6 +219,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::UnknownSession => "unknown_session",
             ErrorCode::InvalidAfter => "invalid_after",
+            ErrorCode::InvalidAck => "invalid_ack",
             ErrorCode::PollInProgress => "poll_in_progress",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::NotFound => "not_found",
@@ -320,6 +323,12 @@ pub enum Command {
         /// The new token (a JWT).
         token: String,
     },
+    /// The client has processed every event up to `seq`: the session may forget them (and
+    /// the echoes of its sends among them).
+    Ack {
+        /// The seq acknowledged.
+        seq: u64,
+    },
 }
 
 /// Messages in a `history_page` when the command gives no `limit`.
@@ -327,7 +336,9 @@ pub const DEFAULT_PAGE: usize = 50;
 /// The largest `limit` a `history` command may ask for.
 pub const MAX_PAGE: usize = 200;
 
-const COMMAND_TYPES: [&str; 6] = ["join", "leave", "send", "typing", "history", "refresh"];
+const COMMAND_TYPES: [&str; 7] = [
+    "join", "leave", "send", "typing", "history", "refresh", "ack",
+];
 
 impl Command {
     /// The `client_id` of a `send`.
@@ -338,7 +349,7 @@ impl Command {
         }
     }
 
-    /// The room the command names (every command but `refresh` names one).
+    /// The room the command names (every command but `refresh` and `ack` names one).
     pub fn room(&self) -> Option<&str> {
         match self {
             Command::Join { room }
@@ -346,7 +357,7 @@ impl Command {
             | Command::Send { room, .. }
             | Command::Typing { room }
             | Command::History { room, .. } => Some(room),
-            Command::Refresh { .. } => None,
+            Command::Refresh { .. } | Command::Ack { .. } => None,
         }
     }
 
@@ -359,7 +370,7 @@ impl Command {
             None => return Err(bad_command("command has no \"type\" field")),
             Some(Value::String(t)) if !COMMAND_TYPES.contains(&t.as_str()) => {
                 return Err(bad_command(format!(
-                    "unknown command type {t:?} (expected join, leave, send, typing, history or refresh)"
+                    "unknown command type {t:?} (expected join, leave, send, typing, history, refresh or ack)"
                 )))
             }
             Some(Value::String(_)) => {}
@@ -677,6 +688,11 @@ impl PartialEq for EncodedEvent {
 impl Eq for EncodedEvent {}
 
 impl EncodedEvent {
+    /// Whether both are this one encoding (not merely the same bytes).
+    pub fn same_as(&self, other: &EncodedEvent) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Writes the complete JSON object for one recipient: `{"seq":N,` + the shared body.
     pub fn write_json(&self, seq: u64, out: &mut Vec<u8>) {
         let mut digits = itoa::Buffer::new();

@@ -58,6 +58,10 @@ fn bad_commands() -> Vec<(&'static str, String)> {
             "not_in_room",
             r#"{"type":"leave","room":"elsewhere"}"#.to_owned(),
         ),
+        ("bad_command", r#"{"type":"ack"}"#.to_owned()),
+        ("bad_command", r#"{"type":"ack","seq":-1}"#.to_owned()),
+        ("bad_command", r#"{"type":"ack","seq":"3"}"#.to_owned()),
+        ("invalid_ack", r#"{"type":"ack","seq":999999}"#.to_owned()),
         (
             "too_large",
             format!(r#"{{"type":"join","room":"{}"}}"#, "z".repeat(17 * 1024)),

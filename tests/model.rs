@@ -120,6 +120,8 @@ enum Step {
     Attach(usize, Kind, Resume),
     /// The attached transport takes up to this many events.
     Read(usize, u8),
+    /// The client acknowledges a seq (the `ack` command).
+    Ack(usize, Resume),
     /// The transport goes away without a word.
     Detach(usize),
     /// `DELETE` of the session.
@@ -148,6 +150,7 @@ impl std::fmt::Debug for Step {
             }
             Step::Attach(s, kind, resume) => write!(f, "Attach(s{s}, {kind:?}, {resume:?})"),
             Step::Read(s, n) => write!(f, "Read(s{s}, {n})"),
+            Step::Ack(s, at) => write!(f, "Ack(s{s}, {at:?})"),
             Step::Detach(s) => write!(f, "Detach(s{s})"),
             Step::End(s) => write!(f, "End(s{s})"),
             Step::Expire => write!(f, "Expire"),
@@ -179,7 +182,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (s.clone(), r.clone()).prop_map(|(s, r)| Step::Typing(s, r)),
         2 => (s.clone(), r.clone(), proptest::option::of(0..HISTORY_LEN as u8), 1..4u8)
             .prop_map(|(s, r, before, limit)| Step::Scrollback(s, r, before, limit)),
-        6 => (s.clone(), kind, resume).prop_map(|(s, k, from)| Step::Attach(s, k, from)),
+        6 => (s.clone(), kind, resume.clone()).prop_map(|(s, k, from)| Step::Attach(s, k, from)),
+        2 => (s.clone(), resume).prop_map(|(s, at)| Step::Ack(s, at)),
         10 => (s.clone(), 1..8u8).prop_map(|(s, n)| Step::Read(s, n)),
         2 => s.clone().prop_map(Step::Detach),
         1 => s.clone().prop_map(Step::End),
@@ -218,6 +222,32 @@ struct ModelSession {
     owed: Vec<Owed>,
     /// The last accepted send: its `client_id`, room and message id.
     last_send: Option<(String, usize, u64)>,
+    /// What the model knows of that send's echo.
+    echo: Option<Echo>,
+}
+
+/// The echo of a session's last send: a retry gets it again unless an acknowledgement (an
+/// `ack`, or a resume point) covered its seq.
+#[derive(Debug, Clone, Copy)]
+struct Echo {
+    /// Where it is in the session's `owed`.
+    owed_at: usize,
+    /// Its seq: unknown until the client reads it, or somewhere in a range the client
+    /// skipped when it read a `reset`.
+    seq: Option<(u64, u64)>,
+    /// Whether an acknowledgement covered it: `None` when one fell inside the range.
+    acked: Option<bool>,
+}
+
+impl Echo {
+    /// The client acknowledged every event up to `seq`.
+    fn acknowledge(&mut self, seq: u64) {
+        match self.seq {
+            Some((_, last)) if last <= seq => self.acked = Some(true),
+            Some((first, _)) if first <= seq && self.acked == Some(false) => self.acked = None,
+            _ => {}
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -473,6 +503,13 @@ impl Run {
                     model.clock += 1;
                     room.last_used = model.clock;
                     for m in room.members.clone() {
+                        if m == s {
+                            model.sessions[s].echo = Some(Echo {
+                                owed_at: model.sessions[s].owed.len(),
+                                seq: None,
+                                acked: Some(false),
+                            });
+                        }
                         model.sessions[m].owed.push(Owed::Message(id));
                     }
                     model.sessions[s].last_send = Some((client_id, r, id));
@@ -482,6 +519,7 @@ impl Run {
                 let Some((client_id, r, id)) = self.model.sessions[s].last_send.clone() else {
                     return Ok(());
                 };
+                let before = self.last_seq(s);
                 let result = self
                     .command(
                         s,
@@ -500,8 +538,19 @@ impl Run {
                         result.id == Some(id) && result.duplicate == Some(true),
                         "retried send: expected the original id {id} as a duplicate; got {result:?}"
                     );
-                    // The original is echoed to the sender again, and to no one else.
-                    self.model.sessions[s].owed.push(Owed::Message(id));
+                    // The original is echoed to the sender again, and to no one else, unless it
+                    // acknowledged the echo. When an acknowledgement fell where the model does
+                    // not know the echo's seq (it skipped it), the hub's answer decides.
+                    let echoed = match self.model.sessions[s].echo.and_then(|e| e.acked) {
+                        Some(acked) => !acked,
+                        None => {
+                            self.hub.settle();
+                            self.last_seq(s) > before
+                        }
+                    };
+                    if echoed {
+                        self.model.sessions[s].owed.push(Owed::Message(id));
+                    }
                 }
             }
             Step::Typing(s, r) => {
@@ -541,6 +590,7 @@ impl Run {
                 }
             }
             Step::Attach(s, kind, resume) => self.attach(s, kind, resume)?,
+            Step::Ack(s, at) => self.ack(s, at).await?,
             Step::Read(s, n) => self.read(s, n as usize)?,
             Step::Detach(s) => {
                 self.clients[s].transport = None;
@@ -660,6 +710,38 @@ impl Run {
         Ok(())
     }
 
+    /// Session `s` acknowledged every event up to `seq`.
+    fn acknowledged(&mut self, s: usize, seq: u64) {
+        if let Some(echo) = self.model.sessions[s].echo.as_mut() {
+            echo.acknowledge(seq);
+        }
+    }
+
+    /// The `ack` command: of a seq the client read (the resume points' `Back`, `Last` and
+    /// `Zero`), or past the session's last one (`Ahead`: refused `invalid_ack`).
+    async fn ack(&mut self, s: usize, at: Resume) -> Checked {
+        let cursor = self.clients[s].cursor;
+        let seq = match at {
+            Resume::Last => cursor,
+            Resume::Back(k) => cursor.saturating_sub(k as u64),
+            Resume::Zero => 0,
+            Resume::Ahead(k) => self.last_seq(s) + k as u64,
+        };
+        let result = self.command(s, Command::Ack { seq }).await;
+        let expected = if !self.model.sessions[s].alive {
+            Some(ErrorCode::UnknownSession)
+        } else if matches!(at, Resume::Ahead(_)) {
+            Some(ErrorCode::InvalidAck)
+        } else {
+            None
+        };
+        self.expect_code("ack", &result, expected)?;
+        if expected.is_none() {
+            self.acknowledged(s, seq);
+        }
+        Ok(())
+    }
+
     /// The hub's last seq for session `s`.
     fn last_seq(&self, s: usize) -> u64 {
         self.hub
@@ -726,7 +808,9 @@ impl Run {
                         "the transport a new one replaced must be closed superseded, got {closed:?}"
                     );
                 }
-                if attachment.cursor() != after {
+                if attachment.cursor() == after {
+                    self.acknowledged(s, after);
+                } else {
                     // Too old a resume point: the session gets a reset, then every room's
                     // history. A client reading from there skips what came before; one that
                     // resumes from a point still kept reads it all, the reset included.
@@ -864,6 +948,11 @@ impl Run {
             let client = &mut self.clients[s];
             client.got.push(owed.clone());
             let at = client.got.len() - 1;
+            if let Some(echo) = self.model.sessions[s].echo.as_mut() {
+                if echo.owed_at == at {
+                    echo.seq = Some((seq, seq));
+                }
+            }
             let expected = self.model.sessions[s].owed.get(at);
             check!(
                 self,
@@ -891,6 +980,12 @@ impl Run {
             self.clients[s].got
         );
         let skipped = owed[from..at.unwrap_or(from)].to_vec();
+        let cursor = self.clients[s].cursor;
+        if let Some(echo) = self.model.sessions[s].echo.as_mut() {
+            if (from..from + skipped.len()).contains(&echo.owed_at) {
+                echo.seq = Some((cursor + 1, seq - 1));
+            }
+        }
         self.clients[s].skipped += skipped.len();
         self.clients[s].got.extend(skipped);
         Ok(())

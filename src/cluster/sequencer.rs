@@ -893,6 +893,11 @@ impl Sequencer {
                     "a refresh is decided by Sequencer::refresh, with the verified identity".into(),
                 ))
             }
+            Command::Ack { .. } => {
+                return Err(Unavailable(
+                    "an ack is a node's own business (Hub::acknowledge), not the cluster's".into(),
+                ))
+            }
         };
         self.run(kind, session, room, [first, second, String::new()])
             .await

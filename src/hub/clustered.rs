@@ -560,6 +560,10 @@ impl Hub {
     ) -> Vec<CommandResult> {
         let mut results = Vec::with_capacity(commands.len());
         for command in commands {
+            if let Ok(Command::Ack { seq }) = command {
+                results.push(self.acknowledge(session, seq));
+                continue;
+            }
             let decided = match self.refuse_if_shutting_down().and(command) {
                 Err(error) => Err(error),
                 Ok(Command::Refresh { token }) => {

@@ -118,18 +118,19 @@ impl Chat {
         match entry {
             Entry::Send { sender, message } => {
                 let event = Event::Message(&message).encode();
-                if let Some(room) = self.rooms.get_mut(&message.room) {
-                    room.last_used = tick;
-                    self.fanout.room(room.members(), event.clone());
-                    room.record(message.clone(), config.history_len);
-                }
+                // Before the fan-out pushes it, so the sender's table learns the echo's seq.
                 if let Some(sender) = sender {
                     sender.lock().sent.insert(
                         &message.client_id,
                         message.id,
-                        Sent::Echo(event),
+                        Sent::Echo(event.clone()),
                         config.dedup_window,
                     );
+                }
+                if let Some(room) = self.rooms.get_mut(&message.room) {
+                    room.last_used = tick;
+                    self.fanout.room(room.members(), event);
+                    room.record(message.clone(), config.history_len);
                 }
             }
             Entry::Retry { sender, echo } => self.fanout.one(&sender, vec![echo]),

@@ -516,7 +516,11 @@ impl Hub {
                 );
                 reset_seq - 1
             }
-            _ => after,
+            // The resume point acknowledges every event up to it (it was checked above).
+            _ => {
+                let _ = state.acknowledge(after);
+                after
+            }
         };
         drop(chat);
         let (close_tx, close_rx) = watch::channel(None);
@@ -557,8 +561,15 @@ impl Hub {
         // Sends waiting for their writes, awaited together so a batch shares one write.
         let mut written = Vec::new();
         for command in commands {
-            let result = match self.admit(session).and(command) {
-                Err(error) => CommandResult::failed(error),
+            let admitted = match command {
+                Ok(Command::Ack { seq }) => Err(self.acknowledge(session, seq)),
+                command => self
+                    .admit(session)
+                    .and(command)
+                    .map_err(CommandResult::failed),
+            };
+            let result = match admitted {
+                Err(result) => result,
                 Ok(command) => match self.run(session, command).await {
                     Ok(result) => result,
                     Err((id, duplicate, outcome)) => {
@@ -644,7 +655,23 @@ impl Hub {
         }
     }
 
-    /// Checks the session is live and takes a rate-limit token.
+    /// An `ack`: the session forgets the events up to `seq`. Local to this node, even in a
+    /// cluster (the others keep theirs within their budgets).
+    pub(crate) fn acknowledge(&self, session: &Session, seq: u64) -> CommandResult {
+        let mut state = session.lock();
+        if state.ended {
+            return CommandResult::failed(unknown_session(&session.id));
+        }
+        match state.acknowledge(seq) {
+            Ok(()) => CommandResult::done(),
+            Err(last) => CommandResult::failed(ErrorBody::new(
+                ErrorCode::InvalidAck,
+                format!("ack of seq {seq} but this session's last event is {last}"),
+            )),
+        }
+    }
+
+    /// Checks the session is live and takes a rate-limit token (an `ack` takes none).
     fn admit(&self, session: &Session) -> Result<(), ErrorBody> {
         let mut state = session.lock();
         if state.ended {
@@ -773,6 +800,10 @@ impl Hub {
                             outcome,
                         }
                     }
+                    // The client acknowledged the echo: it has it already.
+                    Some((id, Sent::Acknowledged)) => {
+                        return Ok(CommandResult::sent(id, true)).into()
+                    }
                     None => {}
                 }
                 let id = chat.last_message_id + 1;
@@ -855,6 +886,8 @@ impl Hub {
             }
             // Handled by `run`, with no lock held.
             Command::Refresh { .. } => {}
+            // Handled by `execute`, without the locks or a rate-limit token.
+            Command::Ack { .. } => {}
         }
         Ok(CommandResult::done()).into()
     }

@@ -129,6 +129,19 @@ impl ReplayBuffer {
         }
     }
 
+    /// Forgets the events up to seq `seq` (the client has processed them), giving back most
+    /// of the memory they held once few events are left.
+    pub fn trim_through(&mut self, seq: u64) {
+        let through = seq.min(self.last_seq());
+        while self.first_seq <= through {
+            self.pop_oldest();
+        }
+        // Only when the deque is mostly empty, so a steady acker never reallocates.
+        if self.events.capacity() > 64 && self.events.len() * 4 < self.events.capacity() {
+            self.events.shrink_to(self.events.len() * 2);
+        }
+    }
+
     /// Seq of the oldest event kept (of the next one when empty), and the events, oldest
     /// first: what a snapshot keeps.
     pub fn image(&self) -> (u64, impl Iterator<Item = &EncodedEvent>) {
@@ -253,14 +266,21 @@ pub(crate) enum Sent {
     /// Waiting for its write (`--history-durability full`); a retry waits for the same
     /// outcome instead of sending the message twice.
     Pending(Outcome),
+    /// Broadcast, and the client acknowledged a seq at or past its echo: it has the echo, so
+    /// a retry is answered without it (and the echo's bytes are not kept).
+    Acknowledged,
 }
 
-/// The echoes of a session's most recent sends, by `client_id`, so a retry is answered with
-/// the original instead of a second broadcast.
+/// The session's most recent sends, by `client_id`, so a retry is answered with the original
+/// instead of a second broadcast.
 #[derive(Debug, Default)]
 pub struct SentMessages {
     by_client_id: HashMap<Arc<str>, (u64, Sent)>,
     order: VecDeque<Arc<str>>,
+    /// Echoes not yet pushed to the session, to learn their seq when they are.
+    unnumbered: Vec<(EncodedEvent, Arc<str>)>,
+    /// Echoes pushed, by seq (rising), until an `ack` covers them.
+    numbered: VecDeque<(u64, Arc<str>)>,
 }
 
 impl SentMessages {
@@ -269,23 +289,63 @@ impl SentMessages {
         self.by_client_id.get(client_id)
     }
 
-    /// Remembers a send, forgetting the oldest past `capacity`.
+    /// Remembers a send, forgetting the oldest past `capacity`. Insert an echo before it is
+    /// pushed to the session, so that [`SentMessages::numbered`] learns its seq.
     pub(crate) fn insert(&mut self, client_id: &str, id: u64, sent: Sent, capacity: usize) {
         let key: Arc<str> = Arc::from(client_id);
+        if let Sent::Echo(echo) = &sent {
+            self.unnumbered.push((echo.clone(), key.clone()));
+        }
         if self.by_client_id.insert(key.clone(), (id, sent)).is_none() {
             self.order.push_back(key);
         }
         while self.order.len() > capacity {
             if let Some(old) = self.order.pop_front() {
-                self.by_client_id.remove(&old);
+                self.forget(&old);
             }
         }
     }
 
     /// Forgets a send whose write failed, so a retry sends it anew.
     pub(crate) fn remove(&mut self, client_id: &str) {
-        if self.by_client_id.remove(client_id).is_some() {
+        if self.by_client_id.contains_key(client_id) {
             self.order.retain(|k| &**k != client_id);
+            self.forget(client_id);
+        }
+    }
+
+    fn forget(&mut self, client_id: &str) {
+        self.by_client_id.remove(client_id);
+        self.unnumbered.retain(|(_, k)| &**k != client_id);
+        self.numbered.retain(|(_, k)| &**k != client_id);
+    }
+
+    /// An event was pushed to the session at `seq`: if it is the echo of one of its sends,
+    /// remember where, for [`SentMessages::acknowledged`].
+    fn numbered(&mut self, event: &EncodedEvent, seq: u64) {
+        if self.unnumbered.is_empty() || event.type_name != "message" {
+            return;
+        }
+        if let Some(at) = self
+            .unnumbered
+            .iter()
+            .position(|(echo, _)| echo.same_as(event))
+        {
+            let (_, key) = self.unnumbered.swap_remove(at);
+            self.numbered.push_back((seq, key));
+        }
+    }
+
+    /// The client has processed every event up to `seq`: the echoes among them need not be
+    /// kept for a retry.
+    fn acknowledged(&mut self, seq: u64) {
+        while self.numbered.front().is_some_and(|(at, _)| *at <= seq) {
+            let Some((_, key)) = self.numbered.pop_front() else {
+                break;
+            };
+            if let Some((_, sent @ Sent::Echo(_))) = self.by_client_id.get_mut(&key) {
+                *sent = Sent::Acknowledged;
+            }
         }
     }
 }
@@ -532,11 +592,30 @@ impl SessionState {
             Some((from, _)) => keep_from.min(from),
             None => keep_from,
         };
+        self.sent.numbered(&event, seq);
         self.replay.push_keeping(event, keep_from);
         if too_far {
             self.close_attached(CloseReason::SlowConsumer);
         }
         seq
+    }
+
+    /// The client has processed every event up to `seq` (an `ack`, or a resume point): the
+    /// replay buffer forgets them, and the echoes among them. Events not yet handed to the
+    /// attached transport are kept whatever the client claims, so its stream never breaks.
+    /// `Err`: the session never produced `seq`.
+    pub(crate) fn acknowledge(&mut self, seq: u64) -> Result<(), u64> {
+        let last = self.replay.last_seq();
+        if seq > last {
+            return Err(last);
+        }
+        let through = match &self.attached {
+            Some(slot) => seq.min(slot.acked),
+            None => seq,
+        };
+        self.replay.trim_through(through);
+        self.sent.acknowledged(through);
+        Ok(())
     }
 
     /// A transport took every event up to `seq`: a protected reset it covers may now age out.
@@ -854,6 +933,61 @@ mod tests {
         buffer.push(event(7));
         assert_eq!(buffer.after(5, BatchLimit::ALL).unwrap().len(), 2);
         assert_eq!(buffer.after(4, BatchLimit::ALL).unwrap_err(), Gap::TooOld);
+    }
+
+    #[test]
+    fn an_acknowledgement_forgets_the_events_up_to_it_and_gives_memory_back() {
+        let mut buffer = ReplayBuffer::new(1024, u64::MAX);
+        for n in 1..=1000 {
+            buffer.push(event(n));
+        }
+        let grown = buffer.events.capacity();
+        buffer.trim_through(990);
+        assert_eq!(buffer.check_resume(990), Ok(()));
+        assert_eq!(buffer.check_resume(989), Err(Gap::TooOld));
+        assert_eq!(buffer.after(990, BatchLimit::ALL).unwrap().len(), 10);
+        let kept: u64 = (991..=1000).map(|n| event_cost(&event(n))).sum();
+        assert_eq!(buffer.bytes_after(990), kept);
+        assert!(
+            buffer.events.capacity() < grown / 4,
+            "the deque kept its memory"
+        );
+        // Past the last seq: everything goes, and the next event still gets the next seq.
+        buffer.trim_through(5000);
+        assert_eq!(buffer.check_resume(1000), Ok(()));
+        assert_eq!(buffer.push(event(1001)), 1001);
+    }
+
+    fn message(id: u64) -> EncodedEvent {
+        Event::Message(&crate::protocol::Message {
+            room: "r".into(),
+            id,
+            from: "ann".into(),
+            text: "hi".into(),
+            ts: 1,
+            client_id: format!("c{id}"),
+        })
+        .encode()
+    }
+
+    #[test]
+    fn an_acknowledged_echo_is_no_longer_kept() {
+        let mut sent = SentMessages::default();
+        let echo = message(7);
+        sent.insert("c7", 7, Sent::Echo(echo.clone()), 64);
+        // Same bytes, another encoding: not the echo.
+        sent.numbered(&message(7), 3);
+        sent.numbered(&echo, 5);
+        sent.acknowledged(4);
+        assert!(matches!(sent.get("c7"), Some((7, Sent::Echo(_)))));
+        sent.acknowledged(5);
+        assert!(matches!(sent.get("c7"), Some((7, Sent::Acknowledged))));
+        assert!(sent.numbered.is_empty() && sent.unnumbered.is_empty());
+        // A forgotten send leaves nothing behind in the seq bookkeeping.
+        sent.insert("c8", 8, Sent::Echo(message(8)), 64);
+        sent.insert("c9", 9, Sent::Echo(message(9)), 1);
+        assert!(sent.get("c8").is_none());
+        assert_eq!(sent.unnumbered.len(), 1);
     }
 
     #[test]

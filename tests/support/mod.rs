@@ -124,6 +124,11 @@ impl TestServer {
         }
     }
 
+    /// Whether the server is a one-node cluster (`SWITCHYARD_TEST_CLUSTER=1`).
+    pub fn clustered(&self) -> bool {
+        self.redis.is_some()
+    }
+
     /// Every node requests go to.
     pub fn nodes(&self) -> &[SocketAddr] {
         &self.nodes
