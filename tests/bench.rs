@@ -103,6 +103,7 @@ async fn soak_loses_and_repeats_nothing_while_the_population_changes() {
         soak_resume_every: Duration::from_secs(2),
         soak_room_life: Duration::from_secs(4),
         soak_slow_readers: 4,
+        soak_ack: Duration::from_millis(500),
         soak_sample: Duration::from_secs(1),
     };
     let report = tokio::time::timeout(Duration::from_secs(60), soak::run(bench, soak))
@@ -120,6 +121,8 @@ async fn soak_loses_and_repeats_nothing_while_the_population_changes() {
         "{c:?}"
     );
     assert!(c.resumes > 100 && c.kind_switches > 50, "{c:?}");
+    // The streams acknowledged what they read, and lost nothing by it.
+    assert!(c.acks > 100, "{c:?}");
     assert!(
         c.rooms_emptied > 0 && c.joins > 300 && c.leaves > 0,
         "{c:?}"

@@ -122,6 +122,17 @@ pub struct SoakArgs {
     /// soak, in three rooms each. Default 10.
     #[arg(long, default_value_t = 10, hide_default_value = true)]
     pub soak_slow_readers: usize,
+    /// How often a WebSocket or SSE session acknowledges the events it processed (an `ack`
+    /// frame, or `POST /commands`), as the client library does, so the server can forget
+    /// them; `0s`: never (the server then keeps each session's last 1024 events). Polls
+    /// acknowledge with their `after`. Default 2s.
+    #[arg(
+        long,
+        default_value = "2s",
+        value_parser = humantime::parse_duration,
+        hide_default_value = true
+    )]
+    pub soak_ack: Duration,
     /// How often the server's RSS and open files are sampled. Default 5s.
     #[arg(
         long,
@@ -144,6 +155,7 @@ impl Default for SoakArgs {
             soak_resume_every: Duration::from_secs(60),
             soak_room_life: Duration::from_secs(180),
             soak_slow_readers: 10,
+            soak_ack: Duration::from_secs(2),
             soak_sample: Duration::from_secs(5),
         }
     }
@@ -298,6 +310,8 @@ counters! {
     retry_echoes,
     /// Joins and leaves refused or left without an answer.
     command_errors,
+    /// `ack`s sent by WebSocket and SSE sessions.
+    acks,
     /// Departing members that did not read what they were owed within 60 s.
     catch_up_timeouts,
 }
@@ -1546,7 +1560,14 @@ impl Soak {
         let (mut sink, mut stream) = socket.split();
         let silence = self.heartbeat() * 3;
         let mut reading_until = Instant::now() + self.heartbeat() * SLOW_READING_HEARTBEATS;
+        let mut acks = Acks::new(self.args.soak_ack, after);
         loop {
+            if let Some(ack) = acks.due(member) {
+                if sink.send(Message::text(ack)).await.is_err() {
+                    return Outcome::Dropped("WebSocket: an ack could not be sent".into());
+                }
+                bump(&self.totals.acks);
+            }
             if let Some(pings) = member.slow {
                 if Instant::now() >= reading_until && !self.finishing.is_cancelled() {
                     // Stall: read nothing, so the server sees no progress once the socket
@@ -1577,6 +1598,7 @@ impl Soak {
                     }
                 },
                 _ = sleep_until(drop_at) => return Outcome::Drop,
+                _ = acks.wait() => continue,
             };
             match frame {
                 Some(Ok(Message::Text(text))) => {
@@ -1633,10 +1655,26 @@ impl Soak {
         let mut body = response.into_body();
         let mut pending: Vec<u8> = Vec::with_capacity(4096);
         let silence = self.heartbeat() * 3;
+        let mut acks = Acks::new(self.args.soak_ack, after);
         loop {
+            if let Some(ack) = acks.due(member) {
+                // A lost ack only costs the server memory until the next one.
+                let path = format!("/v1/sessions/{}/commands", member.id);
+                match self.control(Method::POST, &path, ack).await {
+                    Ok((status, _)) if status.is_success() => bump(&self.totals.acks),
+                    Ok((status, body)) => self.note(|| {
+                        format!(
+                            "an SSE ack answered {status}: {}",
+                            String::from_utf8_lossy(&body)
+                        )
+                    }),
+                    Err(why) => self.note(|| format!("an SSE ack: {why}")),
+                }
+            }
             let frame = tokio::select! {
                 frame = timeout(silence, body.frame()) => frame,
                 _ = sleep_until(drop_at) => return Outcome::Drop,
+                _ = acks.wait() => continue,
             };
             let frame = match frame {
                 Err(_) => return Outcome::Dropped("SSE silent for three heartbeats".into()),
@@ -1780,6 +1818,46 @@ impl Driver {
             }
         }
         Some(self.members[rng.random_range(0..self.members.len())].clone())
+    }
+}
+
+/// When a stream's session acknowledges what it processed: every `every`, if anything new.
+struct Acks {
+    every: Option<Duration>,
+    next: Instant,
+    /// The last seq acknowledged (the resume point, at first).
+    acked: u64,
+}
+
+impl Acks {
+    fn new(every: Duration, after: u64) -> Self {
+        Acks {
+            every: (!every.is_zero()).then_some(every),
+            next: Instant::now() + every,
+            acked: after,
+        }
+    }
+
+    /// The `ack` command to send now, if one is due.
+    fn due(&mut self, member: &Member) -> Option<String> {
+        let every = self.every?;
+        if Instant::now() < self.next {
+            return None;
+        }
+        self.next = Instant::now() + every;
+        let seq = lock(&member.ledger).last_seq;
+        (seq > self.acked).then(|| {
+            self.acked = seq;
+            serde_json::json!({"type": "ack", "seq": seq}).to_string()
+        })
+    }
+
+    /// Until the next ack is due (forever when acks are off).
+    async fn wait(&self) {
+        match self.every {
+            Some(_) => sleep_until(self.next).await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -2043,6 +2121,7 @@ fn config_json(bench: &BenchArgs, soak: &SoakArgs, open_files: u64) -> serde_jso
         "resume_every_s": secs(soak.soak_resume_every),
         "room_life_s": secs(soak.soak_room_life),
         "slow_readers": soak.soak_slow_readers,
+        "ack_s": secs(soak.soak_ack),
         "sample_s": secs(soak.soak_sample),
         "transports": bench.transports.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
         "short_poll_ms": bench.short_poll_ms,
@@ -2534,14 +2613,15 @@ fn summary_text(report: &SoakReport, bench: &BenchArgs, args: &SoakArgs) -> Stri
     );
     out += &format!(
         "messages: {} sent, {} refused, {} outcome unknown, {} not queued (driver behind), {} \
-         with no room to go to, {} retried and echoed twice; catch-up timeouts {}",
+         with no room to go to, {} retried and echoed twice; catch-up timeouts {}; acks {}",
         c.sent,
         c.send_errors,
         c.send_unknown,
         c.send_backlog,
         c.send_skipped,
         c.retry_echoes,
-        c.catch_up_timeouts
+        c.catch_up_timeouts,
+        c.acks
     );
     if !report.notes.is_empty() {
         out += "\nfirst errors:";
