@@ -384,6 +384,49 @@ async fn each_forced_transport_sends_and_receives() {
     close(browser).await;
 }
 
+/// protocol.md 2.2: on a WebSocket or SSE stream the client library acknowledges what it
+/// processed (an `ack`, `ackMs` after an event), so the session forgets it: once the page has
+/// shown the messages, the server keeps none of its events for resume.
+#[tokio::test]
+async fn on_a_stream_the_page_acknowledges_what_it_showed_and_the_server_forgets_it() {
+    let server = TestServer::start().await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    let bob = server.session("bob").await;
+    server.ok(&bob, join("acked")).await;
+    for kind in [TransportKind::WebSocket, TransportKind::Sse] {
+        goto(
+            &browser,
+            &format!(
+                "http://{}/?transport={kind}&room=acked&name=a-{kind}",
+                server.addr
+            ),
+        )
+        .await;
+        wait_for_transport(&browser, kind.as_str()).await;
+        let text = format!("bob to {kind}");
+        server
+            .ok(&bob, send("acked", &text, &format!("b-{kind}")))
+            .await;
+        wait_for_message(&browser, &text).await;
+        let session = eval(&browser, "window.switchyardClient.sessionId").await;
+        let path = format!("/v1/sessions/{}", session.as_str().expect("a session id"));
+        let described = browser_within(&format!("the {kind} page's ack"), async {
+            loop {
+                let (_, info) = server.json(hyper::Method::GET, &path, None).await;
+                let last = info["last_seq"].as_u64().expect("last_seq");
+                if last >= 4 && info["oldest_seq"].as_u64() == Some(last + 1) {
+                    break info;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(described["attached"], kind.as_str(), "{described}");
+    }
+    close(browser).await;
+}
+
 #[tokio::test]
 async fn two_pages_on_different_transports_chat_and_see_each_other() {
     let server = TestServer::start().await;

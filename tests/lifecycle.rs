@@ -144,7 +144,18 @@ async fn a_session_can_be_described_and_its_creation_reply_names_the_limits() {
     .await;
     assert_eq!(
         described,
-        json!({"session": id, "name": "desc", "last_seq": 6, "attached": "websocket", "rooms": ["one", "two"]})
+        json!({"session": id, "name": "desc", "last_seq": 6, "oldest_seq": 1, "attached": "websocket", "rooms": ["one", "two"]})
+    );
+    // An ack of the first four: the session keeps the last two for resume.
+    server.ok(id, json!({"type": "ack", "seq": 4})).await;
+    let (_, described) = server.json(Method::GET, &path, None).await;
+    assert_eq!(
+        (
+            described["last_seq"].as_u64(),
+            described["oldest_seq"].as_u64()
+        ),
+        (Some(6), Some(5)),
+        "{described}"
     );
 }
 

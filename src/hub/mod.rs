@@ -137,6 +137,9 @@ pub struct SessionInfo {
     pub name: String,
     /// Seq of the newest event (0 before the first).
     pub last_seq: u64,
+    /// Seq of the oldest event kept for resume (`last_seq + 1` when none is): a resume point
+    /// from `oldest_seq - 1` on gets every later event, an older one a `reset`.
+    pub oldest_seq: u64,
     /// The transport attached now, if any.
     pub attached: Option<&'static str>,
     /// Rooms joined, in join order.
@@ -912,6 +915,7 @@ impl Hub {
             session: session.id.clone(),
             name: session.name.to_string(),
             last_seq: state.replay.last_seq(),
+            oldest_seq: state.replay.first_seq(),
             attached: state.attached.as_ref().map(|slot| slot.kind.as_str()),
             rooms: state.rooms.clone(),
         })

@@ -92,6 +92,11 @@ impl ReplayBuffer {
         }
     }
 
+    /// Seq of the oldest event kept; when none is, the seq the next event will get.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
     /// Seq of the newest event, 0 before the first.
     pub fn last_seq(&self) -> u64 {
         self.first_seq + self.events.len() as u64 - 1
