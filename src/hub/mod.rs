@@ -804,7 +804,7 @@ impl Hub {
                         }
                     }
                     // The client acknowledged the echo: it has it already.
-                    Some((id, Sent::Acknowledged)) => {
+                    Some((id, Sent::Acknowledged(_))) => {
                         return Ok(CommandResult::sent(id, true)).into()
                     }
                     None => {}

@@ -271,10 +271,16 @@ pub(crate) enum Sent {
     /// Waiting for its write (`--history-durability full`); a retry waits for the same
     /// outcome instead of sending the message twice.
     Pending(Outcome),
-    /// Broadcast, and the client acknowledged a seq at or past its echo: it has the echo, so
-    /// a retry is answered without it (and the echo's bytes are not kept).
-    Acknowledged,
+    /// Broadcast, and the client acknowledged a seq at or past its echo (then): it has the
+    /// echo, so a retry is answered without it (and the echo's bytes are not kept). Forgotten
+    /// [`ACKNOWLEDGED_KEPT`] later.
+    Acknowledged(Instant),
 }
+
+/// How long a send whose echo the client acknowledged is still recognised as a retry. A
+/// client never retries a send whose echo it processed; this only catches a copy of the
+/// command delayed on its way, which takes seconds at most (a request times out after 10).
+pub(crate) const ACKNOWLEDGED_KEPT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The session's most recent sends, by `client_id`, so a retry is answered with the original
 /// instead of a second broadcast.
@@ -342,14 +348,28 @@ impl SentMessages {
     }
 
     /// The client has processed every event up to `seq`: the echoes among them need not be
-    /// kept for a retry.
+    /// kept for a retry, and the sends acknowledged long ago are forgotten.
     fn acknowledged(&mut self, seq: u64) {
+        let now = Instant::now();
         while self.numbered.front().is_some_and(|(at, _)| *at <= seq) {
             let Some((_, key)) = self.numbered.pop_front() else {
                 break;
             };
             if let Some((_, sent @ Sent::Echo(_))) = self.by_client_id.get_mut(&key) {
-                *sent = Sent::Acknowledged;
+                *sent = Sent::Acknowledged(now);
+            }
+        }
+        // Oldest first; a send not acknowledged yet keeps the ones after it, within the count.
+        while let Some(oldest) = self.order.front() {
+            match self.by_client_id.get(oldest) {
+                Some((_, Sent::Acknowledged(at)))
+                    if now.duration_since(*at) > ACKNOWLEDGED_KEPT =>
+                {
+                    let oldest = oldest.clone();
+                    self.order.pop_front();
+                    self.forget(&oldest);
+                }
+                _ => break,
             }
         }
     }
@@ -986,13 +1006,32 @@ mod tests {
         sent.acknowledged(4);
         assert!(matches!(sent.get("c7"), Some((7, Sent::Echo(_)))));
         sent.acknowledged(5);
-        assert!(matches!(sent.get("c7"), Some((7, Sent::Acknowledged))));
+        assert!(matches!(sent.get("c7"), Some((7, Sent::Acknowledged(_)))));
         assert!(sent.numbered.is_empty() && sent.unnumbered.is_empty());
         // A forgotten send leaves nothing behind in the seq bookkeeping.
         sent.insert("c8", 8, Sent::Echo(message(8)), 64);
         sent.insert("c9", 9, Sent::Echo(message(9)), 1);
         assert!(sent.get("c8").is_none());
         assert_eq!(sent.unnumbered.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_acknowledged_send_is_forgotten_a_minute_later() {
+        let mut sent = SentMessages::default();
+        for n in 1..=3 {
+            let echo = message(n);
+            sent.insert(&format!("c{n}"), n, Sent::Echo(echo.clone()), 64);
+            sent.numbered(&echo, n);
+        }
+        sent.acknowledged(2);
+        tokio::time::advance(ACKNOWLEDGED_KEPT).await;
+        sent.acknowledged(2);
+        assert!(sent.get("c1").is_some(), "kept for the whole minute");
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        sent.acknowledged(3);
+        assert!(sent.get("c1").is_none() && sent.get("c2").is_none());
+        assert!(matches!(sent.get("c3"), Some((3, Sent::Acknowledged(_)))));
+        assert_eq!(sent.order.len(), 1);
     }
 
     #[test]
