@@ -124,6 +124,7 @@ struct Inner {
     commands_without_transport: Counter,
     errors: Family<PairLabel, Counter>,
     closes: Family<PairLabel, Counter>,
+    heap: Gauge,
 }
 
 /// Handle to the server's metrics. Clone it freely.
@@ -290,6 +291,12 @@ impl Metrics {
             "Bytes of the last snapshot this cluster node took or loaded",
             cluster.snapshot_bytes.clone(),
         );
+        let heap = Gauge::default();
+        registry.register(
+            "heap_bytes",
+            "Bytes the server's allocator has handed out and not had back (glibc's mallinfo2; 0 where it cannot tell): its live data, without the allocator's free memory that RSS also counts",
+            heap.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -300,6 +307,7 @@ impl Metrics {
                 commands_without_transport,
                 errors,
                 closes,
+                heap,
             }),
         }
     }
@@ -391,10 +399,29 @@ impl Metrics {
 
     /// Every metric in the Prometheus text exposition format.
     pub fn encode(&self) -> String {
+        if let Some(bytes) = heap_in_use() {
+            self.inner
+                .heap
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         let mut out = String::with_capacity(16 * 1024);
         encode(&mut out, &self.inner.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Bytes in use in the allocator's heap: chunks handed out (`uordblks`) and blocks mapped on
+/// their own (`hblkhd`). It walks the allocator's bins, so it is read per scrape, not kept.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_in_use() -> Option<u64> {
+    // SAFETY: mallinfo2 only reads the allocator's own bookkeeping, under its locks.
+    let info = unsafe { libc::mallinfo2() };
+    Some((info.uordblks + info.hblkhd) as u64)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_in_use() -> Option<u64> {
+    None
 }
 
 #[cfg(test)]
@@ -420,5 +447,23 @@ mod tests {
         ));
         assert!(text.contains("switchyard_commands_received_total{transport=\"none\"} 3"));
         assert!(text.contains("switchyard_delivery_latency_seconds_count{transport=\"sse\"} 2"));
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn the_heap_gauge_follows_what_is_allocated() {
+        let metrics = Metrics::new();
+        let heap = |text: &str| -> i64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("switchyard_heap_bytes "))
+                .expect("a heap_bytes sample");
+            line[22..].trim().parse().expect("a number")
+        };
+        let before = heap(&metrics.encode());
+        let block = vec![1u8; 64 << 20];
+        let during = heap(&metrics.encode());
+        drop(block);
+        assert!(during - before >= 63 << 20, "{before} then {during}");
     }
 }

@@ -133,6 +133,8 @@ async fn soak_loses_and_repeats_nothing_while_the_population_changes() {
         .samples
         .iter()
         .all(|s| s.server_rss_bytes.is_some() && s.server_fds.is_some()));
+    // And the heap in use, from /metrics (glibc tells it).
+    assert!(report.samples.iter().all(|s| s.server_heap_bytes.is_some()));
     let summary = &report.summary;
     assert!(summary.rss_ramp_end_bytes.is_some() && summary.rss_end_over_ramp.is_some());
     assert!(summary.fds_ramp_end.unwrap_or(0) >= 300, "{summary:?}");

@@ -899,6 +899,23 @@ impl Soak {
         }
     }
 
+    /// The server's `switchyard_heap_bytes`, read from `/metrics` (`None`: not known).
+    async fn server_heap(&self) -> Option<u64> {
+        let (status, body) = self
+            .control(Method::GET, "/metrics", String::new())
+            .await
+            .ok()?;
+        if !status.is_success() {
+            return None;
+        }
+        std::str::from_utf8(&body)
+            .ok()?
+            .lines()
+            .find_map(|line| line.strip_prefix("switchyard_heap_bytes "))
+            .and_then(|value| value.trim().parse().ok())
+            .filter(|&bytes| bytes > 0)
+    }
+
     /// Creates a room and starts its driver.
     fn open_room(self: &Arc<Self>) -> Arc<Room> {
         let no = self.next_room.fetch_add(1, Ordering::Relaxed);
@@ -1908,6 +1925,9 @@ pub struct Sample {
     pub rooms: usize,
     /// The server's VmRSS (`--spawn` only).
     pub server_rss_bytes: Option<u64>,
+    /// The server's `switchyard_heap_bytes` (`/metrics`): what its allocator has handed out
+    /// and not had back, without the free memory RSS also counts.
+    pub server_heap_bytes: Option<u64>,
     /// The server's open file descriptors (`--spawn` only).
     pub server_fds: Option<u64>,
     /// The server's CPU since the previous sample, % of one core (`--spawn` only).
@@ -1941,6 +1961,12 @@ pub struct Summary {
     pub steady_secs: f64,
     /// Server RSS at the end of the first ramp.
     pub rss_ramp_end_bytes: Option<u64>,
+    /// Server heap in use at the end of the first ramp, at the end, and end over ramp.
+    pub heap_ramp_end_bytes: Option<u64>,
+    /// Server heap in use at the end.
+    pub heap_end_bytes: Option<u64>,
+    /// Heap at the end over heap at the end of the ramp.
+    pub heap_end_over_ramp: Option<f64>,
     /// Largest server RSS sampled.
     pub rss_peak_bytes: Option<u64>,
     /// Server RSS at the end of the soak (before anything is stopped).
@@ -2253,7 +2279,7 @@ async fn churn(
                     ));
                 }
                 if alive >= sessions && soak.arriving.load(Ordering::Relaxed) == 0 {
-                    let sample = sampler.sample(soak, "ramp-end");
+                    let sample = sampler.sample(soak, "ramp-end").await;
                     samples.push(sample);
                     eprintln!(
                         "soak: {sessions} sessions in their rooms after {:.1} s; churning for {}",
@@ -2301,11 +2327,11 @@ async fn churn(
             } else {
                 "ramp"
             };
-            samples.push(sampler.sample(soak, phase));
+            samples.push(sampler.sample(soak, phase).await);
             next_sample += args.soak_sample;
         }
     }
-    samples.push(sampler.sample(soak, "end"));
+    samples.push(sampler.sample(soak, "end").await);
     let steady_secs = steady_from.map_or(0.0, |from| from.elapsed().as_secs_f64());
     let ramp_secs = steady_from.map_or(0.0, |from| (from - started).as_secs_f64());
     let vm_hwm = server.and_then(Spawned::memory).map(|(_, hwm)| hwm);
@@ -2422,7 +2448,8 @@ impl<'a> Sampler<'a> {
         }
     }
 
-    fn sample(&mut self, soak: &Soak, phase: &str) -> Sample {
+    async fn sample(&mut self, soak: &Soak, phase: &str) -> Sample {
+        let heap = soak.server_heap().await;
         let now = Instant::now();
         let counts = soak.totals.read();
         let cpu = self.server.and_then(Spawned::cpu_time);
@@ -2444,6 +2471,7 @@ impl<'a> Sampler<'a> {
             sessions: lock(&soak.population).len(),
             rooms: lock(&soak.rooms).len(),
             server_rss_bytes: self.server.and_then(Spawned::memory).map(|(rss, _)| rss),
+            server_heap_bytes: heap,
             server_fds: self.server.and_then(Spawned::open_fds),
             server_cpu_percent: cpu_percent,
             generator_rss_bytes: process::memory("self").map(|(rss, _)| rss),
@@ -2468,15 +2496,18 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn sample_line(s: &Sample) -> String {
+    let heap = s
+        .server_heap_bytes
+        .map_or(String::new(), |h| format!(" (heap {:.1})", mib(h)));
     let server = match (s.server_rss_bytes, s.server_fds) {
         (Some(rss), Some(fds)) => format!(
-            "server {:7.1} MiB {:>6} fds {:>4}% cpu",
+            "server {:7.1} MiB{heap} {:>6} fds {:>4}% cpu",
             mib(rss),
             fds,
             s.server_cpu_percent
                 .map_or("-".into(), |c| format!("{c:.0}"))
         ),
-        _ => "server -".into(),
+        _ => format!("server -{heap}"),
     };
     format!(
         "  {:>6.0}s {:<8} sessions {:>6} rooms {:>5}  {server}  delivered {:>10} ({:>6.0}/s)  \
@@ -2506,10 +2537,15 @@ fn summarize(samples: &[Sample], ramp_secs: f64, steady_secs: f64, vm_hwm: Optio
     let fds_ramp = at("ramp-end").and_then(|s| s.server_fds);
     let fds_end = at("end").and_then(|s| s.server_fds);
     let rss_ratio = ratio(rss_end, rss_ramp);
+    let heap_ramp = at("ramp-end").and_then(|s| s.server_heap_bytes);
+    let heap_end = at("end").and_then(|s| s.server_heap_bytes);
     Summary {
         ramp_secs,
         steady_secs,
         rss_ramp_end_bytes: rss_ramp,
+        heap_ramp_end_bytes: heap_ramp,
+        heap_end_bytes: heap_end,
+        heap_end_over_ramp: ratio(heap_end, heap_ramp),
         rss_peak_bytes: samples.iter().filter_map(|s| s.server_rss_bytes).max(),
         rss_end_bytes: rss_end,
         rss_end_over_ramp: rss_ratio,
@@ -2565,6 +2601,15 @@ fn summary_text(report: &SoakReport, bench: &BenchArgs, args: &SoakArgs) -> Stri
             );
         }
         _ => out += &format!("server RSS and open files: {}\n", report.server_readings),
+    }
+    if let (Some(ramp), Some(end)) = (s.heap_ramp_end_bytes, s.heap_end_bytes) {
+        out += &format!(
+            "server heap in use (switchyard_heap_bytes): end of ramp {:.1} MiB, end {:.1} MiB: \
+             end/ramp {:.3}\n",
+            mib(ramp),
+            mib(end),
+            s.heap_end_over_ramp.unwrap_or(f64::NAN)
+        );
     }
     out += &format!(
         "deliveries {}: lost {}, duplicated {}, out of order {}, unowed {}, seq gaps {}; \
@@ -2646,13 +2691,14 @@ fn chart(report: &SoakReport, args: &SoakArgs, path: &std::path::Path) -> Result
     };
     let ramp_end = report.summary.ramp_secs;
     let rss = points(|s| s.server_rss_bytes.map(mib));
+    let heap = points(|s| s.server_heap_bytes.map(mib));
     let fds = points(|s| s.server_fds.map(|f| f as f64));
     let sessions = points(|s| Some(s.sessions as f64));
     let marker = || vec![("end of the ramp".to_owned(), ramp_end)];
     let panels = [
         Panel {
-            y_desc: "server RSS, MiB",
-            curves: vec![("RSS".into(), rss)],
+            y_desc: "server memory, MiB",
+            curves: vec![("RSS".into(), rss), ("heap in use".into(), heap)],
             markers: marker(),
         },
         Panel {
