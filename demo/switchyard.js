@@ -43,7 +43,7 @@ const DEFAULTS = Object.freeze({
   reconnectMaxMs: 10000,
   token: undefined,
   refreshBeforeMs: 60000,
-  ackMs: 2000,
+  ackMs: 10000,
 });
 
 const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
@@ -66,9 +66,10 @@ const SILENCE_SLACK_MS = 1000;
 const LIVENESS_TYPES = new Set(['ready', 'heartbeat']);
 /**
  * Events processed but not yet acknowledged past which a stream's `ack` goes at once instead
- * of after `ackMs`: a quarter of the server's default replay window.
+ * of after `ackMs`: a busy stream acknowledges every 64 events (one small command per 64
+ * events), a quiet one every `ackMs`.
  */
-const ACK_EVENTS = 256;
+const ACK_EVENTS = 64;
 /** A send refused with `rate_limited` this many times rejects with that error. */
 const MAX_RATE_LIMITED = 10;
 /** The wait before retrying a `rate_limited` command when the server gives no hint. */

@@ -122,13 +122,14 @@ pub struct SoakArgs {
     /// soak, in three rooms each. Default 10.
     #[arg(long, default_value_t = 10, hide_default_value = true)]
     pub soak_slow_readers: usize,
-    /// How often a WebSocket or SSE session acknowledges the events it processed (an `ack`
-    /// frame, or `POST /commands`), as the client library does, so the server can forget
-    /// them; `0s`: never (the server then keeps each session's last 1024 events). Polls
-    /// acknowledge with their `after`. Default 2s.
+    /// How long after an event a WebSocket or SSE session acknowledges the events it
+    /// processed (an `ack` frame, or `POST /commands`), and at once once 64 are waiting, as
+    /// the client library does, so the server can forget them; `0s`: never (the server then
+    /// keeps each session's last 1024 events). Polls acknowledge with their `after`. Default
+    /// 10s.
     #[arg(
         long,
-        default_value = "2s",
+        default_value = "10s",
         value_parser = humantime::parse_duration,
         hide_default_value = true
     )]
@@ -155,7 +156,7 @@ impl Default for SoakArgs {
             soak_resume_every: Duration::from_secs(60),
             soak_room_life: Duration::from_secs(180),
             soak_slow_readers: 10,
-            soak_ack: Duration::from_secs(2),
+            soak_ack: Duration::from_secs(10),
             soak_sample: Duration::from_secs(5),
         }
     }
@@ -1838,10 +1839,15 @@ impl Driver {
     }
 }
 
-/// When a stream's session acknowledges what it processed: every `every`, if anything new.
+/// Events a stream's session processed past which it acknowledges them at once.
+const ACK_EVENTS: u64 = 64;
+
+/// When a stream's session acknowledges what it processed: `every` after the first event not
+/// acknowledged, or once [`ACK_EVENTS`] are waiting.
 struct Acks {
     every: Option<Duration>,
-    next: Instant,
+    /// When the events not acknowledged yet are due: `every` after the first of them.
+    next: Option<Instant>,
     /// The last seq acknowledged (the resume point, at first).
     acked: u64,
 }
@@ -1850,7 +1856,7 @@ impl Acks {
     fn new(every: Duration, after: u64) -> Self {
         Acks {
             every: (!every.is_zero()).then_some(every),
-            next: Instant::now() + every,
+            next: None,
             acked: after,
         }
     }
@@ -1858,21 +1864,24 @@ impl Acks {
     /// The `ack` command to send now, if one is due.
     fn due(&mut self, member: &Member) -> Option<String> {
         let every = self.every?;
-        if Instant::now() < self.next {
+        let seq = lock(&member.ledger).last_seq;
+        if seq <= self.acked {
             return None;
         }
-        self.next = Instant::now() + every;
-        let seq = lock(&member.ledger).last_seq;
-        (seq > self.acked).then(|| {
-            self.acked = seq;
-            serde_json::json!({"type": "ack", "seq": seq}).to_string()
-        })
+        let now = Instant::now();
+        let next = *self.next.get_or_insert(now + every);
+        if now < next && seq - self.acked < ACK_EVENTS {
+            return None;
+        }
+        self.next = None;
+        self.acked = seq;
+        Some(serde_json::json!({"type": "ack", "seq": seq}).to_string())
     }
 
-    /// Until the next ack is due (forever when acks are off).
+    /// Until the next ack is due (forever when nothing waits for one).
     async fn wait(&self) {
-        match self.every {
-            Some(_) => sleep_until(self.next).await,
+        match self.next {
+            Some(next) => sleep_until(next).await,
             None => std::future::pending().await,
         }
     }
