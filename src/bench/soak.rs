@@ -123,7 +123,7 @@ pub struct SoakArgs {
     #[arg(long, default_value_t = 10, hide_default_value = true)]
     pub soak_slow_readers: usize,
     /// How long after an event a WebSocket or SSE session acknowledges the events it
-    /// processed (an `ack` frame, or `POST /commands`), and at once once 64 are waiting, as
+    /// processed (an `ack` frame, or `POST /commands`), and at once when 64 are waiting, as
     /// the client library does, so the server can forget them; `0s`: never (the server then
     /// keeps each session's last 1024 events). Polls acknowledge with their `after`. Default
     /// 10s.
