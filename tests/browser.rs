@@ -39,6 +39,25 @@ impl Drop for Driver {
     }
 }
 
+/// Whether chromedriver itself answers on `port`: its `/status` says `ready`. A bare connect
+/// could reach another process that took the port before chromedriver (which then exits).
+async fn chromedriver_answers(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let request = "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let mut reply = Vec::new();
+    let asked = async {
+        stream.write_all(request.as_bytes()).await?;
+        stream.read_to_end(&mut reply).await
+    };
+    match tokio::time::timeout(Duration::from_secs(2), asked).await {
+        Ok(Ok(_)) => String::from_utf8_lossy(&reply).contains("\"ready\":true"),
+        _ => false,
+    }
+}
+
 impl Driver {
     async fn start() -> Driver {
         for (path, package) in [(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")] {
@@ -69,11 +88,7 @@ impl Driver {
                 .expect("start chromedriver");
             let listening = browser_within(
                 "chromedriver to listen",
-                support::until_ready(&mut child, || async {
-                    tokio::net::TcpStream::connect(("127.0.0.1", port))
-                        .await
-                        .is_ok()
-                }),
+                support::until_ready(&mut child, || chromedriver_answers(port)),
             )
             .await;
             if listening {
