@@ -47,15 +47,23 @@ async fn chromedriver_answers(port: u16) -> bool {
         return false;
     };
     let request = "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    let mut reply = Vec::new();
+    // Read until the answer says so: chromedriver may keep the connection open.
     let asked = async {
         stream.write_all(request.as_bytes()).await?;
-        stream.read_to_end(&mut reply).await
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            reply.extend_from_slice(&chunk[..n]);
+            if n == 0 || String::from_utf8_lossy(&reply).contains("\"ready\":true") {
+                return Ok::<_, std::io::Error>(n > 0);
+            }
+        }
     };
-    match tokio::time::timeout(Duration::from_secs(2), asked).await {
-        Ok(Ok(_)) => String::from_utf8_lossy(&reply).contains("\"ready\":true"),
-        _ => false,
-    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), asked).await,
+        Ok(Ok(true))
+    )
 }
 
 impl Driver {
