@@ -720,13 +720,7 @@ impl Run {
     /// The `ack` command: of a seq the client read (the resume points' `Back`, `Last` and
     /// `Zero`), or past the session's last one (`Ahead`: refused `invalid_ack`).
     async fn ack(&mut self, s: usize, at: Resume) -> Checked {
-        let cursor = self.clients[s].cursor;
-        let seq = match at {
-            Resume::Last => cursor,
-            Resume::Back(k) => cursor.saturating_sub(k as u64),
-            Resume::Zero => 0,
-            Resume::Ahead(k) => self.last_seq(s) + k as u64,
-        };
+        let seq = self.seq_at(s, at);
         let result = self.command(s, Command::Ack { seq }).await;
         let expected = if !self.model.sessions[s].alive {
             Some(ErrorCode::UnknownSession)
@@ -750,15 +744,20 @@ impl Run {
             .unwrap_or(0)
     }
 
-    fn attach(&mut self, s: usize, kind: Kind, resume: Resume) -> Checked {
-        let client = &self.clients[s];
-        let last_seq = self.last_seq(s);
-        let after = match resume {
-            Resume::Last => client.cursor,
-            Resume::Back(k) => client.cursor.saturating_sub(k as u64),
+    /// The seq a resume point (or an `ack`) of session `s` names.
+    fn seq_at(&self, s: usize, at: Resume) -> u64 {
+        let cursor = self.clients[s].cursor;
+        match at {
+            Resume::Last => cursor,
+            Resume::Back(k) => cursor.saturating_sub(k as u64),
             Resume::Zero => 0,
-            Resume::Ahead(k) => last_seq + k as u64,
-        };
+            Resume::Ahead(k) => self.last_seq(s) + k as u64,
+        }
+    }
+
+    fn attach(&mut self, s: usize, kind: Kind, resume: Resume) -> Checked {
+        let last_seq = self.last_seq(s);
+        let after = self.seq_at(s, resume);
         // A transport the hub closed is gone.
         if self.clients[s]
             .transport

@@ -1970,7 +1970,7 @@ pub struct Summary {
     pub steady_secs: f64,
     /// Server RSS at the end of the first ramp.
     pub rss_ramp_end_bytes: Option<u64>,
-    /// Server heap in use at the end of the first ramp, at the end, and end over ramp.
+    /// Server heap in use at the end of the first ramp.
     pub heap_ramp_end_bytes: Option<u64>,
     /// Server heap in use at the end.
     pub heap_end_bytes: Option<u64>,

@@ -564,21 +564,18 @@ impl Hub {
         // Sends waiting for their writes, awaited together so a batch shares one write.
         let mut written = Vec::new();
         for command in commands {
-            let admitted = match command {
-                Ok(Command::Ack { seq }) => Err(self.acknowledge(session, seq)),
-                command => self
-                    .admit(session)
-                    .and(command)
-                    .map_err(CommandResult::failed),
-            };
-            let result = match admitted {
-                Err(result) => result,
-                Ok(command) => match self.run(session, command).await {
-                    Ok(result) => result,
-                    Err((id, duplicate, outcome)) => {
-                        written.push((results.len(), written_outcome(id, duplicate, outcome)));
-                        CommandResult::done()
-                    }
+            let result = match command {
+                // Takes no rate-limit token.
+                Ok(Command::Ack { seq }) => self.acknowledge(session, seq),
+                command => match self.admit(session).and(command) {
+                    Err(error) => CommandResult::failed(error),
+                    Ok(command) => match self.run(session, command).await {
+                        Ok(result) => result,
+                        Err((id, duplicate, outcome)) => {
+                            written.push((results.len(), written_outcome(id, duplicate, outcome)));
+                            CommandResult::done()
+                        }
+                    },
                 },
             };
             results.push(result);
